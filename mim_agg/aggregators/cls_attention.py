@@ -1,0 +1,42 @@
+"""Aggregators that reuse the backbone's own ``[cls]`` attention to choose patches."""
+
+from __future__ import annotations
+
+from mim_agg.aggregators.base import Aggregator, pool, register
+
+
+@register("attn_mean")
+class ClsAttentionMean(Aggregator):
+    """Patches weighted by the head-averaged ``[cls]`` attention, renormalised over patches."""
+
+    needs_attn = True
+    needs_cls = True
+
+    def forward(self, tokens, attn=None):
+        return pool(self.pooling_weights(tokens, attn), self.patches(tokens))
+
+    def pooling_weights(self, tokens, attn=None):
+        weights = self.cls_attention(attn)
+        return weights / weights.sum(dim=-1, keepdim=True)
+
+
+@register("topk_attn")
+class TopKClsAttention(Aggregator):
+    """Mean of the ``k`` patches the ``[cls]`` token attends to most (heads averaged)."""
+
+    needs_attn = True
+    needs_cls = True
+
+    def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, k: int = 16):
+        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+        if not 1 <= k <= num_patches:
+            raise ValueError(f"aggregator.k={k} must lie in [1, {num_patches}] (the patch count).")
+        self.k = k
+
+    def forward(self, tokens, attn=None):
+        return pool(self.pooling_weights(tokens, attn), self.patches(tokens))
+
+    def pooling_weights(self, tokens, attn=None):
+        scores = self.cls_attention(attn)
+        top = scores.topk(self.k, dim=-1).indices
+        return scores.new_zeros(scores.shape).scatter_(-1, top, 1.0 / self.k)

@@ -1,0 +1,129 @@
+"""A frozen timm ViT that returns the tokens (and, on request, attention) of one block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import get_pretrained_cfg
+from torch import nn
+
+from mim_agg.backbones.loading import load_checkpoint_into
+from mim_agg.backbones.tokens import Tokens
+
+
+class FrozenBackbone(nn.Module):
+    """A timm ViT that never trains.
+
+    Blocks after ``block`` are pruned, so asking for an early block also saves compute. The
+    module stays in eval mode whatever Lightning asks, holds no trainable parameters and runs
+    under ``torch.inference_mode``. Only the chosen block computes explicit attention, and only
+    when ``return_attn`` is set; every other block keeps timm's fused kernel.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        weights: str | None = None,
+        block: int = -1,
+        final_norm: bool = False,
+        img_size: int = 224,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        return_attn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = create_model(arch, weights, img_size)
+        depth = len(self.model.blocks)
+        if not -depth <= block < depth:
+            raise ValueError(f"backbone.block={block} is out of range for {arch} ({depth} blocks).")
+        self.block = block % depth
+        self.model.prune_intermediate_layers([self.block], prune_norm=not final_norm)
+        self.final_norm = final_norm
+        self.img_size = img_size
+        self.mean, self.std = resolve_normalization(weights, mean, std)
+        self.num_prefix_tokens = self.model.num_prefix_tokens
+        self.has_cls = getattr(self.model, "cls_token", None) is not None
+        self.grid = tuple(self.model.patch_embed.grid_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.dim = self.model.embed_dim
+        self.requires_grad_(False)
+        self.eval()
+        self._attn: torch.Tensor | None = None
+        if return_attn:
+            self._capture_attention(self.model.blocks[self.block].attn)
+
+    def _capture_attention(self, attn_module: nn.Module) -> None:
+        if not hasattr(attn_module, "attn_drop"):
+            raise ValueError(
+                f"{type(attn_module).__name__} does not expose its attention weights; the chosen "
+                "aggregator needs them. Use an aggregator without attention maps."
+            )
+        attn_module.fused_attn = False
+
+        def keep(_module, _inputs, output):
+            self._attn = output
+
+        attn_module.attn_drop.register_forward_hook(keep)
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Stay in eval mode: dropout, drop-path and batch statistics must never change."""
+        return super().train(False)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> Tokens:
+        (block_out,) = self.model.forward_intermediates(
+            images,
+            indices=[self.block],
+            return_prefix_tokens=True,
+            norm=self.final_norm,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        if isinstance(block_out, tuple):  # (patches, prefix) when the model has prefix tokens
+            block_out = torch.cat(block_out[::-1], dim=1)
+        attn, self._attn = self._attn, None
+        return Tokens(block_out, self.num_prefix_tokens, self.has_cls, self.grid, attn)
+
+
+def create_model(arch: str, weights: str | None, img_size: int) -> nn.Module:
+    """Build ``arch`` with random, timm-pretrained (tag) or file weights."""
+    if arch not in timm.list_models():
+        raise ValueError(
+            f"backbone.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*')."
+        )
+    kwargs = dict(num_classes=0, img_size=img_size)
+    if weights is None:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    if is_timm_tag(weights):
+        if weights.split(".")[0] != arch:
+            raise ValueError(
+                f"backbone.weights={weights!r} belongs to another architecture than "
+                f"backbone.arch={arch!r}; use matching arch and tag."
+            )
+        return timm.create_model(weights, pretrained=True, **kwargs)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    load_checkpoint_into(model, weights)
+    return model
+
+
+def is_timm_tag(weights: str) -> bool:
+    """``arch.tag`` names a timm pretrained config; anything that exists on disk is a file."""
+    return not Path(weights).exists() and weights in timm.list_pretrained(weights)
+
+
+def resolve_normalization(
+    weights: str | None, mean: list[float] | None = None, std: list[float] | None = None
+) -> tuple[list[float], list[float]]:
+    """Explicit config wins; else the timm tag's pretrained config; else ImageNet statistics.
+
+    Needs no model, so data can be checked before any weights are fetched.
+    """
+    default_mean, default_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if weights is not None and is_timm_tag(weights):
+        pretrained_cfg = get_pretrained_cfg(weights)
+        default_mean, default_std = pretrained_cfg.mean, pretrained_cfg.std
+    return list(mean or default_mean), list(std or default_std)

@@ -1,0 +1,84 @@
+"""Config schemas: every group is validated at composition, so a misspelled key fails early.
+
+Each YAML in ``conf/<group>/`` lists ``<group>_schema`` first in its defaults; aggregators get
+one schema each, derived from their constructor's keyword-only options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from mim_agg.aggregators import AGGREGATORS, options_schema
+
+
+@dataclass
+class BackboneConfig:
+    arch: str
+    weights: Optional[str] = None
+    block: int = -1
+    final_norm: bool = False
+    img_size: int = 224
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str
+    num_classes: int
+    root: Optional[str] = None
+    download: bool = False
+    train_size: Optional[int] = None
+    test_size: Optional[int] = None
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    num_workers: int = 8
+
+
+@dataclass
+class ProbeConfig:
+    optimizer: str = "lars"
+    blr: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    epochs: int = 90
+    warmup_epochs: float = 10
+    batch_size: int = 1024
+
+
+@dataclass
+class WandbConfig:
+    project: str = "mim_agg"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    mode: str = "auto"
+
+
+@dataclass
+class LoggerConfig:
+    wandb: Optional[WandbConfig] = None
+
+
+def auto_precision() -> str:
+    """bf16 autocast where a GPU supports it (the paper's recipe), full precision elsewhere."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(group="backbone", name="backbone_schema", node=BackboneConfig)
+    store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    store.store(group="probe", name="probe_schema", node=ProbeConfig)
+    store.store(group="logger", name="logger_schema", node=LoggerConfig)
+    for name in AGGREGATORS:
+        store.store(group="aggregator", name=f"{name}_schema", node=options_schema(name))
+    if not OmegaConf.has_resolver("auto_precision"):
+        OmegaConf.register_new_resolver("auto_precision", auto_precision)

@@ -1,0 +1,206 @@
+"""Linear probing of many heads over one frozen-backbone pass per batch.
+
+Heads are independent: own parameters, own optimizer parameter groups (so own learning rate
+and schedule), losses summed so gradients never mix. Each head's best epoch is chosen on the
+held-out split; the test split is evaluated once, at the end, with both the selected and the
+last-epoch weights of every head.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from mim_agg.backbones import FrozenBackbone, Tokens
+from mim_agg.probe.head import ProbeHead
+from mim_agg.probe.lars import LARS
+from mim_agg.probe.schedule import warmup_cosine
+
+OPTIMIZERS = {
+    "lars": lambda groups, momentum: LARS(groups, momentum=momentum),
+    "sgd": lambda groups, momentum: torch.optim.SGD(groups, momentum=momentum),
+    "adamw": lambda groups, momentum: torch.optim.AdamW(groups),
+}
+
+
+def accuracy_metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+            "loss": MeanMetric(),
+        }
+    )
+
+
+class LinearProbe(L.LightningModule):
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        heads: dict[str, ProbeHead],
+        blrs: dict[str, float],
+        num_classes: int,
+        batch_size: int,
+        optimizer: str = "lars",
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        warmup_epochs: float = 10,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"probe.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}.")
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+        self.blrs = blrs
+        self.batch_size = batch_size
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.warmup_epochs = warmup_epochs
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}__{name}": accuracy_metrics(num_classes)
+                for name in heads
+                for split in ("heldout", "test_best", "test_last")
+            }
+        )
+        self.selection = {name: {"acc1": -1.0, "epoch": -1, "state": None} for name in heads}
+        self.results: dict[str, dict] = {}
+        self.timing = {"backbone_s": 0.0, "backbone_images": 0, "train_s": 0.0, "train_images": 0}
+
+    # ----------------------------------------------------------------------------- forward
+    def tokens(self, images: torch.Tensor) -> Tokens:
+        """One backbone pass, timed; returns tokens that autograd may use."""
+        start = time.perf_counter()
+        tokens = self.backbone(images)
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        self.timing["backbone_s"] += time.perf_counter() - start
+        self.timing["backbone_images"] += images.shape[0]
+        return tokens.detach()
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        tokens = self.tokens(images)
+        losses = {
+            name: F.cross_entropy(head(tokens.all, tokens.attn), targets)
+            for name, head in self.heads.items()
+        }
+        for name, loss in losses.items():
+            self.log(f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=len(images))
+        self.timing["train_images"] += images.shape[0]
+        return torch.stack(list(losses.values())).sum()
+
+    def validation_step(self, batch, batch_idx):
+        images, targets = batch
+        tokens = self.tokens(images)
+        for name, head in self.heads.items():
+            self._update(f"heldout__{name}", head(tokens.all, tokens.attn), targets)
+
+    def test_step(self, batch, batch_idx):
+        images, targets = batch
+        tokens = self.tokens(images)
+        for name, head in self.heads.items():
+            self._update(f"test_last__{name}", head(tokens.all, tokens.attn), targets)
+            selected = self._selected_heads[name]
+            self._update(f"test_best__{name}", selected(tokens.all, tokens.attn), targets)
+
+    def _update(self, key: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        metrics = self.metrics[key]
+        metrics["acc1"].update(logits, targets)
+        metrics["acc5"].update(logits, targets)
+        metrics["loss"].update(F.cross_entropy(logits, targets), weight=len(targets))
+
+    def _compute(self, key: str) -> dict[str, float]:
+        values = {k: float(v) for k, v in self.metrics[key].compute().items()}
+        self.metrics[key].reset()
+        return values
+
+    # --------------------------------------------------------------------------- selection
+    def on_validation_epoch_end(self) -> None:
+        for name, head in self.heads.items():
+            values = self._compute(f"heldout__{name}")
+            if self.trainer.sanity_checking:
+                continue
+            for metric, value in values.items():
+                self.log(f"val/{name}/{metric}", value)
+            chosen = self.selection[name]
+            if values["acc1"] > chosen["acc1"]:
+                state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+                chosen.update(acc1=values["acc1"], epoch=self.current_epoch, state=state)
+
+    def on_test_start(self) -> None:
+        """Materialise each head's selected weights (its last ones when nothing was held out)."""
+        self._selected_heads = {}
+        for name, head in self.heads.items():
+            selected = copy.deepcopy(head)
+            if self.selection[name]["state"] is not None:
+                selected.load_state_dict(self.selection[name]["state"])
+            self._selected_heads[name] = selected.eval()
+
+    def on_test_epoch_end(self) -> None:
+        for name in self.heads:
+            best, last = self._compute(f"test_best__{name}"), self._compute(f"test_last__{name}")
+            self.results[name] = {
+                "test/acc1": best["acc1"],
+                "test/acc5": best["acc5"],
+                "test/loss": best["loss"],
+                "test/acc1_last": last["acc1"],
+                "test/acc5_last": last["acc5"],
+                "val/acc1_best": self.selection[name]["acc1"] if self._has_heldout else None,
+                "best_epoch": self.selection[name]["epoch"] if self._has_heldout else None,
+                "trainable_params": self.heads[name].num_trainable_parameters(),
+            }
+            for metric, value in self.results[name].items():
+                if metric.startswith("test/"):
+                    self.log(f"test/{name}/{metric[5:]}", value)
+
+    @property
+    def _has_heldout(self) -> bool:
+        return any(chosen["epoch"] >= 0 for chosen in self.selection.values())
+
+    # ---------------------------------------------------------------------- optimization
+    def configure_optimizers(self):
+        trainer = self.trainer
+        effective_batch = self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        groups = []
+        for name, head in self.heads.items():
+            lr = self.blrs[name] * effective_batch / 256
+            params = [p for p in head.parameters() if p.requires_grad]
+            matrices = [p for p in params if p.ndim > 1]
+            vectors = [p for p in params if p.ndim <= 1]
+            groups.append(dict(params=matrices, lr=lr, weight_decay=self.weight_decay, lars=True))
+            groups.append(dict(params=vectors, lr=lr, weight_decay=0.0, lars=False))
+        groups = [group for group in groups if group["params"]]
+        optimizer = OPTIMIZERS[self.optimizer_name](groups, self.momentum)
+        total = max(1, trainer.estimated_stepping_batches)
+        warmup = round(total * self.warmup_epochs / max(1, trainer.max_epochs))
+        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ timing, checkpoints
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        self.timing["train_s"] += time.perf_counter() - self._epoch_start
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep checkpoints small: the frozen backbone is rebuilt from its config, not saved."""
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
+        }
+        checkpoint["head_selection"] = self.selection
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        backbone_state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        checkpoint["state_dict"].update(backbone_state)
+        self.selection = checkpoint["head_selection"]

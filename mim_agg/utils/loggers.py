@@ -1,0 +1,54 @@
+"""Lightning loggers for a run: always a CSV log, and W&B unless it is switched off."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+
+def wandb_mode(requested: str) -> str:
+    """``WANDB_MODE`` wins; ``auto`` means online only when an API key is configured, so a
+    run never stops to prompt for a login."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if requested != "auto":
+        return requested
+    return "online" if _has_wandb_key() else "offline"
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=str(output_dir), name="csv", version="")]
+    wandb_cfg = cfg.logger.wandb
+    if wandb_cfg is not None and wandb_mode(wandb_cfg.mode) != "disabled":
+        wandb = WandbLogger(
+            project=wandb_cfg.project,
+            entity=wandb_cfg.entity,
+            group=wandb_cfg.group,
+            tags=list(wandb_cfg.tags),
+            name=output_dir.name,
+            save_dir=str(output_dir),
+            mode=wandb_mode(wandb_cfg.mode),
+        )
+        wandb.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(wandb)
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close the W&B run so that the next multirun job starts its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()

@@ -1,0 +1,40 @@
+"""What a run leaves behind: ``metrics.json`` and a table on the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def select_winner(head_results: dict[str, dict]) -> str:
+    """The head with the best held-out accuracy; never chosen on test."""
+    if len(head_results) == 1:
+        return next(iter(head_results))
+    return max(head_results, key=lambda name: head_results[name]["val/acc1_best"])
+
+
+def write_metrics(path: Path, summary: dict) -> None:
+    path.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+def print_table(head_results: dict[str, dict], winner: str) -> None:
+    table = Table(title="mim_agg results (test accuracy with the held-out-selected epoch)")
+    for column in ("head", "test acc1", "test acc5", "acc1 last epoch", "held-out acc1", "epoch"):
+        table.add_column(column, justify="right" if column != "head" else "left")
+    for name, result in head_results.items():
+        table.add_row(
+            name + (" *" if name == winner and len(head_results) > 1 else ""),
+            _pct(result["test/acc1"]),
+            _pct(result["test/acc5"]),
+            _pct(result["test/acc1_last"]),
+            _pct(result["val/acc1_best"]),
+            str(result["best_epoch"]),
+        )
+    Console().print(table)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"

@@ -1,0 +1,33 @@
+"""Shared fixtures: offline, CPU-only, small. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Hugging Face reads these at import: set them before timm is imported anywhere. Import
+# helpers from tests/helpers.py, never from this file (a second import would run this again).
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mim_agg_hf_")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.pop("MIM_AGG_DATA_DIR", None)
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import mim_agg.cli  # noqa: E402,F401  (registers the config schemas)
+from tests.helpers import TINY_ARCH  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(TINY_ARCH, num_classes=0).eval()
+
+
+@pytest.fixture
+def tiny_state_dict(tiny_vit) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in tiny_vit.state_dict().items()}

@@ -1,0 +1,37 @@
+"""Helpers shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mim_agg.cli import CONFIG_DIR
+
+PROJECT_ROOT = CONFIG_DIR.parent
+TINY_ARCH = "vit_tiny_patch16_224"
+
+# Small and fast: a 32 px image is a 2x2 patch grid, two epochs, no progress bars.
+FAST = [
+    "backbone=vit_tiny",
+    "backbone.img_size=32",
+    "dataset=synthetic",
+    "trainer=cpu",
+    "logger=csv",
+    "probe=sgd",
+    "probe.epochs=2",
+    "probe.warmup_epochs=1",
+    "probe.batch_size=16",
+    "probe.blr=1.0",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+def compose_config(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
+    """Compose ``conf/`` as ``run.py`` would, with paths pointed into ``tmp_path``."""
+    paths = []
+    if tmp_path is not None:
+        paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, *paths])

@@ -30,7 +30,8 @@ def _has_wandb_key() -> bool:
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(output_dir), name="csv", version="")]
+    # One version folder per attempt: a resumed run never overwrites the log of the last one.
+    loggers: list[Logger] = [CSVLogger(save_dir=str(output_dir), name="csv")]
     wandb_cfg = cfg.logger.wandb
     if wandb_cfg is not None and wandb_mode(wandb_cfg.mode) != "disabled":
         wandb = WandbLogger(

@@ -1,0 +1,29 @@
+# mim_agg: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: help install quickstart test test-fast lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+install:  ## create .venv and install mim_agg with its dev tools
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e ".[dev]"
+
+quickstart:  ## random ViT-Ti on scikit-learn digits, CPU, offline, about a minute
+	$(BIN)/python run.py experiment=quickstart
+
+test:  ## the whole test suite (CPU, offline)
+	$(BIN)/python -m pytest
+
+test-fast:  ## the tests without subprocess runs and real-data runs
+	$(BIN)/python -m pytest -m "not slow and not data"
+
+lint:  ## ruff
+	$(BIN)/ruff check mim_agg tests scripts run.py
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs/*/ multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +

@@ -1,0 +1,137 @@
+"""Every option of every config group composes and instantiates; typos fail at composition."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from mim_agg.aggregators import build_aggregator
+from mim_agg.backbones import FrozenBackbone
+from mim_agg.backbones.frozen import is_timm_tag
+from mim_agg.cli import CONFIG_DIR
+from mim_agg.probe.module import OPTIMIZERS
+from mim_agg.tasks.probe import build_datamodule
+from mim_agg.utils.loggers import build_loggers
+from tests.helpers import compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in ("backbone", "aggregator", "dataset", "probe", "trainer", "logger", "experiment"):
+        assert options(group), group
+
+
+@pytest.mark.parametrize("name", options("backbone"))
+def test_backbone_options(name, tmp_path):
+    cfg = compose_config([f"backbone={name}"], tmp_path).backbone
+    assert cfg.weights is None or is_timm_tag(cfg.weights), f"{cfg.weights} is no timm tag"
+    with torch.device("meta"):  # real modules, no memory, no download
+        backbone = FrozenBackbone(**{**cfg, "weights": None})
+    assert backbone.num_patches == (cfg.img_size // backbone.model.patch_embed.patch_size[0]) ** 2
+
+
+@pytest.mark.parametrize("name", options("aggregator"))
+def test_aggregator_options(name, tmp_path):
+    cfg = OmegaConf.to_container(compose_config([f"aggregator={name}"], tmp_path).aggregator)
+    assert cfg["name"] == name
+    aggregator = build_aggregator(dim=192, num_patches=196, num_prefix_tokens=1, **cfg)
+    assert aggregator.out_dim >= 192
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_dataset_options(name, tmp_path):
+    cfg = compose_config([f"dataset={name}", "dataset.root=/data/x", "dataset.num_classes=7"]
+                         if name == "image_folder" else [f"dataset={name}"], tmp_path)
+    datamodule = build_datamodule(cfg)
+    assert datamodule.num_classes == cfg.dataset.num_classes
+    if cfg.dataset.root is not None:
+        assert cfg.dataset.root.startswith(("/data/x", str(tmp_path / "data")))
+
+
+@pytest.mark.parametrize("name", options("probe"))
+def test_probe_options(name, tmp_path):
+    cfg = compose_config([f"probe={name}"], tmp_path).probe
+    assert cfg.optimizer in OPTIMIZERS and cfg.epochs > cfg.warmup_epochs >= 0
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options(name, tmp_path):
+    cfg = compose_config([f"trainer={name}"], tmp_path).trainer
+    if cfg.accelerator in ("cpu", "auto"):
+        trainer = instantiate(cfg, logger=False, enable_checkpointing=False)
+        assert trainer.max_epochs == 90
+    else:  # no GPU here: check the class and its arguments without starting CUDA
+        assert get_class(cfg._target_).__name__ == "Trainer" and cfg.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_options(name, tmp_path):
+    cfg = compose_config([f"logger={name}"], tmp_path)
+    loggers = build_loggers(cfg, tmp_path)  # WANDB_MODE=disabled in tests: CSV only
+    assert type(loggers[0]).__name__ == "CSVLogger"
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_options(name, tmp_path):
+    cfg = compose_config([f"experiment={name}"], tmp_path)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_slurm_launcher_composes():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min > 0
+
+
+def test_defaults_are_the_paper_recipe(tmp_path):
+    cfg = compose_config([], tmp_path)
+    assert cfg.backbone.weights == "vit_base_patch16_224.mae" and not cfg.backbone.final_norm
+    assert cfg.aggregator.name == "cls" and cfg.probe.optimizer == "lars" and cfg.probe.blr == 0.1
+    assert (cfg.probe.epochs, cfg.probe.warmup_epochs) == (90, 10)
+    abmilp = compose_config(["aggregator=abmilp"], tmp_path).aggregator
+    assert (abmilp.depth, abmilp.tokens, abmilp.pos_cond, abmilp.self_attn) == (1, "patch", False, "none")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("aggregator=nope", "Could not find 'aggregator/nope'"),
+        ("aggregator.depht=2", "Key 'depht' not in 'AbMILPOptions'"),
+        ("backbone.blok=3", "Key 'blok' not in 'BackboneConfig'"),
+        ("dataset.rot=/x", "Key 'rot' not in 'DatasetConfig'"),
+        ("probe.lr=0.1", "Key 'lr' not in 'ProbeConfig'"),
+        ("logger.wandb.projet=x", "Key 'projet' not in 'WandbConfig'"),
+        ("backbone.block=last", "Value 'last' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_typos_fail_at_composition(override, message):
+    overrides = ["aggregator=abmilp", override] if "depht" in override else [override]
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config(overrides)
+    text = str(error.value) + str(error.value.__cause__)
+    assert message in text
+
+
+@pytest.mark.parametrize(
+    "group,text,message",
+    [
+        ("aggregator", "defaults:\n  - topk_attn_schema\n  - _self_\ntopk: 3\n",
+         "Key 'topk' not in 'TopKClsAttentionOptions'"),
+        ("experiment", "# @package _global_\ndefaults:\n  - override /aggregator: abmilp\n"
+         "aggregator:\n  depht: 2\n", "Key 'depht' not in 'AbMILPOptions'"),
+    ],
+)
+def test_misspelled_key_in_a_config_file_fails(tmp_path, group, text, message):
+    (tmp_path / group).mkdir()
+    (tmp_path / group / "typo.yaml").write_text(text)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as error:
+            compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", f"{group}=typo"])
+    assert message in str(error.value) + str(error.value.__cause__)

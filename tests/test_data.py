@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from mim_agg.data import ProbeDataModule, build_source
+from mim_agg.data.transforms import build_transform
+
+MEAN, STD = [0.5] * 3, [0.25] * 3
+
+
+def datamodule(**options) -> ProbeDataModule:
+    defaults = dict(name="synthetic", num_classes=4, img_size=32, mean=MEAN, std=STD, batch_size=8)
+    return ProbeDataModule(**{**defaults, **options})
+
+
+def test_heldout_is_a_stratified_seeded_part_of_train_only():
+    data = datamodule(heldout_fraction=0.25, seed=3)
+    data.setup()
+    train, heldout, test = (data.splits[s] for s in ("train", "heldout", "test"))
+    assert set(train.indices).isdisjoint(heldout.indices)
+    assert heldout.base is train.base and test.base is not train.base
+    assert len(train) + len(heldout) == 200 and len(test) == 80
+    counts = np.bincount(heldout.targets)
+    assert counts.sum() == 50 and counts.max() - counts.min() <= 1  # stratified
+    again = datamodule(heldout_fraction=0.25, seed=3)
+    again.setup()
+    assert np.array_equal(again.splits["heldout"].indices, heldout.indices)
+
+
+def test_no_heldout_split_is_allowed():
+    data = datamodule(heldout_fraction=0.0)
+    data.setup()
+    assert len(data.splits["heldout"]) == 0 and data.val_dataloader() == []
+    assert len(data.splits["train"]) == 200
+
+
+def test_train_and_test_sizes_subsample_stratified():
+    data = datamodule(train_size=40, test_size=20, heldout_fraction=0.0)
+    data.setup()
+    assert np.bincount(data.splits["train"].targets).tolist() == [10, 10, 10, 10]
+    assert len(data.splits["test"]) == 20
+
+
+def test_splits_use_train_and_eval_transforms():
+    data = datamodule()
+    data.setup()
+    image, label = data.splits["test"][0]
+    assert tuple(image.shape) == (3, 32, 32) and isinstance(label, int)
+    assert data.splits["heldout"].transform is data.eval_transform
+    assert data.splits["train"].transform is data.train_transform
+
+
+def test_digits_are_real_and_split_reproducibly():
+    train, test = build_source("digits", None, False, 10, 0)
+    assert len(train) + len(test) == 1797 and len(test) == 540
+    image, label = train[0]
+    assert image.size == (8, 8) and 0 <= label < 10
+    assert np.asarray(image).max() > 200  # ink is scaled from 0..16 to 0..255
+    again, _ = build_source("digits", None, False, 10, 0)
+    assert np.array_equal(again.targets, train.targets)
+
+
+def test_eval_transform_is_resize_then_center_crop_bicubic():
+    transform = build_transform(False, 224, MEAN, STD)
+    names = [type(t).__name__ for t in transform.transforms[1].transforms]
+    assert names[:2] == ["Resize", "CenterCrop"]
+    assert transform.transforms[1].transforms[0].size == 256
+    train_names = [type(t).__name__ for t in build_transform(True, 224, MEAN, STD).transforms[1].transforms]
+    assert train_names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert "ColorJitter" not in train_names
+
+
+def make_image_folder(root, splits=("train", "val"), classes=("a", "b"), per_class=3):
+    for split in splits:
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                Image.new("RGB", (20, 20), (index * 200, k * 40, 0)).save(folder / f"{k}.png")
+
+
+def test_image_folder_reads_the_imagenet_layout(tmp_path):
+    make_image_folder(tmp_path)
+    train, test = build_source("image_folder", tmp_path, False, 2, 0)
+    assert len(train) == 6 and len(test) == 6 and list(train.targets) == [0, 0, 0, 1, 1, 1]
+
+
+def test_image_folder_without_train_says_what_to_do(tmp_path):
+    make_image_folder(tmp_path, splits=("val",))
+    with pytest.raises(FileNotFoundError, match=r"has no train/ folder.*root/train/<class>/<image>"):
+        build_source("imagenet", tmp_path, False, 2, 0)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    make_image_folder(tmp_path)
+    broken = tmp_path / "train" / "a" / "1.png"
+    broken.write_bytes(b"not a png")
+    train, _ = build_source("image_folder", tmp_path, False, 2, 0)
+    with pytest.raises(OSError, match=r"Cannot read image '.*1\.png'"):
+        train[1]
+
+
+def test_missing_torchvision_set_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"CIFAR10 not found under '.*cifar-10-batches-py'"):
+        build_source("cifar10", tmp_path, False, 10, 0)
+
+
+def test_too_few_classes_configured_is_an_error():
+    data = datamodule(name="digits", num_classes=3)
+    with pytest.raises(ValueError, match="set dataset.num_classes=10"):
+        data.setup()

@@ -1,0 +1,89 @@
+"""End to end, in process: real timm model, real Lightning training, real files."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mim_agg.tasks.probe import build_probe, run
+from tests.helpers import FAST, compose_config
+
+
+def read_csv_log(output_dir, attempt=0):
+    with open(output_dir / "csv" / f"version_{attempt}" / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("probe")
+    cfg = compose_config([*FAST, "aggregator=abmilp", "probe.epochs=4"], tmp_path)
+    return cfg, run(cfg), tmp_path / "run"
+
+
+def test_run_writes_sane_metrics(finished_run):
+    cfg, summary, output_dir = finished_run
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    for key in ("test/acc1", "test/acc5", "test/acc1_last", "val/acc1_best"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["test/acc1"] > 0.5  # 4 classes: chance is 0.25
+    assert 0 <= metrics["best_epoch"] < 4
+    assert metrics["trainable_params"] == (192 + 1) + (192 * 4 + 4)  # scorer + linear (BN has none)
+    assert metrics["backbone_images_per_s"] > 0 and metrics["train_images_per_s"] > 0
+    assert metrics["wall_time_s"] > 0 and metrics["winner"] == "abmilp"
+    assert (output_dir / "config.yaml").is_file()
+    assert (output_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_best_epoch_is_chosen_on_heldout_never_on_test(finished_run):
+    _, summary, output_dir = finished_run
+    rows = [r for r in read_csv_log(output_dir) if r.get("val/abmilp/acc1")]
+    heldout = [float(r["val/abmilp/acc1"]) for r in rows]
+    assert len(heldout) == 4
+    assert summary["best_epoch"] == heldout.index(max(heldout))
+    assert summary["val/acc1_best"] == pytest.approx(max(heldout))
+
+
+def test_checkpoint_holds_heads_not_the_frozen_backbone(finished_run):
+    _, _, output_dir = finished_run
+    checkpoint = torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = checkpoint["state_dict"].keys()
+    assert keys and all(k.startswith("heads.") for k in keys)
+    assert checkpoint["head_selection"]["abmilp"]["epoch"] >= 0
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(finished_run):
+    cfg, first, output_dir = finished_run
+    cfg.probe.epochs = 5  # the same run folder, asked for one more epoch
+    resumed = run(cfg)
+    epochs = [r["epoch"] for r in read_csv_log(output_dir, attempt=1) if r.get("val/abmilp/acc1")]
+    assert epochs == ["4"] and resumed["best_epoch"] >= first["best_epoch"]
+    assert len([r for r in read_csv_log(output_dir, attempt=0) if r.get("val/abmilp/acc1")]) == 4
+
+
+def test_backbone_stays_frozen_through_fit(tmp_path):
+    cfg = compose_config([*FAST, "aggregator=mean", "probe.epochs=1"], tmp_path)
+    model = build_probe(cfg)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    from lightning import Trainer
+
+    from mim_agg.tasks.probe import build_datamodule
+
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False)
+    trainer.fit(model, datamodule=build_datamodule(cfg))
+    assert not model.backbone.training and not any(m.training for m in model.backbone.modules())
+    assert model.heads.training  # Lightning's switch still reaches the heads
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+def test_attention_aggregator_and_no_heldout_split(tmp_path):
+    cfg = compose_config(
+        [*FAST, "aggregator=topk_attn", "aggregator.k=2", "dataset.heldout_fraction=0"], tmp_path
+    )
+    summary = run(cfg)
+    assert summary["val/acc1_best"] is None and summary["best_epoch"] is None
+    assert summary["test/acc1"] == summary["test/acc1_last"]  # nothing held out: last epoch

@@ -1,0 +1,6 @@
+"""Labeled image sources, the paper's transforms and the train / held-out / test splits."""
+
+from mim_agg.data.datamodule import ProbeDataModule
+from mim_agg.data.sources import SOURCES, build_source
+
+__all__ = ["SOURCES", "ProbeDataModule", "build_source"]

@@ -1,0 +1,127 @@
+"""Train / held-out / test splits of a labeled source, as a Lightning DataModule.
+
+Model selection is honest: the held-out split is a stratified, seeded fraction of the *train*
+split, evaluated with the eval transform. The test split is never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+from mim_agg.data.sources import build_source, targets_of
+from mim_agg.data.transforms import build_transform
+
+
+class TransformedSubset(Dataset):
+    """``base[indices]`` with a transform on the image: one source serves several splits."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray, transform) -> None:
+        self.base = base
+        self.indices = indices
+        self.transform = transform
+        self.targets = targets_of(base)[indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, target = self.base[int(self.indices[index])]
+        return self.transform(image), target
+
+
+class ProbeDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        img_size: int,
+        mean,
+        std,
+        batch_size: int,
+        root: str | None = None,
+        download: bool = False,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        heldout_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= heldout_fraction < 1.0:
+            raise ValueError(f"dataset.heldout_fraction={heldout_fraction} must lie in [0, 1).")
+        self.name, self.root, self.download = name, root, download
+        self.num_classes, self.seed = num_classes, seed
+        self.train_size, self.test_size = train_size, test_size
+        self.heldout_fraction = heldout_fraction
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_transform = build_transform(True, img_size, mean, std)
+        self.eval_transform = build_transform(False, img_size, mean, std)
+        self.splits: dict[str, TransformedSubset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train, test = build_source(self.name, self.root, self.download, self.num_classes, self.seed)
+        train_idx = self._subsample(targets_of(train), self.train_size)
+        test_idx = self._subsample(targets_of(test), self.test_size)
+        self._check_labels(targets_of(train))
+        heldout_idx = np.array([], dtype=np.int64)
+        if self.heldout_fraction > 0:
+            train_idx, heldout_idx = train_test_split(
+                train_idx,
+                test_size=self.heldout_fraction,
+                random_state=self.seed,
+                stratify=targets_of(train)[train_idx],
+            )
+        self.splits = {
+            "train": TransformedSubset(train, np.sort(train_idx), self.train_transform),
+            "heldout": TransformedSubset(train, np.sort(heldout_idx), self.eval_transform),
+            "test": TransformedSubset(test, test_idx, self.eval_transform),
+        }
+
+    def _subsample(self, targets: np.ndarray, size: int | None) -> np.ndarray:
+        """A stratified, seeded subset of ``size`` indices (all of them when ``size`` is None)."""
+        indices = np.arange(len(targets))
+        if size is None or size >= len(targets):
+            return indices
+        kept, _ = train_test_split(
+            indices, train_size=size, random_state=self.seed, stratify=targets
+        )
+        return np.sort(kept)
+
+    def _check_labels(self, targets: np.ndarray) -> None:
+        found = int(targets.max()) + 1
+        if found > self.num_classes:
+            raise ValueError(
+                f"dataset {self.name!r} has labels up to {found - 1}, but "
+                f"dataset.num_classes={self.num_classes}; set dataset.num_classes={found}."
+            )
+
+    @property
+    def has_heldout(self) -> bool:
+        return self.heldout_fraction > 0
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("heldout") if self.has_heldout else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def _loader(self, split: str, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+        dataset = self.splits[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )

@@ -1,0 +1,141 @@
+"""Where labeled images come from: one builder per ``dataset.name``.
+
+Every builder takes ``(root, download, num_classes, seed)`` and returns ``(train, test)`` datasets of ``(PIL image, int label)`` with a
+``targets`` sequence, untransformed: the data module applies train or eval transforms per split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torchvision
+from PIL import Image
+from torch.utils.data import Dataset
+
+SOURCES: dict[str, Callable] = {}
+
+
+def source(name: str):
+    def add(builder):
+        SOURCES[name] = builder
+        return builder
+
+    return add
+
+
+def build_source(name: str, root, download: bool, num_classes: int, seed: int):
+    if name not in SOURCES:
+        raise ValueError(f"Unknown dataset {name!r}; available: {', '.join(sorted(SOURCES))}.")
+    return SOURCES[name](root, download, num_classes, seed)
+
+
+def targets_of(dataset: Dataset) -> np.ndarray:
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = dataset.labels  # torchvision's STL10
+    return np.asarray(labels, dtype=np.int64)
+
+
+class ArrayImages(Dataset):
+    """In-memory uint8 images ``[n, H, W]`` or ``[n, H, W, 3]`` with integer labels."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray) -> None:
+        self.images = images
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return Image.fromarray(self.images[index]), int(self.targets[index])
+
+
+@source("digits")
+def digits(root, download, num_classes, seed, test_fraction: float = 0.3):
+    """scikit-learn's bundled 8x8 handwritten digits: 1,797 real images, no download.
+
+    The train/test split is stratified and fixed by ``seed``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, data.target, test_size=test_fraction, random_state=seed, stratify=data.target
+    )
+    return ArrayImages(train_x, train_y), ArrayImages(test_x, test_y)
+
+
+@source("synthetic")
+def synthetic(root, download, num_classes, seed, per_class=(50, 20), image_size: int = 32):
+    """Deterministic, learnable images: a per-class smooth colour template plus noise.
+
+    ``per_class`` images per class for train and test; ``dataset.train_size`` subsamples."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(num_classes, 4, 4, 3)).astype(np.uint8)
+    templates = np.stack(
+        [np.asarray(Image.fromarray(t).resize((image_size, image_size))) for t in coarse]
+    ).astype(np.float32)
+
+    def make(count: int, offset: int) -> ArrayImages:
+        labels = np.arange(count) % num_classes
+        noise = np.random.default_rng(seed + offset).normal(0, 40, (count, image_size, image_size, 3))
+        images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+        return ArrayImages(images, labels)
+
+    return make(per_class[0] * num_classes, 1), make(per_class[1] * num_classes, 2)
+
+
+@source("image_folder")
+def image_folder(root, download, num_classes, seed, test_split: str = "val"):
+    """``root/train/<class>/<image>`` and ``root/<test_split>/<class>/<image>`` (ImageNet layout)."""
+    root = Path(root)
+    for split in ("train", test_split):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(
+                f"dataset.root={str(root)!r} has no {split}/ folder. Expected the ImageNet layout "
+                f"root/train/<class>/<image> and root/{test_split}/<class>/<image>; "
+                "set dataset.root (or MIM_AGG_DATA_DIR) to such a folder."
+            )
+    make = lambda split: torchvision.datasets.ImageFolder(str(root / split), loader=load_image)  # noqa: E731
+    return make("train"), make(test_split)
+
+
+SOURCES["imagenet"] = image_folder
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image, naming the file when it cannot be decoded."""
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+    except OSError as error:
+        raise OSError(f"Cannot read image {path!r} ({error}); replace or remove the file.") from error
+
+
+def _torchvision(cls, folder_name: str, split_kwargs: tuple[dict, dict]):
+    def build(root, download, num_classes, seed):
+        try:
+            return tuple(cls(str(root), download=download, **kwargs) for kwargs in split_kwargs)
+        except (RuntimeError, OSError) as error:
+            raise FileNotFoundError(
+                f"{cls.__name__} not found under {str(Path(root) / folder_name)!r} ({error}). "
+                f"Put the torchvision files there, or set dataset.download=true on a machine "
+                "with internet access."
+            ) from error
+
+    return build
+
+
+TRAIN_TEST = ({"train": True}, {"train": False})
+SOURCES["cifar10"] = _torchvision(torchvision.datasets.CIFAR10, "cifar-10-batches-py", TRAIN_TEST)
+SOURCES["cifar100"] = _torchvision(torchvision.datasets.CIFAR100, "cifar-100-python", TRAIN_TEST)
+SOURCES["fashion_mnist"] = _torchvision(
+    torchvision.datasets.FashionMNIST, "FashionMNIST/raw", TRAIN_TEST
+)
+SOURCES["stl10"] = _torchvision(
+    torchvision.datasets.STL10, "stl10_binary", ({"split": "train"}, {"split": "test"})
+)

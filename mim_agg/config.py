@@ -7,7 +7,6 @@ one schema each, derived from their constructor's keyword-only options.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -19,22 +18,22 @@ from mim_agg.aggregators import AGGREGATORS, options_schema
 @dataclass
 class BackboneConfig:
     arch: str
-    weights: Optional[str] = None
+    weights: str | None = None
     block: int = -1
     final_norm: bool = False
     img_size: int = 224
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass
 class DatasetConfig:
     name: str
     num_classes: int
-    root: Optional[str] = None
+    root: str | None = None
     download: bool = False
-    train_size: Optional[int] = None
-    test_size: Optional[int] = None
+    train_size: int | None = None
+    test_size: int | None = None
     heldout_fraction: float = 0.1
     seed: int = 0
     num_workers: int = 8
@@ -54,15 +53,15 @@ class ProbeConfig:
 @dataclass
 class WandbConfig:
     project: str = "mim_agg"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
     mode: str = "auto"
 
 
 @dataclass
 class LoggerConfig:
-    wandb: Optional[WandbConfig] = None
+    wandb: WandbConfig | None = None
 
 
 def auto_precision() -> str:

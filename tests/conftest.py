@@ -12,12 +12,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.pop("MIM_AGG_DATA_DIR", None)
 
-import pytest  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import timm
+import torch
 
-import mim_agg.cli  # noqa: E402,F401  (registers the config schemas)
-from tests.helpers import TINY_ARCH  # noqa: E402
+import mim_agg.cli  # noqa: F401  (registers the config schemas)
+from tests.helpers import TINY_ARCH
 
 torch.set_num_threads(2)
 

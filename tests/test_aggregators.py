@@ -10,7 +10,9 @@ NUM_PATCHES = SIDE * SIDE
 def tokens_and_attn(batch=3, prefix=1, heads=2, seed=0):
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch, prefix + NUM_PATCHES, DIM, generator=generator)
-    logits = torch.randn(batch, heads, prefix + NUM_PATCHES, prefix + NUM_PATCHES, generator=generator)
+    logits = torch.randn(
+        batch, heads, prefix + NUM_PATCHES, prefix + NUM_PATCHES, generator=generator
+    )
     return tokens, logits.softmax(-1)
 
 
@@ -45,7 +47,7 @@ def test_abmilp_depth_one_is_softmax_of_linear_scores():
     for image in patches:  # a naive loop, independent of the batched implementation
         scores = torch.stack([linear.weight[0] @ z + linear.bias[0] for z in image])
         weights = torch.exp(scores) / torch.exp(scores).sum()
-        expected.append(sum(w * z for w, z in zip(weights, image)))
+        expected.append(sum(w * z for w, z in zip(weights, image, strict=True)))
     torch.testing.assert_close(aggregator(tokens), torch.stack(expected))
     assert len(aggregator.scorer) == 1 and linear.out_features == 1
 
@@ -95,7 +97,9 @@ def test_topk_attn_picks_the_most_attended_patches():
     aggregator = build_aggregator("topk_attn", DIM, NUM_PATCHES, k=3)
     chosen = aggregator.pooling_weights(tokens, attn)[0].nonzero().flatten().tolist()
     assert chosen == [3, 7, 12]
-    torch.testing.assert_close(aggregator(tokens, attn), tokens[:, 1 + torch.tensor([3, 7, 12])].mean(1))
+    torch.testing.assert_close(
+        aggregator(tokens, attn), tokens[:, 1 + torch.tensor([3, 7, 12])].mean(1)
+    )
 
 
 def test_attn_mean_renormalises_cls_attention_over_patches():

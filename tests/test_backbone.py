@@ -29,7 +29,9 @@ def fake_hf_cache(repo_id: str, state_dict: dict) -> None:
     (repo / "refs" / "main").write_text(revision)
     snapshot = repo / "snapshots" / revision
     snapshot.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors")
+    )
 
 
 def test_timm_tag_loads_through_timm_from_the_hub_cache():
@@ -43,8 +45,13 @@ def test_timm_tag_loads_through_timm_from_the_hub_cache():
 
 
 def test_mae_plain_safetensors_and_simmim_checkpoints_load(tmp_path, tiny_state_dict):
-    mae = {"model": {**tiny_state_dict, "mask_token": torch.zeros(1, 1, 192),
-                     "decoder_embed.weight": torch.zeros(4, 192)}}
+    mae = {
+        "model": {
+            **tiny_state_dict,
+            "mask_token": torch.zeros(1, 1, 192),
+            "decoder_embed.weight": torch.zeros(4, 192),
+        }
+    }
     torch.save(mae, tmp_path / "mae.pth")
     torch.save(tiny_state_dict, tmp_path / "plain.pth")
     save_file(tiny_state_dict, str(tmp_path / "weights.safetensors"))
@@ -59,7 +66,11 @@ def test_mae_plain_safetensors_and_simmim_checkpoints_load(tmp_path, tiny_state_
 def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
     small = timm.create_model("vit_small_patch16_224", num_classes=0)
     torch.save({"model": small.state_dict()}, tmp_path / "small.pth")
-    with pytest.raises(ValueError, match=r"(?s)does not fit backbone.arch=vit_tiny_patch16_224.*misshaped keys: blocks\.0\.attn\.proj\.bias: checkpoint \(384,\) vs model \(192,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)does not fit backbone.arch=vit_tiny_patch16_224.*misshaped keys: "
+        r"blocks\.0\.attn\.proj\.bias: checkpoint \(384,\) vs model \(192,\)",
+    ):
         FrozenBackbone(TINY_ARCH, weights=str(tmp_path / "small.pth"))
 
 
@@ -71,7 +82,9 @@ def test_checkpoint_missing_keys_are_named(tmp_path, tiny_state_dict):
 
 
 def test_weights_path_that_does_not_exist():
-    with pytest.raises(FileNotFoundError, match=r"backbone.weights='/no/such/file.pth'.*check the path"):
+    with pytest.raises(
+        FileNotFoundError, match=r"backbone.weights='/no/such/file.pth'.*check the path"
+    ):
         FrozenBackbone(TINY_ARCH, weights="/no/such/file.pth")
 
 
@@ -84,7 +97,9 @@ def test_unknown_arch_and_mismatched_tag():
 
 @pytest.mark.parametrize("block", [0, 5, -1])
 @pytest.mark.parametrize("final_norm", [False, True])
-def test_block_tokens_equal_timms_own_block_outputs(tmp_path, tiny_vit, tiny_state_dict, block, final_norm):
+def test_block_tokens_equal_timms_own_block_outputs(
+    tmp_path, tiny_vit, tiny_state_dict, block, final_norm
+):
     torch.save(tiny_state_dict, tmp_path / "w.pth")
     backbone = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), block, final_norm, img_size=224)
     x = images(224, batch=1)
@@ -104,7 +119,9 @@ def test_block_tokens_equal_timms_own_block_outputs(tmp_path, tiny_vit, tiny_sta
 
 def test_attention_maps_match_a_manual_computation(tmp_path, tiny_vit, tiny_state_dict):
     torch.save(tiny_state_dict, tmp_path / "w.pth")
-    backbone = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), block=2, img_size=32, return_attn=True)
+    backbone = FrozenBackbone(
+        TINY_ARCH, str(tmp_path / "w.pth"), block=2, img_size=32, return_attn=True
+    )
     x = images(32)
     tokens = backbone(x)
     with torch.no_grad():

@@ -11,10 +11,19 @@ from tests.helpers import FAST, PROJECT_ROOT
 
 
 def run_cli(*args: str, root) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MIM_AGG_ROOT": str(root), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
+    env = {
+        **os.environ,
+        "MIM_AGG_ROOT": str(root),
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "2",
+    }
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "run.py"), *args],
-        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
     )
 
 
@@ -28,7 +37,9 @@ def test_help_lists_groups_and_options(tmp_path):
 def test_cfg_job_shows_the_composed_config(tmp_path):
     result = run_cli("--cfg", "job", "aggregator=topk_attn", "backbone=mae_vitb", root=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "name: topk_attn" in result.stdout and "weights: vit_base_patch16_224.mae" in result.stdout
+    assert (
+        "name: topk_attn" in result.stdout and "weights: vit_base_patch16_224.mae" in result.stdout
+    )
 
 
 def test_unknown_option_fails_with_hydras_message(tmp_path):
@@ -38,8 +49,13 @@ def test_unknown_option_fails_with_hydras_message(tmp_path):
 
 
 def test_missing_dataset_folder_fails_before_training(tmp_path):
-    result = run_cli(*FAST, "dataset=image_folder", f"dataset.root={tmp_path}/none",
-                     "dataset.num_classes=3", root=tmp_path)
+    result = run_cli(
+        *FAST,
+        "dataset=image_folder",
+        f"dataset.root={tmp_path}/none",
+        "dataset.num_classes=3",
+        root=tmp_path,
+    )
     assert result.returncode != 0
     assert "has no train/ folder" in result.stderr
 

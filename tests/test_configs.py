@@ -45,8 +45,12 @@ def test_aggregator_options(name, tmp_path):
 
 @pytest.mark.parametrize("name", options("dataset"))
 def test_dataset_options(name, tmp_path):
-    cfg = compose_config([f"dataset={name}", "dataset.root=/data/x", "dataset.num_classes=7"]
-                         if name == "image_folder" else [f"dataset={name}"], tmp_path)
+    cfg = compose_config(
+        [f"dataset={name}", "dataset.root=/data/x", "dataset.num_classes=7"]
+        if name == "image_folder"
+        else [f"dataset={name}"],
+        tmp_path,
+    )
     datamodule = build_datamodule(cfg)
     assert datamodule.num_classes == cfg.dataset.num_classes
     if cfg.dataset.root is not None:
@@ -96,7 +100,12 @@ def test_defaults_are_the_paper_recipe(tmp_path):
     assert cfg.aggregator.name == "cls" and cfg.probe.optimizer == "lars" and cfg.probe.blr == 0.1
     assert (cfg.probe.epochs, cfg.probe.warmup_epochs) == (90, 10)
     abmilp = compose_config(["aggregator=abmilp"], tmp_path).aggregator
-    assert (abmilp.depth, abmilp.tokens, abmilp.pos_cond, abmilp.self_attn) == (1, "patch", False, "none")
+    assert (abmilp.depth, abmilp.tokens, abmilp.pos_cond, abmilp.self_attn) == (
+        1,
+        "patch",
+        False,
+        "none",
+    )
 
 
 @pytest.mark.parametrize(
@@ -122,16 +131,26 @@ def test_typos_fail_at_composition(override, message):
 @pytest.mark.parametrize(
     "group,text,message",
     [
-        ("aggregator", "defaults:\n  - topk_attn_schema\n  - _self_\ntopk: 3\n",
-         "Key 'topk' not in 'TopKClsAttentionOptions'"),
-        ("experiment", "# @package _global_\ndefaults:\n  - override /aggregator: abmilp\n"
-         "aggregator:\n  depht: 2\n", "Key 'depht' not in 'AbMILPOptions'"),
+        (
+            "aggregator",
+            "defaults:\n  - topk_attn_schema\n  - _self_\ntopk: 3\n",
+            "Key 'topk' not in 'TopKClsAttentionOptions'",
+        ),
+        (
+            "experiment",
+            "# @package _global_\ndefaults:\n  - override /aggregator: abmilp\n"
+            "aggregator:\n  depht: 2\n",
+            "Key 'depht' not in 'AbMILPOptions'",
+        ),
     ],
 )
 def test_misspelled_key_in_a_config_file_fails(tmp_path, group, text, message):
     (tmp_path / group).mkdir()
     (tmp_path / group / "typo.yaml").write_text(text)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        with pytest.raises(ConfigCompositionException) as error:
-            compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", f"{group}=typo"])
+    overrides = [f"hydra.searchpath=[file://{tmp_path}]", f"{group}=typo"]
+    with (
+        initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"),
+        pytest.raises(ConfigCompositionException) as error,
+    ):
+        compose("config", overrides=overrides)
     assert message in str(error.value) + str(error.value.__cause__)

@@ -65,7 +65,9 @@ def test_eval_transform_is_resize_then_center_crop_bicubic():
     names = [type(t).__name__ for t in transform.transforms[1].transforms]
     assert names[:2] == ["Resize", "CenterCrop"]
     assert transform.transforms[1].transforms[0].size == 256
-    train_names = [type(t).__name__ for t in build_transform(True, 224, MEAN, STD).transforms[1].transforms]
+    train_names = [
+        type(t).__name__ for t in build_transform(True, 224, MEAN, STD).transforms[1].transforms
+    ]
     assert train_names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
     assert "ColorJitter" not in train_names
 
@@ -87,7 +89,9 @@ def test_image_folder_reads_the_imagenet_layout(tmp_path):
 
 def test_image_folder_without_train_says_what_to_do(tmp_path):
     make_image_folder(tmp_path, splits=("val",))
-    with pytest.raises(FileNotFoundError, match=r"has no train/ folder.*root/train/<class>/<image>"):
+    with pytest.raises(
+        FileNotFoundError, match=r"has no train/ folder.*root/train/<class>/<image>"
+    ):
         build_source("imagenet", tmp_path, False, 2, 0)
 
 

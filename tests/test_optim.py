@@ -50,4 +50,6 @@ def test_schedule_warms_up_linearly_then_decays_to_zero(warmup, total):
         middle = warmup + (total - warmup) / 2
         assert warmup_cosine(middle, warmup, total) == pytest.approx(0.5)
         quarter = warmup + (total - warmup) / 4
-        assert warmup_cosine(quarter, warmup, total) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+        assert warmup_cosine(quarter, warmup, total) == pytest.approx(
+            0.5 * (1 + math.cos(math.pi / 4))
+        )

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from mim_agg.tasks.probe import build_probe, run
+from lightning import Trainer
+
+from mim_agg.tasks.probe import build_datamodule, build_probe, run
 from tests.helpers import FAST, compose_config
 
 
@@ -64,20 +66,24 @@ def test_interrupted_run_resumes_from_last_checkpoint(finished_run):
 
 
 def test_backbone_stays_frozen_through_fit(tmp_path):
-    cfg = compose_config([*FAST, "aggregator=mean", "probe.epochs=1"], tmp_path)
+    cfg = compose_config([*FAST, "aggregator=mean"], tmp_path)
     model = build_probe(cfg)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    from lightning import Trainer
-
-    from mim_agg.tasks.probe import build_datamodule
-
-    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False)
+    trainer = Trainer(
+        max_epochs=cfg.probe.epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(model, datamodule=build_datamodule(cfg))
     assert not model.backbone.training and not any(m.training for m in model.backbone.modules())
     assert model.heads.training  # Lightning's switch still reaches the heads
     for key, value in model.backbone.state_dict().items():
         torch.testing.assert_close(value, before[key])
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["initial_lr"] == pytest.approx(1.0 * 16 / 256)  # blr x batch / 256
+    assert group["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at zero
 
 
 def test_attention_aggregator_and_no_heldout_split(tmp_path):

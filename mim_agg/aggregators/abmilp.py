@@ -53,7 +53,9 @@ class AbMILP(Aggregator):
         self.self_attn_mode = self_attn
         self.scorer = _scorer(dim, depth, hidden_dim or dim, ACTIVATIONS[activation])
         self.self_attn = (
-            nn.MultiheadAttention(dim, num_heads=1, batch_first=True) if self_attn != "none" else None
+            nn.MultiheadAttention(dim, num_heads=1, batch_first=True)
+            if self_attn != "none"
+            else None
         )
         if pos_cond:
             self.register_buffer("pos_embed", _square_sincos(num_patches, dim), persistent=False)
@@ -65,7 +67,7 @@ class AbMILP(Aggregator):
         return pool(weights, values)
 
     def pooling_weights(self, tokens, attn=None):
-        """Softmax weights of the patch tokens (with ``tokens=all``, prefix weights are left out)."""
+        """Softmax weights of the patch tokens (with ``tokens=all``, prefix weights left out)."""
         return self._weights_and_values(tokens)[0][:, -self.num_patches :]
 
     def _weights_and_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

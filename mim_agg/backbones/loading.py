@@ -42,8 +42,7 @@ def normalize_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     cleaned = {}
     for key, value in state_dict.items():
         for prefix in KEY_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+            key = key.removeprefix(prefix)
         if not key.startswith(UNUSED_KEY_STARTS):
             cleaned[key] = value
     return cleaned

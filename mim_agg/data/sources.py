@@ -1,13 +1,14 @@
 """Where labeled images come from: one builder per ``dataset.name``.
 
-Every builder takes ``(root, download, num_classes, seed)`` and returns ``(train, test)`` datasets of ``(PIL image, int label)`` with a
-``targets`` sequence, untransformed: the data module applies train or eval transforms per split.
+Every builder takes ``(root, download, num_classes, seed)`` and returns ``(train, test)``
+datasets of ``(PIL image, int label)`` with a ``targets`` sequence, untransformed: the data
+module applies train or eval transforms per split.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torchvision
@@ -81,7 +82,9 @@ def synthetic(root, download, num_classes, seed, per_class=(50, 20), image_size:
 
     def make(count: int, offset: int) -> ArrayImages:
         labels = np.arange(count) % num_classes
-        noise = np.random.default_rng(seed + offset).normal(0, 40, (count, image_size, image_size, 3))
+        noise = np.random.default_rng(seed + offset).normal(
+            0, 40, (count, image_size, image_size, 3)
+        )
         images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
         return ArrayImages(images, labels)
 
@@ -90,7 +93,7 @@ def synthetic(root, download, num_classes, seed, per_class=(50, 20), image_size:
 
 @source("image_folder")
 def image_folder(root, download, num_classes, seed, test_split: str = "val"):
-    """``root/train/<class>/<image>`` and ``root/<test_split>/<class>/<image>`` (ImageNet layout)."""
+    """``root/train/<class>/<image>`` and ``root/<test_split>/<class>/<image>`` (ImageNet)."""
     root = Path(root)
     for split in ("train", test_split):
         if not (root / split).is_dir():
@@ -99,7 +102,7 @@ def image_folder(root, download, num_classes, seed, test_split: str = "val"):
                 f"root/train/<class>/<image> and root/{test_split}/<class>/<image>; "
                 "set dataset.root (or MIM_AGG_DATA_DIR) to such a folder."
             )
-    make = lambda split: torchvision.datasets.ImageFolder(str(root / split), loader=load_image)  # noqa: E731
+    make = lambda split: torchvision.datasets.ImageFolder(str(root / split), loader=load_image)
     return make("train"), make(test_split)
 
 
@@ -113,7 +116,9 @@ def load_image(path: str) -> Image.Image:
             image = Image.open(handle)
             return image.convert("RGB")
     except OSError as error:
-        raise OSError(f"Cannot read image {path!r} ({error}); replace or remove the file.") from error
+        raise OSError(
+            f"Cannot read image {path!r} ({error}); replace or remove the file."
+        ) from error
 
 
 def _torchvision(cls, folder_name: str, split_kwargs: tuple[dict, dict]):

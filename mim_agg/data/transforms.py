@@ -10,9 +10,7 @@ from timm.data import create_transform
 from torchvision import transforms as T
 
 
-def build_transform(
-    train: bool, img_size: int, mean, std, crop_pct: float = 0.875
-) -> T.Compose:
+def build_transform(train: bool, img_size: int, mean, std, crop_pct: float = 0.875) -> T.Compose:
     timm_transform = create_transform(
         input_size=img_size,
         is_training=train,

@@ -95,7 +95,9 @@ class LinearProbe(L.LightningModule):
             for name, head in self.heads.items()
         }
         for name, loss in losses.items():
-            self.log(f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=len(images))
+            self.log(
+                f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=len(images)
+            )
         self.timing["train_images"] += images.shape[0]
         return torch.stack(list(losses.values())).sum()
 

@@ -37,7 +37,9 @@ def run(cfg: DictConfig) -> dict:
             cfg.trainer,
             default_root_dir=str(output_dir),
             logger=loggers,
-            callbacks=[ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)],
+            callbacks=[
+                ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
+            ],
         )
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
         trainer.test(model, datamodule=datamodule, verbose=False)
@@ -54,7 +56,10 @@ def run(cfg: DictConfig) -> dict:
 def build_datamodule(cfg: DictConfig) -> ProbeDataModule:
     mean, std = resolve_normalization(cfg.backbone.weights, cfg.backbone.mean, cfg.backbone.std)
     return ProbeDataModule(
-        **cfg.dataset, img_size=cfg.backbone.img_size, mean=mean, std=std,
+        **cfg.dataset,
+        img_size=cfg.backbone.img_size,
+        mean=mean,
+        std=std,
         batch_size=cfg.probe.batch_size,
     )
 

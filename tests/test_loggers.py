@@ -1,0 +1,32 @@
+import pytest
+
+from mim_agg.tasks.probe import run
+from mim_agg.utils.loggers import wandb_mode
+from tests.helpers import FAST, compose_config
+
+
+@pytest.fixture
+def no_wandb_login(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+
+
+def test_wandb_is_offline_without_a_key_and_never_prompts(no_wandb_login, monkeypatch):
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode("online") == "offline"
+
+
+def test_offline_wandb_run_is_written_and_finished(no_wandb_login, tmp_path):
+    cfg = compose_config([*FAST, "logger=wandb", "probe.epochs=1"], tmp_path)
+    run(cfg)
+    (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert any(run_dir.glob("*.wandb"))
+    import wandb
+
+    assert wandb.run is None  # finished: the next multirun job gets its own run

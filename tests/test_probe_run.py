@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from lightning import Trainer
 
 from mim_agg.tasks.probe import build_datamodule, build_probe, run

@@ -3,7 +3,7 @@ import torch
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
 
-DIM, SIDE = 8, 4
+DIM, SIDE = 32, 4
 NUM_PATCHES = SIDE * SIDE
 
 
@@ -127,3 +127,110 @@ def test_bad_option_values_are_rejected():
         build_aggregator("abmilp", DIM, NUM_PATCHES, self_attn="sideways")
     with pytest.raises(ValueError, match=r"aggregator.k=99 must lie in \[1, 16\]"):
         build_aggregator("topk_attn", DIM, NUM_PATCHES, k=99)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_register_tokens_never_reach_the_output(name):
+    torch.manual_seed(0)
+    aggregator = build_aggregator(name, DIM, NUM_PATCHES, num_prefix_tokens=5).eval()
+    tokens, attn = tokens_and_attn(prefix=5)
+    moved = tokens.clone()
+    moved[:, 1:5] += 100.0  # registers sit between [cls] and the patches
+    torch.testing.assert_close(aggregator(moved, attn), aggregator(tokens, attn))
+
+
+def test_center_crop_on_a_4x4_grid():
+    tokens, _ = tokens_and_attn()
+    aggregator = build_aggregator("center_crop", DIM, NUM_PATCHES, k=2)
+    central = 1 + torch.tensor([5, 6, 9, 10])  # rows 1-2, columns 1-2 of the 4x4 grid
+    torch.testing.assert_close(aggregator(tokens), tokens[:, central].mean(1))
+    whole = build_aggregator("center_crop", DIM, NUM_PATCHES, k=4)
+    torch.testing.assert_close(whole(tokens), tokens[:, 1:].mean(1))
+
+
+def test_gem_with_p_one_is_the_mean_and_max_is_the_max():
+    tokens, _ = tokens_and_attn()
+    gem = build_aggregator("gem", DIM, NUM_PATCHES, p=1.0)
+    torch.testing.assert_close(gem(tokens), tokens[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+    positive = tokens.abs() + 0.1
+    sharp = build_aggregator("gem", DIM, NUM_PATCHES, p=60.0)
+    maximum = build_aggregator("max", DIM, NUM_PATCHES)
+    torch.testing.assert_close(maximum(tokens), tokens[:, 1:].max(1).values)
+    torch.testing.assert_close(sharp(positive), maximum(positive), rtol=0.06, atol=0.0)
+    assert [n for n, _ in gem.named_parameters()] == ["p"]
+
+
+def test_attn_min_entropy_picks_the_sharpest_head_per_image():
+    tokens, _ = tokens_and_attn(batch=2)
+    attn = torch.full((2, 2, 1 + NUM_PATCHES, 1 + NUM_PATCHES), 1.0 / (1 + NUM_PATCHES))
+    sharp = torch.zeros(1 + NUM_PATCHES)
+    sharp[0], sharp[3], sharp[8] = (
+        0.5,
+        0.4,
+        0.1,
+    )  # [cls] self-attention is dropped, then renormalised
+    attn[0, 1, 0], attn[1, 0, 0] = sharp, sharp
+    aggregator = build_aggregator("attn_min_entropy", DIM, NUM_PATCHES)
+    weights = aggregator.pooling_weights(tokens, attn)
+    expected = torch.zeros(NUM_PATCHES)
+    expected[2], expected[7] = 0.8, 0.2
+    torch.testing.assert_close(weights, torch.stack([expected, expected]))
+    torch.testing.assert_close(aggregator(tokens, attn)[0], 0.8 * tokens[0, 3] + 0.2 * tokens[0, 8])
+
+
+def test_gated_abmilp_matches_ilse_et_al():
+    torch.manual_seed(0)
+    aggregator = build_aggregator("abmilp_gated", DIM, NUM_PATCHES, hidden_dim=5)
+    tokens, _ = tokens_and_attn()
+    V, U, w = aggregator.tanh_branch, aggregator.sigmoid_branch, aggregator.scorer
+    patches = tokens[:, 1:]
+    scores = w(torch.tanh(V(patches)) * torch.sigmoid(U(patches))).squeeze(-1)
+    expected = (scores.softmax(-1).unsqueeze(-1) * patches).sum(1)
+    torch.testing.assert_close(aggregator(tokens), expected)
+
+
+def test_efficient_probe_matches_a_naive_loop():
+    torch.manual_seed(0)
+    aggregator = build_aggregator("efficient_probe", DIM, NUM_PATCHES, num_queries=4, d_out=2)
+    tokens, _ = tokens_and_attn(batch=2)
+    assert aggregator.out_dim == DIM // 2
+    assert {n for n, _ in aggregator.named_parameters()} == {"queries", "values.weight"}
+    expected = torch.zeros(2, DIM // 2)
+    chunk = DIM // 2 // 4
+    for b in range(2):
+        patches = tokens[b, 1:]
+        values = aggregator.values(patches)
+        for j in range(4):
+            weights = torch.softmax(patches @ aggregator.queries[j] / DIM**0.5, dim=0)
+            expected[b, j * chunk : (j + 1) * chunk] = (
+                weights @ values[:, j * chunk : (j + 1) * chunk]
+            )
+    torch.testing.assert_close(aggregator(tokens), expected)
+
+
+def test_simpool_matches_a_direct_computation():
+    torch.manual_seed(0)
+    aggregator = build_aggregator("simpool", DIM, NUM_PATCHES)
+    tokens, _ = tokens_and_attn()
+    patches = tokens[:, 1:]
+    normed = torch.nn.functional.layer_norm(patches, (DIM,), eps=1e-6)
+    query = patches.mean(1) @ aggregator.query.weight.T
+    keys = normed @ aggregator.key.weight.T
+    weights = torch.softmax(torch.einsum("bd,bnd->bn", query, keys) / DIM**0.5, dim=-1)
+    torch.testing.assert_close(aggregator(tokens), torch.einsum("bn,bnd->bd", weights, normed))
+    torch.testing.assert_close(aggregator.pooling_weights(tokens), weights)
+
+
+def test_attentive_probe_is_cross_attention_from_learned_queries():
+    torch.manual_seed(0)
+    aggregator = build_aggregator(
+        "attentive_probe", DIM, NUM_PATCHES, num_queries=2, num_heads=4, mlp=False
+    )
+    tokens, _ = tokens_and_attn(batch=2)
+    pool = aggregator.pool
+    x = torch.nn.functional.layer_norm(tokens[:, 1:], (DIM,), eps=1e-6)
+    q = pool.q(pool.latent).reshape(1, 2, 4, DIM // 4).transpose(1, 2)
+    k, v = pool.kv(x).reshape(2, NUM_PATCHES, 2, 4, DIM // 4).permute(2, 0, 3, 1, 4)
+    attended = ((q @ k.transpose(-2, -1)) * (DIM // 4) ** -0.5).softmax(-1) @ v
+    expected = attended.transpose(1, 2).reshape(2, 2, DIM).mean(1)
+    torch.testing.assert_close(aggregator(tokens), expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from mim_agg.aggregators.base import Aggregator, pool, register
 
 
@@ -40,3 +42,27 @@ class TopKClsAttention(Aggregator):
         scores = self.cls_attention(attn)
         top = scores.topk(self.k, dim=-1).indices
         return scores.new_zeros(scores.shape).scatter_(-1, top, 1.0 / self.k)
+
+
+@register("attn_min_entropy")
+class MinEntropyHeadAttention(Aggregator):
+    """Patches weighted by the ``[cls]`` attention of the most selective head, per image.
+
+    Each head's ``[cls]`` -> patch attention is renormalised over patches; the head with the
+    lowest entropy (the sharpest map) supplies the weights.
+    """
+
+    needs_attn = True
+    needs_cls = True
+
+    def forward(self, tokens, attn=None):
+        return pool(self.pooling_weights(tokens, attn), self.patches(tokens))
+
+    def pooling_weights(self, tokens, attn=None):
+        if attn is None:
+            raise ValueError(f"aggregator={self.name!r} needs the backbone's attention maps.")
+        per_head = attn[:, :, 0, self.num_prefix_tokens :]
+        per_head = per_head / per_head.sum(dim=-1, keepdim=True)
+        entropy = -(per_head * per_head.clamp(min=1e-12).log()).sum(dim=-1)
+        sharpest = entropy.argmin(dim=1)
+        return per_head[torch.arange(len(per_head), device=per_head.device), sharpest]

@@ -1,0 +1,32 @@
+"""Gated attention MIL pooling (Ilse et al., 2018, eq. 9)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mim_agg.aggregators.base import Aggregator, pool, register
+
+
+@register("abmilp_gated")
+class GatedAbMILP(Aggregator):
+    """``a = softmax(w^T (tanh(V z) * sigmoid(U z)))`` over patch tokens; pooled ``sum a_i z_i``.
+
+    The sigmoid gate lets the scorer express non-linear token relevance that ``tanh`` alone
+    saturates on.
+    """
+
+    def __init__(
+        self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, hidden_dim: int = 128
+    ):
+        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+        self.tanh_branch = nn.Linear(dim, hidden_dim)
+        self.sigmoid_branch = nn.Linear(dim, hidden_dim)
+        self.scorer = nn.Linear(hidden_dim, 1)
+
+    def forward(self, tokens, attn=None):
+        return pool(self.pooling_weights(tokens), self.patches(tokens))
+
+    def pooling_weights(self, tokens, attn=None):
+        patches = self.patches(tokens)
+        gated = self.tanh_branch(patches).tanh() * self.sigmoid_branch(patches).sigmoid()
+        return self.scorer(gated).squeeze(-1).softmax(dim=-1)

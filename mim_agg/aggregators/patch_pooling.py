@@ -1,0 +1,72 @@
+"""Fixed poolings over the patch grid: a central window, the maximum, the generalized mean."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mim_agg.aggregators.base import Aggregator, register
+
+
+def square_side(num_patches: int, name: str) -> int:
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(
+            f"aggregator={name!r} needs a square patch grid; got {num_patches} patches."
+        )
+    return side
+
+
+@register("center_crop")
+class CenterCrop(Aggregator):
+    """Mean of the central ``k x k`` window of patches: object-centric datasets need no search."""
+
+    def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, k: int = 4):
+        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+        side = square_side(num_patches, self.name)
+        if not 1 <= k <= side:
+            raise ValueError(f"aggregator.k={k} must lie in [1, {side}] (the grid side).")
+        start = (side - k) // 2
+        window = torch.zeros(side, side)
+        window[start : start + k, start : start + k] = 1.0 / (k * k)
+        self.register_buffer("window", window.flatten(), persistent=False)
+
+    def forward(self, tokens, attn=None):
+        return self.patches(tokens).transpose(1, 2) @ self.window.to(tokens.dtype)
+
+    def pooling_weights(self, tokens, attn=None):
+        return self.window.expand(tokens.shape[0], -1)
+
+
+@register("max")
+class MaxPatches(Aggregator):
+    """Channel-wise maximum over the patch tokens."""
+
+    def forward(self, tokens, attn=None):
+        return self.patches(tokens).amax(dim=1)
+
+
+@register("gem")
+class GeneralizedMean(Aggregator):
+    """Generalized mean ``(mean_i x_i^p)^(1/p)`` over patches with a learnable ``p``.
+
+    ViT tokens are signed, so the power is sign-preserving (``sign(x) |x|^p``): ``p = 1`` is
+    the mean exactly, and large ``p`` approaches the signed extreme value.
+    """
+
+    def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, p: float = 3.0):
+        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+        if p <= 0:
+            raise ValueError(f"aggregator.p={p} must be positive.")
+        self.p = nn.Parameter(torch.tensor(float(p)))
+
+    def forward(self, tokens, attn=None):
+        p = self.p.clamp(min=1e-2)
+        pooled = _signed_power(self.patches(tokens), p).mean(dim=1)
+        return _signed_power(pooled, 1.0 / p)
+
+
+def _signed_power(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return x.sign() * x.abs().clamp(min=1e-6).pow(p)

@@ -43,6 +43,7 @@ class DatasetConfig:
 class ProbeConfig:
     optimizer: str = "lars"
     blr: float = 0.1
+    blrs: list[float] | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9
     epochs: int = 90

@@ -49,6 +49,7 @@ class FrozenBackbone(nn.Module):
         self.grid = tuple(self.model.patch_embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.dim = self.model.embed_dim
+        self.num_heads = self.model.blocks[self.block].attn.num_heads
         self.requires_grad_(False)
         self.eval()
         self._attn: torch.Tensor | None = None

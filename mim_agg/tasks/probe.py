@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -16,8 +17,9 @@ from mim_agg.backbones import FrozenBackbone
 from mim_agg.backbones.frozen import resolve_normalization
 from mim_agg.data import ProbeDataModule
 from mim_agg.probe import LinearProbe, ProbeHead
+from mim_agg.probe.flops import added_gflops
 from mim_agg.utils.loggers import build_loggers, finish_loggers
-from mim_agg.utils.results import print_table, select_winner, write_metrics
+from mim_agg.utils.results import print_table, select_winner, write_heads_csv, write_metrics
 
 
 def run(cfg: DictConfig) -> dict:
@@ -44,11 +46,13 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
         trainer.test(model, datamodule=datamodule, verbose=False)
         summary = summarize(model, time.perf_counter() - started)
+        head_rows = describe_heads(cfg, model)
         for logger in loggers:
             logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
     finally:
         finish_loggers(loggers)
     write_metrics(output_dir / "metrics.json", summary)
+    write_heads_csv(output_dir / "heads.csv", head_rows)
     print_table(model.results, summary["winner"])
     return summary
 
@@ -64,28 +68,47 @@ def build_datamodule(cfg: DictConfig) -> ProbeDataModule:
     )
 
 
-def build_probe(cfg: DictConfig) -> LinearProbe:
-    """The frozen backbone and one head per aggregator config (a grid of one, for now)."""
-    aggregators = {cfg.aggregator.name: OmegaConf.to_container(cfg.aggregator)}
-    needs_attn = any(get_aggregator_class(a["name"]).needs_attn for a in aggregators.values())
-    backbone = FrozenBackbone(**cfg.backbone, return_attn=needs_attn)
-    heads = {
-        name: ProbeHead(
-            build_aggregator(
-                dim=backbone.dim,
-                num_patches=backbone.num_patches,
-                num_prefix_tokens=backbone.num_prefix_tokens,
-                has_cls=backbone.has_cls,
-                **options,
-            ),
-            cfg.dataset.num_classes,
+def head_grid(cfg: DictConfig) -> dict[str, tuple[dict, float]]:
+    """Every (aggregator, base learning rate) pair of the run, by head name.
+
+    The aggregators are ``aggregator`` plus the named entries of ``heads``; the rates are
+    ``probe.blrs`` (or ``probe.blr`` alone). One rate keeps plain aggregator names.
+    """
+    aggregators = {cfg.aggregator.name: cfg.aggregator}
+    for key, options in cfg.heads.items():
+        if key in aggregators and options != aggregators[key]:
+            raise ValueError(
+                f"Two different heads are named {key!r}; add one under another name: "
+                f"+aggregator@heads.{key}_2={options.name}"
+            )
+        aggregators[key] = options
+    blrs = list(cfg.probe.blrs or [cfg.probe.blr])
+    if len(aggregators) * len(blrs) > 1 and cfg.dataset.heldout_fraction == 0:
+        raise ValueError(
+            "Choosing among several heads needs held-out data; set dataset.heldout_fraction > 0."
         )
-        for name, options in aggregators.items()
+    return {
+        head_name(key, blr, len(blrs)): (OmegaConf.to_container(options), blr)
+        for key, options in aggregators.items()
+        for blr in blrs
     }
+
+
+def head_name(aggregator_key: str, blr: float, num_blrs: int) -> str:
+    """``abmilp``, or ``abmilp_blr0p1`` in a learning-rate grid (no dots: module names)."""
+    return aggregator_key if num_blrs == 1 else f"{aggregator_key}_blr{blr:g}".replace(".", "p")
+
+
+def build_probe(cfg: DictConfig) -> LinearProbe:
+    """The frozen backbone and one head per grid point, sharing one backbone pass."""
+    grid = head_grid(cfg)
+    needs_attn = any(get_aggregator_class(agg["name"]).needs_attn for agg, _ in grid.values())
+    backbone = FrozenBackbone(**cfg.backbone, return_attn=needs_attn)
+    heads = {name: build_head(cfg, backbone, options) for name, (options, _) in grid.items()}
     return LinearProbe(
         backbone,
         heads,
-        blrs={name: cfg.probe.blr for name in heads},
+        blrs={name: blr for name, (_, blr) in grid.items()},
         num_classes=cfg.dataset.num_classes,
         batch_size=cfg.probe.batch_size,
         optimizer=cfg.probe.optimizer,
@@ -93,6 +116,20 @@ def build_probe(cfg: DictConfig) -> LinearProbe:
         momentum=cfg.probe.momentum,
         warmup_epochs=cfg.probe.warmup_epochs,
     )
+
+
+def build_head(cfg: DictConfig, backbone: FrozenBackbone, options: dict) -> ProbeHead:
+    """Initialise from ``cfg.seed`` alone, so a head starts the same alone or in any grid."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        aggregator = build_aggregator(
+            dim=backbone.dim,
+            num_patches=backbone.num_patches,
+            num_prefix_tokens=backbone.num_prefix_tokens,
+            has_cls=backbone.has_cls,
+            **options,
+        )
+        return ProbeHead(aggregator, cfg.dataset.num_classes)
 
 
 def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -111,3 +148,17 @@ def summarize(model: LinearProbe, wall_time_s: float) -> dict:
         "wall_time_s": wall_time_s,
         "heads": model.results,
     }
+
+
+def describe_heads(cfg: DictConfig, model: LinearProbe) -> list[dict]:
+    """The rows of ``heads.csv``: each grid point's identity, cost and accuracy."""
+    return [
+        {
+            "head": name,
+            "aggregator": options["name"],
+            "blr": blr,
+            "added_gflops": added_gflops(model.heads[name], model.backbone),
+            **model.results[name],
+        }
+        for name, (options, blr) in head_grid(cfg).items()
+    ]

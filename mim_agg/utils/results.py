@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -18,6 +19,28 @@ def select_winner(head_results: dict[str, dict]) -> str:
 
 def write_metrics(path: Path, summary: dict) -> None:
     path.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+HEAD_COLUMNS = (
+    "head",
+    "aggregator",
+    "blr",
+    "trainable_params",
+    "added_gflops",
+    "val/acc1_best",
+    "best_epoch",
+    "test/acc1",
+    "test/acc5",
+    "test/acc1_last",
+)
+
+
+def write_heads_csv(path: Path, rows: list[dict]) -> None:
+    """One row per head: what it is, what it costs, how it did."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HEAD_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def print_table(head_results: dict[str, dict], winner: str) -> None:

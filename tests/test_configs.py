@@ -7,12 +7,12 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from mim_agg.aggregators import build_aggregator
+from mim_agg.aggregators import AGGREGATORS, build_aggregator
 from mim_agg.backbones import FrozenBackbone
 from mim_agg.backbones.frozen import is_timm_tag
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.probe.module import OPTIMIZERS
-from mim_agg.tasks.probe import build_datamodule
+from mim_agg.tasks.probe import build_datamodule, head_grid
 from mim_agg.utils.loggers import build_loggers
 from tests.helpers import compose_config
 
@@ -22,7 +22,17 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_options():
-    for group in ("backbone", "aggregator", "dataset", "probe", "trainer", "logger", "experiment"):
+    groups = (
+        "backbone",
+        "aggregator",
+        "heads",
+        "dataset",
+        "probe",
+        "trainer",
+        "logger",
+        "experiment",
+    )
+    for group in groups:
         assert options(group), group
 
 
@@ -41,6 +51,18 @@ def test_aggregator_options(name, tmp_path):
     assert cfg["name"] == name
     aggregator = build_aggregator(dim=192, num_patches=196, num_prefix_tokens=1, **cfg)
     assert aggregator.out_dim >= 192
+
+
+@pytest.mark.parametrize("name", options("heads"))
+def test_heads_options(name, tmp_path):
+    cfg = compose_config([f"heads={name}"], tmp_path)
+    grid = head_grid(cfg)
+    assert "cls" in grid  # the `aggregator` head is always part of the grid
+    for options, blr in grid.values():
+        assert blr == cfg.probe.blr
+        build_aggregator(dim=768, num_patches=196, **options)
+    if name == "all":
+        assert {options["name"] for options, _ in grid.values()} == set(AGGREGATORS)
 
 
 @pytest.mark.parametrize("name", options("dataset"))

@@ -9,9 +9,11 @@ from mim_agg.backbones import FrozenBackbone
 from mim_agg.probe.head import ProbeHead
 
 
-@torch.no_grad()
 def added_gflops(head: ProbeHead, backbone: FrozenBackbone) -> float:
-    """GFLOPs of one image through the head (aggregator, norm, classifier), backbone excluded."""
+    """GFLOPs of one image through the head (aggregator, norm, classifier), backbone excluded.
+
+    Runs with autograd on: FlopCounterMode's module tracker fails on parameters under no_grad.
+    """
     num_tokens = backbone.num_prefix_tokens + backbone.num_patches
     device = next(head.parameters()).device
     tokens = torch.zeros(1, num_tokens, backbone.dim, device=device)

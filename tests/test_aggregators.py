@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
+from mim_agg.backbones import Tokens
 
 DIM, SIDE = 32, 4
 NUM_PATCHES = SIDE * SIDE
@@ -16,12 +17,27 @@ def tokens_and_attn(batch=3, prefix=1, heads=2, seed=0):
     return tokens, logits.softmax(-1)
 
 
+def extras(aggregator, tokens, attn, prefix=1) -> dict:
+    """The keyword inputs the aggregator ``needs``, as the backbone stage would provide them."""
+    generator = torch.Generator().manual_seed(1)
+    available = Tokens(
+        tokens,
+        prefix,
+        True,
+        (SIDE, SIDE),
+        attn=attn,
+        block_cls=torch.randn(len(tokens), 4, DIM, generator=generator),
+        oracle_attn=torch.rand(len(tokens), NUM_PATCHES, generator=generator).softmax(-1),
+    )
+    return available.inputs(aggregator.needs)
+
+
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 @pytest.mark.parametrize("prefix", [1, 5])  # [cls] alone, and [cls] + 4 registers
 def test_every_aggregator_returns_out_dim(name, prefix):
     aggregator = build_aggregator(name, DIM, NUM_PATCHES, num_prefix_tokens=prefix)
     tokens, attn = tokens_and_attn(prefix=prefix)
-    out = aggregator(tokens, attn)
+    out = aggregator(tokens, **extras(aggregator, tokens, attn, prefix))
     assert out.shape == (3, aggregator.out_dim)
     assert torch.isfinite(out).all()
 
@@ -111,7 +127,9 @@ def test_attn_mean_renormalises_cls_attention_over_patches():
     torch.testing.assert_close(aggregator(tokens, attn), expected)
 
 
-@pytest.mark.parametrize("name", ["cls", "cls_mean", "topk_attn", "attn_mean"])
+@pytest.mark.parametrize(
+    "name", ["cls", "cls_mean", "topk_attn", "attn_mean", "attn_min_entropy", "last_n_cls"]
+)
 def test_cls_aggregators_refuse_backbones_without_cls(name):
     with pytest.raises(ValueError, match=r"\[cls\] token.*has none"):
         build_aggregator(name, DIM, NUM_PATCHES, num_prefix_tokens=0)
@@ -136,7 +154,8 @@ def test_register_tokens_never_reach_the_output(name):
     tokens, attn = tokens_and_attn(prefix=5)
     moved = tokens.clone()
     moved[:, 1:5] += 100.0  # registers sit between [cls] and the patches
-    torch.testing.assert_close(aggregator(moved, attn), aggregator(tokens, attn))
+    inputs = extras(aggregator, tokens, attn, prefix=5)
+    torch.testing.assert_close(aggregator(moved, **inputs), aggregator(tokens, **inputs))
 
 
 def test_center_crop_on_a_4x4_grid():
@@ -234,3 +253,23 @@ def test_attentive_probe_is_cross_attention_from_learned_queries():
     attended = ((q @ k.transpose(-2, -1)) * (DIM // 4) ** -0.5).softmax(-1) @ v
     expected = attended.transpose(1, 2).reshape(2, 2, DIM).mean(1)
     torch.testing.assert_close(aggregator(tokens), expected)
+
+
+def test_last_n_cls_concatenates_block_cls_and_patch_mean():
+    tokens, _ = tokens_and_attn()
+    block_cls = torch.randn(3, 4, DIM)
+    aggregator = build_aggregator("last_n_cls", DIM, NUM_PATCHES, n=2)
+    expected = torch.cat([block_cls[:, 2], block_cls[:, 3], tokens[:, 1:].mean(1)], dim=1)
+    torch.testing.assert_close(aggregator(tokens, block_cls=block_cls), expected)
+    assert aggregator.out_dim == 3 * DIM and aggregator.num_blocks == 2
+    only_cls = build_aggregator("last_n_cls", DIM, NUM_PATCHES, n=4, with_mean=False)
+    torch.testing.assert_close(only_cls(tokens, block_cls=block_cls), block_cls.flatten(1))
+
+
+def test_oracle_attn_pools_with_the_oracles_weights():
+    tokens, _ = tokens_and_attn()
+    weights = torch.rand(3, NUM_PATCHES).softmax(-1)
+    aggregator = build_aggregator("oracle_attn", DIM, NUM_PATCHES, oracle_weights=None)
+    expected = torch.einsum("bn,bnd->bd", weights, tokens[:, 1:])
+    torch.testing.assert_close(aggregator(tokens, oracle_attn=weights), expected)
+    assert aggregator.oracle == ("vit_base_patch16_224", None)

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from mim_agg.backbones import FrozenBackbone
+from mim_agg.backbones.oracle import AttentionOracle
 from tests.helpers import TINY_ARCH
 
 TAG = f"{TINY_ARCH}.augreg_in21k_ft_in1k"
@@ -162,3 +163,42 @@ def test_registers_are_prefix_tokens():
     tokens = backbone(images(28, batch=1))
     assert backbone.num_prefix_tokens == 5 and backbone.has_cls
     assert tokens.prefix.shape[1] == 5 and tokens.patches.shape[1] == 4
+
+
+def test_cls_of_several_blocks_equal_timms_intermediates(tmp_path, tiny_vit, tiny_state_dict):
+    torch.save(tiny_state_dict, tmp_path / "w.pth")
+    backbone = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), block=6, img_size=224)
+    backbone.provide(cls_blocks=3)
+    x = images(224, batch=1)
+    tokens = backbone(x)
+    with torch.no_grad():
+        expected = tiny_vit.forward_intermediates(
+            x,
+            indices=[4, 5, 6],
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
+        )
+    torch.testing.assert_close(tokens.block_cls, torch.stack([p[:, 0] for _, p in expected], 1))
+    torch.testing.assert_close(tokens.all[:, 1:], expected[-1][0])
+    with pytest.raises(ValueError, match="leaves only 7"):
+        backbone.provide(cls_blocks=8)
+
+
+def test_attention_oracle_renormalises_images_and_resamples_its_grid(tmp_path, tiny_state_dict):
+    torch.save(tiny_state_dict, tmp_path / "w.pth")
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    # Oracle at patch 16 on 64 px (4x4 grid) for a backbone whose grid is 2x2.
+    oracle = AttentionOracle(TINY_ARCH, str(tmp_path / "w.pth"), 64, (2, 2), mean, std)
+    raw = torch.rand(2, 3, 64, 64)
+    probed_view = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    weights = oracle(probed_view)
+    reference = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), img_size=64, return_attn=True)
+    imagenet = (raw - torch.tensor(reference.mean).view(1, 3, 1, 1)) / torch.tensor(
+        reference.std
+    ).view(1, 3, 1, 1)
+    cls_attn = reference(imagenet).attn[:, :, 0, 1:].mean(1).view(2, 1, 4, 4)
+    expected = torch.nn.functional.avg_pool2d(cls_attn, 2).flatten(1)  # bilinear 4->2 = 2x2 mean
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-4)
+    assert weights.shape == (2, 4)

@@ -92,3 +92,24 @@ def test_several_heads_need_heldout_data():
     cfg = compose_config([*FAST, "probe.blrs=[0.1,1.0]", "dataset.heldout_fraction=0"])
     with pytest.raises(ValueError, match="needs held-out data"):
         head_grid(cfg)
+
+
+def test_heads_needing_block_cls_and_an_oracle_train_in_one_pass(tmp_path):
+    cfg = compose_config(
+        [
+            *FAST,
+            "aggregator=cls",
+            "+aggregator@heads.last_n_cls=last_n_cls",
+            "heads.last_n_cls.n=3",
+            "+aggregator@heads.oracle=oracle_attn",
+            "heads.oracle.oracle_arch=vit_tiny_patch16_224",
+            "heads.oracle.oracle_weights=null",
+            "probe.epochs=1",
+        ],
+        tmp_path,
+    )
+    summary = run(cfg)
+    assert set(summary["heads"]) == {"cls", "last_n_cls", "oracle"}
+    assert summary["heads"]["last_n_cls"]["trainable_params"] == 4 * 192 * 4 + 4
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(k.startswith("heads.") for k in checkpoint["state_dict"])  # no frozen weights

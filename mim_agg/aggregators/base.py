@@ -17,13 +17,17 @@ class Aggregator(nn.Module):
     """Turns block tokens ``[B, P + N, D]`` into an image representation ``[B, out_dim]``.
 
     Subclasses take their options as keyword-only constructor arguments: those arguments are
-    the aggregator's config schema. ``needs_attn`` asks the backbone for the block's attention
-    maps; ``needs_cls`` makes construction fail on backbones without a ``[cls]`` token.
+    the aggregator's config schema. ``needs`` names the extra ``Tokens`` fields ``forward``
+    takes as keyword arguments, which the backbone stage then provides: ``attn`` (the block's
+    attention maps), ``block_cls`` (the ``[cls]`` of the last blocks, see ``num_blocks``),
+    ``oracle_attn`` (another model's ``[cls]`` attention). ``needs_cls`` makes construction
+    fail on backbones without a ``[cls]`` token.
     """
 
     name: ClassVar[str]
-    needs_attn: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ()
     needs_cls: ClassVar[bool] = False
+    num_blocks: int = 1  # how many last blocks' [cls] tokens ``block_cls`` must hold
 
     def __init__(
         self, dim: int, num_patches: int, num_prefix_tokens: int = 1, has_cls: bool | None = None

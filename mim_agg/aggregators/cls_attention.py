@@ -11,7 +11,7 @@ from mim_agg.aggregators.base import Aggregator, pool, register
 class ClsAttentionMean(Aggregator):
     """Patches weighted by the head-averaged ``[cls]`` attention, renormalised over patches."""
 
-    needs_attn = True
+    needs = ("attn",)
     needs_cls = True
 
     def forward(self, tokens, attn=None):
@@ -26,7 +26,7 @@ class ClsAttentionMean(Aggregator):
 class TopKClsAttention(Aggregator):
     """Mean of the ``k`` patches the ``[cls]`` token attends to most (heads averaged)."""
 
-    needs_attn = True
+    needs = ("attn",)
     needs_cls = True
 
     def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, k: int = 16):
@@ -52,7 +52,7 @@ class MinEntropyHeadAttention(Aggregator):
     lowest entropy (the sharpest map) supplies the weights.
     """
 
-    needs_attn = True
+    needs = ("attn",)
     needs_cls = True
 
     def forward(self, tokens, attn=None):
@@ -66,3 +66,34 @@ class MinEntropyHeadAttention(Aggregator):
         entropy = -(per_head * per_head.clamp(min=1e-12).log()).sum(dim=-1)
         sharpest = entropy.argmin(dim=1)
         return per_head[torch.arange(len(per_head), device=per_head.device), sharpest]
+
+
+@register("oracle_attn")
+class OracleClsAttention(Aggregator):
+    """Patches weighted by the ``[cls]`` attention of *another* frozen model on the same
+    images (default DINO ViT-B/16): does a better attention map alone fix MIM features?
+
+    The oracle is built by the backbone stage from ``oracle_arch`` / ``oracle_weights``;
+    this module only pools with the map it receives.
+    """
+
+    needs = ("oracle_attn",)
+
+    def __init__(
+        self,
+        dim,
+        num_patches,
+        num_prefix_tokens=1,
+        has_cls=None,
+        *,
+        oracle_arch: str = "vit_base_patch16_224",
+        oracle_weights: str | None = "vit_base_patch16_224.dino",
+    ):
+        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+        self.oracle = (oracle_arch, oracle_weights)
+
+    def forward(self, tokens, attn=None, *, oracle_attn):
+        return pool(oracle_attn, self.patches(tokens))
+
+    def pooling_weights(self, tokens, attn=None, *, oracle_attn):
+        return oracle_attn

@@ -20,7 +20,8 @@ class FrozenBackbone(nn.Module):
     Blocks after ``block`` are pruned, so asking for an early block also saves compute. The
     module stays in eval mode whatever Lightning asks, holds no trainable parameters and runs
     under ``torch.inference_mode``. Only the chosen block computes explicit attention, and only
-    when ``return_attn`` is set; every other block keeps timm's fused kernel.
+    when ``return_attn`` is set; every other block keeps timm's fused kernel. ``cls_blocks``
+    > 1 also returns the ``[cls]`` token of that many last blocks (DINOv2's linear probe).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class FrozenBackbone(nn.Module):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         return_attn: bool = False,
+        cls_blocks: int = 1,
     ) -> None:
         super().__init__()
         self.model = create_model(arch, weights, img_size)
@@ -53,8 +55,25 @@ class FrozenBackbone(nn.Module):
         self.requires_grad_(False)
         self.eval()
         self._attn: torch.Tensor | None = None
-        if return_attn:
+        self.return_attn = False
+        self.cls_blocks = 1
+        self.provide(return_attn, cls_blocks)
+
+    def provide(self, attn: bool = False, cls_blocks: int = 1) -> None:
+        """Also return the attention maps / the ``[cls]`` of ``cls_blocks`` last blocks."""
+        if cls_blocks > self.block + 1:
+            raise ValueError(
+                f"{cls_blocks} blocks' [cls] tokens were asked for, but backbone.block="
+                f"{self.block} leaves only {self.block + 1}."
+            )
+        if cls_blocks > 1 and not self.has_cls:
+            raise ValueError(
+                "[cls] tokens of several blocks were asked for; this backbone has none."
+            )
+        self.cls_blocks = max(self.cls_blocks, cls_blocks)
+        if attn and not self.return_attn:
             self._capture_attention(self.model.blocks[self.block].attn)
+            self.return_attn = True
 
     def _capture_attention(self, attn_module: nn.Module) -> None:
         if not hasattr(attn_module, "attn_drop"):
@@ -75,19 +94,26 @@ class FrozenBackbone(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> Tokens:
-        (block_out,) = self.model.forward_intermediates(
+        outputs = self.model.forward_intermediates(
             images,
-            indices=[self.block],
+            indices=list(range(self.block - self.cls_blocks + 1, self.block + 1)),
             return_prefix_tokens=True,
             norm=self.final_norm,
             stop_early=True,
             output_fmt="NLC",
             intermediates_only=True,
         )
-        if isinstance(block_out, tuple):  # (patches, prefix) when the model has prefix tokens
-            block_out = torch.cat(block_out[::-1], dim=1)
+        if isinstance(outputs[-1], tuple):  # (patches, prefix) when the model has prefix tokens
+            block_out = torch.cat(outputs[-1][::-1], dim=1)
+        else:
+            block_out = outputs[-1]
+        block_cls = None
+        if self.cls_blocks > 1:
+            block_cls = torch.stack([prefix[:, 0] for _, prefix in outputs], dim=1)
         attn, self._attn = self._attn, None
-        return Tokens(block_out, self.num_prefix_tokens, self.has_cls, self.grid, attn)
+        return Tokens(
+            block_out, self.num_prefix_tokens, self.has_cls, self.grid, attn, block_cls=block_cls
+        )
 
 
 def create_model(arch: str, weights: str | None, img_size: int) -> nn.Module:

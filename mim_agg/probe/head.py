@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mim_agg.aggregators import Aggregator
+from mim_agg.backbones import Tokens
 
 
 class ProbeHead(nn.Module):
@@ -20,8 +21,9 @@ class ProbeHead(nn.Module):
         nn.init.trunc_normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, tokens: torch.Tensor, attn: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classifier(self.norm(self.aggregator(tokens, attn)))
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        features = self.aggregator(tokens.all, **tokens.inputs(self.aggregator.needs))
+        return self.classifier(self.norm(features))
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -20,10 +20,12 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mim_agg.backbones import FrozenBackbone, Tokens
+from mim_agg.backbones.oracle import AttentionOracle
 from mim_agg.probe.head import ProbeHead
 from mim_agg.probe.lars import LARS
 from mim_agg.probe.schedule import warmup_cosine
 
+FROZEN = ("backbone.", "oracle.")
 OPTIMIZERS = {
     "lars": lambda groups, momentum: LARS(groups, momentum=momentum),
     "sgd": lambda groups, momentum: torch.optim.SGD(groups, momentum=momentum),
@@ -53,11 +55,13 @@ class LinearProbe(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         warmup_epochs: float = 10,
+        oracle: AttentionOracle | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"probe.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}.")
         self.backbone = backbone
+        self.oracle = oracle
         self.heads = nn.ModuleDict(heads)
         self.blrs = blrs
         self.batch_size = batch_size
@@ -81,6 +85,8 @@ class LinearProbe(L.LightningModule):
         """One backbone pass, timed; returns tokens that autograd may use."""
         start = time.perf_counter()
         tokens = self.backbone(images)
+        if self.oracle is not None:
+            tokens.oracle_attn = self.oracle(images)
         if images.is_cuda:
             torch.cuda.synchronize(images.device)
         self.timing["backbone_s"] += time.perf_counter() - start
@@ -90,10 +96,7 @@ class LinearProbe(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, targets = batch
         tokens = self.tokens(images)
-        losses = {
-            name: F.cross_entropy(head(tokens.all, tokens.attn), targets)
-            for name, head in self.heads.items()
-        }
+        losses = {name: F.cross_entropy(head(tokens), targets) for name, head in self.heads.items()}
         for name, loss in losses.items():
             self.log(
                 f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=len(images)
@@ -105,15 +108,15 @@ class LinearProbe(L.LightningModule):
         images, targets = batch
         tokens = self.tokens(images)
         for name, head in self.heads.items():
-            self._update(f"heldout__{name}", head(tokens.all, tokens.attn), targets)
+            self._update(f"heldout__{name}", head(tokens), targets)
 
     def test_step(self, batch, batch_idx):
         images, targets = batch
         tokens = self.tokens(images)
         for name, head in self.heads.items():
-            self._update(f"test_last__{name}", head(tokens.all, tokens.attn), targets)
+            self._update(f"test_last__{name}", head(tokens), targets)
             selected = self._selected_heads[name]
-            self._update(f"test_best__{name}", selected(tokens.all, tokens.attn), targets)
+            self._update(f"test_best__{name}", selected(tokens), targets)
 
     def _update(self, key: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
         metrics = self.metrics[key]
@@ -196,13 +199,13 @@ class LinearProbe(L.LightningModule):
         self.timing["train_s"] += time.perf_counter() - self._epoch_start
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep checkpoints small: the frozen backbone is rebuilt from its config, not saved."""
+        """Keep checkpoints small: frozen models are rebuilt from their config, not saved."""
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)
         }
         checkpoint["head_selection"] = self.selection
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        backbone_state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
-        checkpoint["state_dict"].update(backbone_state)
+        frozen_state = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN)}
+        checkpoint["state_dict"].update(frozen_state)
         self.selection = checkpoint["head_selection"]

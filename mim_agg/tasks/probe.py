@@ -12,9 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.aggregators import build_aggregator
-from mim_agg.aggregators.base import get_aggregator_class
 from mim_agg.backbones import FrozenBackbone
 from mim_agg.backbones.frozen import resolve_normalization
+from mim_agg.backbones.oracle import AttentionOracle
 from mim_agg.data import ProbeDataModule
 from mim_agg.probe import LinearProbe, ProbeHead
 from mim_agg.probe.flops import added_gflops
@@ -102,12 +102,17 @@ def head_name(aggregator_key: str, blr: float, num_blrs: int) -> str:
 def build_probe(cfg: DictConfig) -> LinearProbe:
     """The frozen backbone and one head per grid point, sharing one backbone pass."""
     grid = head_grid(cfg)
-    needs_attn = any(get_aggregator_class(agg["name"]).needs_attn for agg, _ in grid.values())
-    backbone = FrozenBackbone(**cfg.backbone, return_attn=needs_attn)
+    backbone = FrozenBackbone(**cfg.backbone)
     heads = {name: build_head(cfg, backbone, options) for name, (options, _) in grid.items()}
+    aggregators = [head.aggregator for head in heads.values()]
+    backbone.provide(
+        attn=any("attn" in a.needs for a in aggregators),
+        cls_blocks=max(a.num_blocks for a in aggregators),
+    )
     return LinearProbe(
         backbone,
         heads,
+        oracle=build_oracle(aggregators, backbone),
         blrs={name: blr for name, (_, blr) in grid.items()},
         num_classes=cfg.dataset.num_classes,
         batch_size=cfg.probe.batch_size,
@@ -115,6 +120,21 @@ def build_probe(cfg: DictConfig) -> LinearProbe:
         weight_decay=cfg.probe.weight_decay,
         momentum=cfg.probe.momentum,
         warmup_epochs=cfg.probe.warmup_epochs,
+    )
+
+
+def build_oracle(aggregators: list, backbone: FrozenBackbone) -> AttentionOracle | None:
+    """The second frozen model whose attention ``oracle_attn`` heads pool with, if any."""
+    oracles = {a.oracle for a in aggregators if "oracle_attn" in a.needs}
+    if len(oracles) > 1:
+        raise ValueError(
+            f"One run holds one attention oracle; the heads ask for {sorted(oracles)}."
+        )
+    if not oracles:
+        return None
+    arch, weights = oracles.pop()
+    return AttentionOracle(
+        arch, weights, backbone.img_size, backbone.grid, backbone.mean, backbone.std
     )
 
 

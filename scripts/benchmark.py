@@ -55,6 +55,7 @@ def probe_wall_time(args: argparse.Namespace, overrides: list[str]) -> float:
             "+trainer.enable_progress_bar=false",
             "logger=csv",
             "probe=sgd",
+            "probe.blr=1.0",
             f"probe.epochs={args.epochs}",
             "probe.warmup_epochs=0",
             f"probe.batch_size={args.batch_size}",

@@ -27,6 +27,8 @@ def test_benchmark_writes_its_report(tmp_path):
         "16",
         "--head-seconds",
         "0.01",
+        "--repeats",
+        "1",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -52,6 +52,18 @@ class ProbeConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    split: str = "val"
+    num_images: int = 5000
+    batch_size: int = 64
+    map_images: int = 4
+    probe_ckpt: str | None = None
+    embedding: list[str] = field(default_factory=lambda: ["cls", "mean"])
+    embedding_images: int = 1000
+    embedding_classes: int = 10
+
+
+@dataclass
 class WandbConfig:
     project: str = "mim_agg"
     entity: str | None = None
@@ -78,6 +90,7 @@ def register_configs() -> None:
     store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     store.store(group="probe", name="probe_schema", node=ProbeConfig)
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
+    store.store(group="analysis", name="analysis_schema", node=AnalysisConfig)
     for name in AGGREGATORS:
         store.store(group="aggregator", name=f"{name}_schema", node=options_schema(name))
     if not OmegaConf.has_resolver("auto_precision"):

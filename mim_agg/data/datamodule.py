@@ -101,6 +101,15 @@ class ProbeDataModule(L.LightningDataModule):
                 f"dataset.num_classes={self.num_classes}; set dataset.num_classes={found}."
             )
 
+    def eval_split(self, split: str) -> TransformedSubset:
+        """All of ``train`` (held-out part included) or ``test``, with the eval transform."""
+        self.setup()
+        if split == "test":
+            return self.splits["test"]
+        train, heldout = self.splits["train"], self.splits["heldout"]
+        indices = np.sort(np.concatenate([train.indices, heldout.indices]))
+        return TransformedSubset(train.base, indices, self.eval_transform)
+
     @property
     def has_heldout(self) -> bool:
         return self.heldout_fraction > 0

@@ -1,7 +1,7 @@
 """Tasks a run can perform; ``task=<name>`` picks one."""
 
-from mim_agg.tasks import probe
+from mim_agg.tasks import analyze, probe
 
-TASKS = {"probe": probe.run}
+TASKS = {"probe": probe.run, "analyze": analyze.run}
 
 __all__ = ["TASKS"]

@@ -1,0 +1,207 @@
+"""The ``analyze`` task: the paper's attention diagnostics for one backbone, with figures.
+
+Streams ``analysis.num_images`` images of one split (eval transform) through the frozen
+backbone with every block traced, accumulates the statistics of ``mim_agg.analysis.statistics``
+and writes ``attention_stats.json``, ``attention_stats.png``, ``attention_maps.png`` and
+``embedding.png`` to the run folder (and to W&B).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from mim_agg.aggregators import build_aggregator
+from mim_agg.analysis.figures import plot_attention_maps, plot_embedding, plot_statistics
+from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statistics, update_ratios
+from mim_agg.analysis.tracing import trace_blocks
+from mim_agg.backbones import FrozenBackbone, Tokens
+from mim_agg.tasks.probe import build_datamodule, build_head, head_grid
+from mim_agg.utils.loggers import build_loggers, finish_loggers
+
+SPLITS = {"val": "test", "train": "train"}
+
+
+def run(cfg: DictConfig) -> dict:
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    torch.manual_seed(cfg.seed)
+    loader = build_loader(cfg)
+    backbone = FrozenBackbone(**cfg.backbone)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone.to(device)
+    probe_head = load_probe_head(cfg, backbone) if cfg.analysis.probe_ckpt else None
+    collector = Collector(cfg, backbone, probe_head)
+    with trace_blocks(backbone.model.blocks) as records:
+        for images, targets in tqdm(loader, desc="attention statistics", unit="batch"):
+            tokens = backbone(images.to(device))
+            tokens.attn = records[-1].attn
+            collector.add(images, targets, tokens, records)
+    result = {
+        "backbone": cfg.backbone.weights or cfg.backbone.arch,
+        **collector.statistics.result(backbone.num_patches),
+    }
+    (output_dir / "attention_stats.json").write_text(json.dumps(result, indent=2) + "\n")
+    figures = collector.figures(result, output_dir)
+    log_to_wandb(cfg, output_dir, result, figures)
+    return result
+
+
+def build_loader(cfg: DictConfig) -> DataLoader:
+    """A seeded sample of ``num_images`` images of the split, with the eval transform."""
+    if cfg.analysis.split not in SPLITS:
+        raise ValueError(f"analysis.split={cfg.analysis.split!r} is not one of {list(SPLITS)}.")
+    dataset = build_datamodule(cfg).eval_split(SPLITS[cfg.analysis.split])
+    order = np.random.default_rng(cfg.seed).permutation(len(dataset))
+    sample = Subset(dataset, order[: cfg.analysis.num_images].tolist())
+    return DataLoader(
+        sample, batch_size=cfg.analysis.batch_size, num_workers=cfg.dataset.num_workers
+    )
+
+
+class Collector:
+    """Everything the analysis keeps from each batch: statistics, a few maps, some features."""
+
+    def __init__(self, cfg: DictConfig, backbone: FrozenBackbone, probe_head) -> None:
+        self.cfg = cfg.analysis
+        self.backbone = backbone
+        self.probe_head = probe_head
+        self.statistics = StatisticsAccumulator(len(backbone.model.blocks))
+        self.aggregators = {
+            name: build_aggregator(
+                name,
+                backbone.dim,
+                backbone.num_patches,
+                backbone.num_prefix_tokens,
+                backbone.has_cls,
+            ).to(next(backbone.parameters()).device)
+            for name in self.cfg.embedding
+        }
+        for name, aggregator in self.aggregators.items():
+            if any(p.requires_grad for p in aggregator.parameters()):
+                raise ValueError(
+                    f"analysis.embedding lists {name!r}, which has trainable parameters; "
+                    "list parameter-free aggregators such as cls, mean or attn_mean."
+                )
+        self.maps: dict[str, list[torch.Tensor]] = {}
+        self.images: list[torch.Tensor] = []
+        self.features: dict[str, list[torch.Tensor]] = {name: [] for name in self.aggregators}
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, images, targets, tokens: Tokens, records) -> None:
+        prefix, has_cls = self.backbone.num_prefix_tokens, self.backbone.has_cls
+        for block, record in enumerate(records):
+            self.statistics.add(block, attention_statistics(record.attn, prefix, has_cls))
+            self.statistics.add(block, update_ratios(record.input, record.update, prefix, has_cls))
+        self.statistics.count(len(images))
+        self._keep_maps(images, tokens)
+        self._keep_features(targets, tokens)
+
+    def _keep_maps(self, images, tokens: Tokens) -> None:
+        wanted = self.cfg.map_images - sum(len(i) for i in self.images)
+        if wanted <= 0 or not self.backbone.has_cls:
+            return
+        cls_attn = tokens.attn[:wanted, :, 0, tokens.num_prefix_tokens :]
+        per_head = cls_attn / cls_attn.sum(-1, keepdim=True)
+        entropy = -(per_head * per_head.clamp(min=1e-12).log()).sum(-1)
+        sharpest = per_head[torch.arange(len(per_head)), entropy.argmin(1)]
+        maps = {"[cls] attention, head mean": per_head.mean(1), "lowest-entropy head": sharpest}
+        if self.probe_head is not None:
+            head = self.probe_head
+            trimmed = Tokens(
+                tokens.all[:wanted],
+                tokens.num_prefix_tokens,
+                tokens.has_cls,
+                tokens.grid,
+                attn=tokens.attn[:wanted],
+            )
+            with torch.no_grad():
+                maps[f"probe: {head.aggregator.name} weights"] = head.aggregator.pooling_weights(
+                    trimmed.all, **trimmed.inputs(head.aggregator.needs)
+                )
+        for title, values in maps.items():
+            self.maps.setdefault(title, []).append(values.unflatten(1, tokens.grid).cpu())
+        self.images.append(self._unnormalize(images[:wanted]))
+
+    def _unnormalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.backbone.std).view(1, 3, 1, 1)
+        return images.cpu() * std + mean
+
+    def _keep_features(self, targets, tokens: Tokens) -> None:
+        if sum(len(label) for label in self.labels) >= self.cfg.embedding_images:
+            return
+        keep = targets < self.cfg.embedding_classes  # the first classes, as colours stay legible
+        self.labels.append(targets[keep])
+        for name, aggregator in self.aggregators.items():
+            inputs = tokens.inputs(aggregator.needs)
+            features = aggregator(tokens.all, **inputs)[keep.to(tokens.all.device)]
+            self.features[name].append(features.float().cpu())
+
+    def figures(self, result: dict, output_dir: Path) -> list[Path]:
+        paths = [plot_statistics({result["backbone"]: result}, output_dir / "attention_stats.png")]
+        if self.images:
+            maps = {title: torch.cat(values) for title, values in self.maps.items()}
+            paths.append(
+                plot_attention_maps(torch.cat(self.images), maps, output_dir / "attention_maps.png")
+            )
+        labels = torch.cat(self.labels).numpy() if self.labels else np.array([])
+        if len(labels) > 5:
+            features = {name: torch.cat(values) for name, values in self.features.items()}
+            paths.append(plot_embedding(features, labels, output_dir / "embedding.png"))
+        return paths
+
+
+def load_probe_head(cfg: DictConfig, backbone: FrozenBackbone):
+    """The winning head of a finished probe run, from its ``last.ckpt`` and its run folder."""
+    checkpoint_path = Path(cfg.analysis.probe_ckpt)
+    run_dir = checkpoint_path.parent.parent
+    if not checkpoint_path.is_file() or not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"analysis.probe_ckpt={str(checkpoint_path)!r} must be a probe run's "
+            "<run>/checkpoints/last.ckpt, beside that run's config.yaml."
+        )
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    if run_cfg.backbone.arch != cfg.backbone.arch:
+        raise ValueError(
+            f"The probe in {str(run_dir)!r} was trained on {run_cfg.backbone.arch}, "
+            f"not on backbone.arch={cfg.backbone.arch}."
+        )
+    metrics_file = run_dir / "metrics.json"
+    grid = head_grid(run_cfg)
+    name = (
+        json.loads(metrics_file.read_text())["winner"]
+        if metrics_file.is_file()
+        else next(iter(grid))
+    )
+    head = build_head(run_cfg, backbone, grid[name][0])
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
+    prefix = f"heads.{name}."
+    head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return head.to(next(backbone.parameters()).device).eval()
+
+
+def log_to_wandb(cfg: DictConfig, output_dir: Path, result: dict, figures: list[Path]) -> None:
+    """Figures as images and the per-block statistics as a table (no-op when W&B is off)."""
+    loggers = build_loggers(cfg, output_dir)
+    try:
+        for logger in loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(
+                    "analysis", [str(p) for p in figures], caption=[p.stem for p in figures]
+                )
+                names = list(result["stats"])
+                rows = [
+                    [block + 1, *(result["stats"][n][block] for n in names)]
+                    for block in range(len(result["stats"][names[0]]))
+                ]
+                logger.log_table("attention_stats", columns=["block", *names], data=rows)
+    finally:
+        finish_loggers(loggers)

@@ -28,6 +28,7 @@ def test_every_group_has_options():
         "heads",
         "dataset",
         "probe",
+        "analysis",
         "trainer",
         "logger",
         "experiment",
@@ -77,6 +78,12 @@ def test_dataset_options(name, tmp_path):
     assert datamodule.num_classes == cfg.dataset.num_classes
     if cfg.dataset.root is not None:
         assert cfg.dataset.root.startswith(("/data/x", str(tmp_path / "data")))
+
+
+@pytest.mark.parametrize("name", options("analysis"))
+def test_analysis_options(name, tmp_path):
+    cfg = compose_config(["task=analyze", f"analysis={name}"], tmp_path).analysis
+    assert cfg.split in ("val", "train") and cfg.num_images > 0
 
 
 @pytest.mark.parametrize("name", options("probe"))

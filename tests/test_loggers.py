@@ -1,5 +1,6 @@
 import pytest
 
+from mim_agg.tasks.analyze import run as run_analysis
 from mim_agg.tasks.probe import run
 from mim_agg.utils.loggers import wandb_mode
 from tests.helpers import FAST, compose_config
@@ -30,3 +31,23 @@ def test_offline_wandb_run_is_written_and_finished(no_wandb_login, tmp_path):
     import wandb
 
     assert wandb.run is None  # finished: the next multirun job gets its own run
+
+
+def test_analysis_logs_figures_and_table_to_offline_wandb(no_wandb_login, tmp_path):
+    cfg = compose_config(
+        [
+            *FAST,
+            "task=analyze",
+            "logger=wandb",
+            "analysis.num_images=8",
+            "analysis.batch_size=8",
+            "analysis.embedding_images=8",
+        ],
+        tmp_path,
+    )
+    run_analysis(cfg)
+    (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    media = list(run_dir.rglob("*.png")) + list(run_dir.rglob("*.table.json"))
+    assert any(p.suffix == ".png" for p in media) and any(
+        p.name.endswith(".table.json") for p in media
+    )

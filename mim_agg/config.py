@@ -1,7 +1,8 @@
 """Config schemas: every group is validated at composition, so a misspelled key fails early.
 
-Each YAML in ``conf/<group>/`` lists ``<group>_schema`` first in its defaults; aggregators get
-one schema each, derived from their constructor's keyword-only options.
+Each YAML in ``conf/<group>/`` lists ``/schema/<group>@_here_`` first in its defaults;
+aggregators get one schema each (``/schema/aggregator/<name>@_here_``), derived from their
+constructor's keyword-only options. Schemas live outside the groups, so they are no options.
 """
 
 from __future__ import annotations
@@ -86,12 +87,12 @@ def auto_precision() -> str:
 
 def register_configs() -> None:
     store = ConfigStore.instance()
-    store.store(group="backbone", name="backbone_schema", node=BackboneConfig)
-    store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
-    store.store(group="probe", name="probe_schema", node=ProbeConfig)
-    store.store(group="logger", name="logger_schema", node=LoggerConfig)
-    store.store(group="analysis", name="analysis_schema", node=AnalysisConfig)
+    store.store(group="schema", name="backbone", node=BackboneConfig)
+    store.store(group="schema", name="dataset", node=DatasetConfig)
+    store.store(group="schema", name="probe", node=ProbeConfig)
+    store.store(group="schema", name="logger", node=LoggerConfig)
+    store.store(group="schema", name="analysis", node=AnalysisConfig)
     for name in AGGREGATORS:
-        store.store(group="aggregator", name=f"{name}_schema", node=options_schema(name))
+        store.store(group="schema/aggregator", name=name, node=options_schema(name))
     if not OmegaConf.has_resolver("auto_precision"):
         OmegaConf.register_new_resolver("auto_precision", auto_precision)

@@ -1,7 +1,7 @@
 """Overlay the attention statistics of several analysis runs in one figure (MIM vs JEA).
 
-    python run.py -m task=analyze backbone=mae_vitb,dino_vitb dataset=imagenet
-    python scripts/compare_attention.py outputs/multirun/<time>    # -> attention_compare.png
+python run.py -m task=analyze backbone=mae_vitb,dino_vitb dataset=imagenet
+python scripts/compare_attention.py outputs/multirun/<time>    # -> attention_compare.png
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def test_typos_fail_at_composition(override, message):
     [
         (
             "aggregator",
-            "defaults:\n  - topk_attn_schema\n  - _self_\ntopk: 3\n",
+            "defaults:\n  - /schema/aggregator/topk_attn@_here_\n  - _self_\ntopk: 3\n",
             "Key 'topk' not in 'TopKClsAttentionOptions'",
         ),
         (

@@ -1,19 +1,19 @@
-"""The analysis as pictures (matplotlib, PNG)."""
+"""The analysis as pictures (matplotlib, PNG).
+
+Figures are built with matplotlib's object API (no pyplot): no global state, no display needed.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.manifold import TSNE  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.manifold import TSNE
 
 MIM_MARKERS = ("mae", "simmim", "beit", "ijepa", "mim", "capi", "data2vec")
 TITLES = {
@@ -40,7 +40,8 @@ def plot_statistics(results: dict[str, dict], path: Path) -> Path:
     names = [n for n in TITLES if any(n in r["stats"] for r in results.values())]
     cols = min(5, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    fig = Figure(figsize=(3.4 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         for label, result in results.items():
             if name in result["stats"]:
@@ -67,7 +68,8 @@ def plot_attention_maps(images: torch.Tensor, maps: dict[str, torch.Tensor], pat
     """Each image beside its attention-like maps (``{title: [n, h, w]}``), upsampled onto it."""
     n = len(images)
     cols = 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.4 * n), squeeze=False)
+    fig = Figure(figsize=(2.4 * cols, 2.4 * n))
+    axes = fig.subplots(n, cols, squeeze=False)
     pictures = images.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy()
     size = images.shape[-2:]
     for row in range(n):
@@ -86,7 +88,8 @@ def plot_attention_maps(images: torch.Tensor, maps: dict[str, torch.Tensor], pat
 
 def plot_embedding(features: dict[str, torch.Tensor], labels: np.ndarray, path: Path) -> Path:
     """t-SNE of each aggregator's features, coloured by class."""
-    fig, axes = plt.subplots(1, len(features), figsize=(4 * len(features), 4), squeeze=False)
+    fig = Figure(figsize=(4 * len(features), 4))
+    axes = fig.subplots(1, len(features), squeeze=False)
     for ax, (name, values) in zip(axes.flat, features.items(), strict=True):
         perplexity = max(2.0, min(30.0, (len(values) - 1) / 3))
         points = TSNE(perplexity=perplexity, init="pca", random_state=0).fit_transform(
@@ -100,7 +103,6 @@ def plot_embedding(features: dict[str, torch.Tensor], labels: np.ndarray, path: 
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -78,3 +78,12 @@ def test_multirun_gives_each_job_its_own_folder(tmp_path):
     assert [m.parent.name.split("_", 1)[0] for m in metrics] == ["0", "1"]
     winners = [json.loads(m.read_text())["winner"] for m in metrics]
     assert winners == ["cls", "mean"]
+    sweep = metrics[0].parent.parent
+    collected = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "collect_results.py"), str(sweep)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert collected.returncode == 0, collected.stderr
+    assert len((sweep / "results.csv").read_text().splitlines()) == 3  # header + 2 heads

@@ -35,5 +35,6 @@ def test_benchmark_writes_its_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["multihead_ratio"] == pytest.approx(report["bench8_s"] / report["single_head_s"])
     assert report["num_all_heads"] == len(report["aggregators"]) >= 14
+    assert report["all_heads_without_oracle_s"] > 0
     assert report["aggregators"]["abmilp"]["trainable_params"] == (192 + 1) + (192 * 2 + 2)
     assert "ratio" in result.stdout  # the printed summary

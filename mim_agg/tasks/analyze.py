@@ -95,6 +95,13 @@ class Collector:
         self.features: dict[str, list[torch.Tensor]] = {name: [] for name in self.aggregators}
         self.labels: list[torch.Tensor] = []
 
+    def _aggregator(self, name: str):
+        backbone = self.backbone
+        aggregator = build_aggregator(
+            name, backbone.dim, backbone.num_patches, backbone.num_prefix_tokens, backbone.has_cls
+        )
+        return aggregator.to(next(backbone.parameters()).device)
+
     def add(self, images, targets, tokens: Tokens, records) -> None:
         prefix, has_cls = self.backbone.num_prefix_tokens, self.backbone.has_cls
         for block, record in enumerate(records):
@@ -108,20 +115,19 @@ class Collector:
         wanted = self.cfg.map_images - sum(len(i) for i in self.images)
         if wanted <= 0 or not self.backbone.has_cls:
             return
-        cls_attn = tokens.attn[:wanted, :, 0, tokens.num_prefix_tokens :]
-        per_head = cls_attn / cls_attn.sum(-1, keepdim=True)
-        entropy = -(per_head * per_head.clamp(min=1e-12).log()).sum(-1)
-        sharpest = per_head[torch.arange(len(per_head)), entropy.argmin(1)]
-        maps = {"[cls] attention, head mean": per_head.mean(1), "lowest-entropy head": sharpest}
+        trimmed = Tokens(
+            tokens.all[:wanted],
+            tokens.num_prefix_tokens,
+            tokens.has_cls,
+            tokens.grid,
+            attn=tokens.attn[:wanted],
+        )
+        maps = {
+            title: aggregator.pooling_weights(trimmed.all, trimmed.attn)
+            for title, aggregator in self.map_aggregators.items()
+        }
         if self.probe_head is not None:
             head = self.probe_head
-            trimmed = Tokens(
-                tokens.all[:wanted],
-                tokens.num_prefix_tokens,
-                tokens.has_cls,
-                tokens.grid,
-                attn=tokens.attn[:wanted],
-            )
             with torch.no_grad():
                 maps[f"probe: {head.aggregator.name} weights"] = head.aggregator.pooling_weights(
                     trimmed.all, **trimmed.inputs(head.aggregator.needs)

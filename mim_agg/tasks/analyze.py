@@ -74,16 +74,16 @@ class Collector:
         self.backbone = backbone
         self.probe_head = probe_head
         self.statistics = StatisticsAccumulator(len(backbone.model.blocks))
-        self.aggregators = {
-            name: build_aggregator(
-                name,
-                backbone.dim,
-                backbone.num_patches,
-                backbone.num_prefix_tokens,
-                backbone.has_cls,
-            ).to(next(backbone.parameters()).device)
-            for name in self.cfg.embedding
+        self.aggregators = {name: self._aggregator(name) for name in self.cfg.embedding}
+        shown = {
+            "[cls] attention, head mean": "attn_mean",
+            "lowest-entropy head": "attn_min_entropy",
         }
+        self.map_aggregators = (
+            {title: self._aggregator(name) for title, name in shown.items()}
+            if backbone.has_cls
+            else {}
+        )
         for name, aggregator in self.aggregators.items():
             if any(p.requires_grad for p in aggregator.parameters()):
                 raise ValueError(

@@ -51,9 +51,10 @@ def run(cfg: DictConfig) -> dict:
             logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
     finally:
         finish_loggers(loggers)
-    write_metrics(output_dir / "metrics.json", summary)
-    write_heads_csv(output_dir / "heads.csv", head_rows)
-    print_table(model.results, summary["winner"])
+    if trainer.is_global_zero:  # DDP ranks share the run folder; one writes
+        write_metrics(output_dir / "metrics.json", summary)
+        write_heads_csv(output_dir / "heads.csv", head_rows)
+        print_table(model.results, summary["winner"])
     return summary
 
 

@@ -11,12 +11,13 @@ import argparse
 from pathlib import Path
 
 from mim_agg.analysis.sweep_results import (
+    COLUMNS,
     best_per_aggregator,
     collect,
     markdown_table,
     plot_bars,
-    write_csv,
 )
+from mim_agg.utils.results import write_csv
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"No finished probe runs (heads.csv) under {args.folder}.")
     best = best_per_aggregator(rows)
-    write_csv(rows, args.folder / "results.csv")
+    write_csv(args.folder / "results.csv", rows, COLUMNS)
     table = markdown_table(best)
     (args.folder / "results.md").write_text(table)
     plot_bars(best, args.folder / "results.png")

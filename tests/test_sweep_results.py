@@ -5,20 +5,8 @@ import sys
 from omegaconf import OmegaConf
 
 from mim_agg.analysis.sweep_results import best_per_aggregator, collect, markdown_table
+from mim_agg.utils.results import HEAD_COLUMNS
 from tests.helpers import PROJECT_ROOT
-
-HEADER = [
-    "head",
-    "aggregator",
-    "blr",
-    "trainable_params",
-    "added_gflops",
-    "val/acc1_best",
-    "best_epoch",
-    "test/acc1",
-    "test/acc5",
-    "test/acc1_last",
-]
 
 
 def fake_run(folder, weights, heads):
@@ -28,7 +16,7 @@ def fake_run(folder, weights, heads):
     )
     with open(folder / "heads.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(HEADER)
+        writer.writerow(HEAD_COLUMNS)
         for name, aggregator, blr, heldout, test in heads:
             writer.writerow([name, aggregator, blr, 10, 0.001, heldout, 3, test, 0.9, test])
 

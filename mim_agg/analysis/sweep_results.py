@@ -12,20 +12,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-COLUMNS = (
-    "run",
-    "backbone",
-    "head",
-    "aggregator",
-    "blr",
-    "trainable_params",
-    "added_gflops",
-    "val/acc1_best",
-    "best_epoch",
-    "test/acc1",
-    "test/acc5",
-    "test/acc1_last",
-)
+from mim_agg.utils.results import HEAD_COLUMNS
+
+COLUMNS = ("run", "backbone", *HEAD_COLUMNS)
 
 
 def collect(folder: Path) -> list[dict]:
@@ -58,14 +47,6 @@ def best_per_aggregator(rows: list[dict]) -> dict[tuple[str, str], dict]:
 
 def _heldout(row: dict) -> float:
     return float(row["val/acc1_best"]) if row["val/acc1_best"] else float("-inf")
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def markdown_table(best: dict[tuple[str, str], dict]) -> str:

@@ -19,7 +19,7 @@ from mim_agg.data import ProbeDataModule
 from mim_agg.probe import LinearProbe, ProbeHead
 from mim_agg.probe.flops import added_gflops
 from mim_agg.utils.loggers import build_loggers, finish_loggers
-from mim_agg.utils.results import print_table, select_winner, write_heads_csv, write_metrics
+from mim_agg.utils.results import print_table, select_winner, write_csv, write_metrics
 
 
 def run(cfg: DictConfig) -> dict:
@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict:
         finish_loggers(loggers)
     if trainer.is_global_zero:  # DDP ranks share the run folder; one writes
         write_metrics(output_dir / "metrics.json", summary)
-        write_heads_csv(output_dir / "heads.csv", head_rows)
+        write_csv(output_dir / "heads.csv", head_rows)
         print_table(model.results, summary["winner"])
     return summary
 

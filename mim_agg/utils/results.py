@@ -35,12 +35,13 @@ HEAD_COLUMNS = (
 )
 
 
-def write_heads_csv(path: Path, rows: list[dict]) -> None:
-    """One row per head: what it is, what it costs, how it did."""
+def write_csv(path: Path, rows: list[dict], columns=HEAD_COLUMNS) -> Path:
+    """Rows as CSV; the default columns make ``heads.csv`` (what each head is, costs, did)."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HEAD_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    return path
 
 
 def print_table(head_results: dict[str, dict], winner: str) -> None:

@@ -7,6 +7,7 @@ import pkgutil
 from mim_agg.aggregators.base import (
     AGGREGATORS,
     Aggregator,
+    WeightedPatchPool,
     build_aggregator,
     options_schema,
     pool,
@@ -16,4 +17,12 @@ from mim_agg.aggregators.base import (
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["AGGREGATORS", "Aggregator", "build_aggregator", "options_schema", "pool", "register"]
+__all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "WeightedPatchPool",
+    "build_aggregator",
+    "options_schema",
+    "pool",
+    "register",
+]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
-from mim_agg.aggregators.base import Aggregator, pool, register
+from mim_agg.aggregators.base import Aggregator, pool, register, square_side
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 TOKEN_SETS = ("patch", "all")
@@ -58,7 +56,9 @@ class AbMILP(Aggregator):
             else None
         )
         if pos_cond:
-            self.register_buffer("pos_embed", _square_sincos(num_patches, dim), persistent=False)
+            side = square_side(num_patches, self.name)
+            pos_embed = build_sincos2d_pos_embed([side, side], dim)
+            self.register_buffer("pos_embed", pos_embed, persistent=False)
         else:
             self.pos_embed = None
 
@@ -92,13 +92,6 @@ def _scorer(dim: int, depth: int, hidden: int, activation: type[nn.Module]) -> n
         width = hidden
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
-
-
-def _square_sincos(num_patches: int, dim: int) -> torch.Tensor:
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"pos_cond needs a square patch grid; got {num_patches} patches.")
-    return build_sincos2d_pos_embed([side, side], dim)
 
 
 def _check_choice(key: str, value: str, choices) -> None:

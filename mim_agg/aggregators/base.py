@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import typing
 from typing import ClassVar
 
@@ -57,16 +58,38 @@ class Aggregator(nn.Module):
     def cls(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, 0]
 
-    def cls_attention(self, attn: torch.Tensor | None) -> torch.Tensor:
-        """Head-averaged ``[cls]`` -> patch attention, ``[B, N]``."""
+    def cls_attention_per_head(self, attn: torch.Tensor | None) -> torch.Tensor:
+        """``[cls]`` -> patch attention of every head, ``[B, H, N]``."""
         if attn is None:
             raise ValueError(f"aggregator={self.name!r} needs the backbone's attention maps.")
-        return attn[:, :, 0, self.num_prefix_tokens :].mean(dim=1)
+        return attn[:, :, 0, self.num_prefix_tokens :]
+
+    def cls_attention(self, attn: torch.Tensor | None) -> torch.Tensor:
+        """Head-averaged ``[cls]`` -> patch attention, ``[B, N]``."""
+        return self.cls_attention_per_head(attn).mean(dim=1)
+
+
+class WeightedPatchPool(Aggregator):
+    """An aggregator defined by its patch weights: the representation is their weighted sum
+    of the patch tokens. Subclasses implement ``pooling_weights`` only."""
+
+    def forward(self, tokens, attn=None, **inputs):
+        return pool(self.pooling_weights(tokens, attn, **inputs), self.patches(tokens))
 
 
 def pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``sum_i weights[b, i] * values[b, i]`` as one batched matmul (no ``[B, N, D]`` temporary)."""
     return torch.bmm(weights.unsqueeze(1).to(values.dtype), values).squeeze(1)
+
+
+def square_side(num_patches: int, name: str) -> int:
+    """The side of a square patch grid; aggregators that need the 2-D layout refuse others."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(
+            f"aggregator={name!r} needs a square patch grid; got {num_patches} patches."
+        )
+    return side
 
 
 def register(name: str):

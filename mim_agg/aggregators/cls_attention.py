@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from mim_agg.aggregators.base import Aggregator, pool, register
+from mim_agg.aggregators.base import WeightedPatchPool, register
 
 
 @register("attn_mean")
-class ClsAttentionMean(Aggregator):
+class ClsAttentionMean(WeightedPatchPool):
     """Patches weighted by the head-averaged ``[cls]`` attention, renormalised over patches."""
 
     needs = ("attn",)
     needs_cls = True
-
-    def forward(self, tokens, attn=None):
-        return pool(self.pooling_weights(tokens, attn), self.patches(tokens))
 
     def pooling_weights(self, tokens, attn=None):
         weights = self.cls_attention(attn)
@@ -23,7 +20,7 @@ class ClsAttentionMean(Aggregator):
 
 
 @register("topk_attn")
-class TopKClsAttention(Aggregator):
+class TopKClsAttention(WeightedPatchPool):
     """Mean of the ``k`` patches the ``[cls]`` token attends to most (heads averaged)."""
 
     needs = ("attn",)
@@ -35,9 +32,6 @@ class TopKClsAttention(Aggregator):
             raise ValueError(f"aggregator.k={k} must lie in [1, {num_patches}] (the patch count).")
         self.k = k
 
-    def forward(self, tokens, attn=None):
-        return pool(self.pooling_weights(tokens, attn), self.patches(tokens))
-
     def pooling_weights(self, tokens, attn=None):
         scores = self.cls_attention(attn)
         top = scores.topk(self.k, dim=-1).indices
@@ -45,7 +39,7 @@ class TopKClsAttention(Aggregator):
 
 
 @register("attn_min_entropy")
-class MinEntropyHeadAttention(Aggregator):
+class MinEntropyHeadAttention(WeightedPatchPool):
     """Patches weighted by the ``[cls]`` attention of the most selective head, per image.
 
     Each head's ``[cls]`` -> patch attention is renormalised over patches; the head with the
@@ -55,13 +49,8 @@ class MinEntropyHeadAttention(Aggregator):
     needs = ("attn",)
     needs_cls = True
 
-    def forward(self, tokens, attn=None):
-        return pool(self.pooling_weights(tokens, attn), self.patches(tokens))
-
     def pooling_weights(self, tokens, attn=None):
-        if attn is None:
-            raise ValueError(f"aggregator={self.name!r} needs the backbone's attention maps.")
-        per_head = attn[:, :, 0, self.num_prefix_tokens :]
+        per_head = self.cls_attention_per_head(attn)
         per_head = per_head / per_head.sum(dim=-1, keepdim=True)
         entropy = -(per_head * per_head.clamp(min=1e-12).log()).sum(dim=-1)
         sharpest = entropy.argmin(dim=1)
@@ -69,7 +58,7 @@ class MinEntropyHeadAttention(Aggregator):
 
 
 @register("oracle_attn")
-class OracleClsAttention(Aggregator):
+class OracleClsAttention(WeightedPatchPool):
     """Patches weighted by the ``[cls]`` attention of *another* frozen model on the same
     images (default DINO ViT-B/16): does a better attention map alone fix MIM features?
 
@@ -91,9 +80,6 @@ class OracleClsAttention(Aggregator):
     ):
         super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
         self.oracle = (oracle_arch, oracle_weights)
-
-    def forward(self, tokens, attn=None, *, oracle_attn):
-        return pool(oracle_attn, self.patches(tokens))
 
     def pooling_weights(self, tokens, attn=None, *, oracle_attn):
         return oracle_attn

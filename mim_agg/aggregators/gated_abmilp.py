@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from mim_agg.aggregators.base import Aggregator, pool, register
+from mim_agg.aggregators.base import WeightedPatchPool, register
 
 
 @register("abmilp_gated")
-class GatedAbMILP(Aggregator):
+class GatedAbMILP(WeightedPatchPool):
     """``a = softmax(w^T (tanh(V z) * sigmoid(U z)))`` over patch tokens; pooled ``sum a_i z_i``.
 
     The sigmoid gate lets the scorer express non-linear token relevance that ``tanh`` alone
@@ -22,9 +22,6 @@ class GatedAbMILP(Aggregator):
         self.tanh_branch = nn.Linear(dim, hidden_dim)
         self.sigmoid_branch = nn.Linear(dim, hidden_dim)
         self.scorer = nn.Linear(hidden_dim, 1)
-
-    def forward(self, tokens, attn=None):
-        return pool(self.pooling_weights(tokens), self.patches(tokens))
 
     def pooling_weights(self, tokens, attn=None):
         patches = self.patches(tokens)

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from mim_agg.aggregators.base import Aggregator, register
-
-
-def square_side(num_patches: int, name: str) -> int:
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(
-            f"aggregator={name!r} needs a square patch grid; got {num_patches} patches."
-        )
-    return side
+from mim_agg.aggregators.base import Aggregator, register, square_side
 
 
 @register("center_crop")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
+
+from mim_agg.backbones.frozen import watch_attention
 
 
 class BlockRecord:
@@ -32,10 +35,9 @@ def trace_blocks(blocks: nn.ModuleList):
                 f"Attention analysis needs timm's pre-norm ViT blocks; got {type(block).__name__}."
             )
         fused.append(block.attn.fused_attn)
-        block.attn.fused_attn = False
         handles += [
+            watch_attention(block.attn, partial(setattr, record, "attn")),
             block.register_forward_pre_hook(_keep(record, "input", from_inputs=True)),
-            block.attn.attn_drop.register_forward_hook(_keep(record, "attn")),
             block.ls1.register_forward_hook(_keep(record, "update")),
         ]
     try:

@@ -72,21 +72,11 @@ class FrozenBackbone(nn.Module):
             )
         self.cls_blocks = max(self.cls_blocks, cls_blocks)
         if attn and not self.return_attn:
-            self._capture_attention(self.model.blocks[self.block].attn)
+            watch_attention(self.model.blocks[self.block].attn, self._keep_attention)
             self.return_attn = True
 
-    def _capture_attention(self, attn_module: nn.Module) -> None:
-        if not hasattr(attn_module, "attn_drop"):
-            raise ValueError(
-                f"{type(attn_module).__name__} does not expose its attention weights; the chosen "
-                "aggregator needs them. Use an aggregator without attention maps."
-            )
-        attn_module.fused_attn = False
-
-        def keep(_module, _inputs, output):
-            self._attn = output
-
-        attn_module.attn_drop.register_forward_hook(keep)
+    def _keep_attention(self, attn: torch.Tensor) -> None:
+        self._attn = attn
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         """Stay in eval mode: dropout, drop-path and batch statistics must never change."""
@@ -114,6 +104,21 @@ class FrozenBackbone(nn.Module):
         return Tokens(
             block_out, self.num_prefix_tokens, self.has_cls, self.grid, attn, block_cls=block_cls
         )
+
+
+def watch_attention(attn_module: nn.Module, keep) -> torch.utils.hooks.RemovableHandle:
+    """Call ``keep(attn)`` with the softmax attention ``[B, H, T, T]`` of every forward pass.
+
+    timm's fused kernel never materialises the attention, so it is switched off for this
+    module; its ``attn_drop`` (identity in eval) then receives the softmax output.
+    """
+    if not hasattr(attn_module, "attn_drop"):
+        raise ValueError(
+            f"{type(attn_module).__name__} does not expose its attention weights, which the "
+            "aggregator or analysis needs."
+        )
+    attn_module.fused_attn = False
+    return attn_module.attn_drop.register_forward_hook(lambda _m, _i, output: keep(output))
 
 
 def create_model(arch: str, weights: str | None, img_size: int) -> nn.Module:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mim_agg.config import register_configs
-from mim_agg.tasks import TASKS
+from mim_agg.errors import UserError
+from mim_agg.runs.folder import RunContext
+from mim_agg.runs.runner import run_task
 
+log = logging.getLogger("mim_agg")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
 # The frozen backbone stays in eval mode on purpose (FrozenBackbone.train).
@@ -19,8 +26,26 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run the configured task; return the held-out accuracy for Hydra sweepers (never test)."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r} is not one of {sorted(TASKS)}.")
-    summary = TASKS[cfg.task](cfg)
+    """Run the configured task; return the held-out accuracy for Hydra sweepers (never test).
+
+    A user error ends a single run with its message alone (exit status 2); in a sweep it
+    fails that job only, and the others run on.
+    """
+    context = launcher_context()
+    try:
+        summary = run_task(cfg, context)
+    except UserError as error:
+        log.error("%s", error)
+        if context.sweep_dir is not None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(2) from None
     return summary.get("val/acc1_best")
+
+
+def launcher_context() -> RunContext:
+    """The job's overrides and, in a multirun, its sweep folder and number."""
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith("hydra")]
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return RunContext(overrides)
+    return RunContext(overrides, Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)

@@ -7,13 +7,15 @@ constructor's keyword-only options. Schemas live outside the groups, so they are
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, options_schema
+from mim_agg.runs.identity import run_name
 
 
 @dataclass
@@ -49,7 +51,9 @@ class ProbeConfig:
     momentum: float = 0.9
     epochs: int = 90
     warmup_epochs: float = 10
-    batch_size: int = 1024
+    batch_size: int = 1024  # per device
+    effective_batch: int | None = None  # per optimizer step; null: batch_size x devices
+    checkpoint_every_n_steps: int = 500  # besides every epoch; 0: epochs only
 
 
 @dataclass
@@ -94,5 +98,16 @@ def register_configs() -> None:
     store.store(group="schema", name="analysis", node=AnalysisConfig)
     for name in AGGREGATORS:
         store.store(group="schema/aggregator", name=name, node=options_schema(name))
-    if not OmegaConf.has_resolver("auto_precision"):
-        OmegaConf.register_new_resolver("auto_precision", auto_precision)
+    resolvers = {
+        "auto_precision": auto_precision,
+        "run_name": _run_name,
+        "abspath": os.path.abspath,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+def _run_name(*, _root_: DictConfig) -> str:
+    """``hydra.run.dir`` and ``hydra.sweep.subdir`` name a run by its config (``run_name``)."""
+    return run_name(_root_, OmegaConf.select(_root_, "hydra.runtime.choices", default={}))

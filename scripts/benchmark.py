@@ -25,7 +25,7 @@ from mim_agg.aggregators import AGGREGATORS, build_aggregator
 from mim_agg.backbones import Tokens
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.probe import ProbeHead
-from mim_agg.tasks.probe import run
+from mim_agg.runs.runner import run_task as run
 
 BENCH8 = "bench8"
 

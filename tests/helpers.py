@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -35,3 +38,23 @@ def compose_config(overrides: list[str], tmp_path: Path | None = None) -> DictCo
         paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=[*overrides, *paths])
+
+
+def run_cli(*args: str, root: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` in a subprocess, everything under ``root``, offline, 2 threads."""
+    env = {
+        **os.environ,
+        "MIM_AGG_ROOT": str(root),
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "2",
+        "PYTHONPATH": str(PROJECT_ROOT),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=timeout,
+    )

@@ -15,8 +15,8 @@ from mim_agg.analysis.statistics import (
 )
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone
-from mim_agg.tasks.analyze import run
-from mim_agg.tasks.probe import run as run_probe
+from mim_agg.runs.runner import run_task as run
+from mim_agg.runs.runner import run_task as run_probe
 from tests.helpers import FAST, PROJECT_ROOT, compose_config
 
 EPS = 1e-6

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mim_agg.tasks.probe import run
+from mim_agg.runs.runner import run_task as run
 from tests.helpers import FAST, compose_config
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -1,7 +1,7 @@
 import pytest
 
-from mim_agg.tasks.analyze import run as run_analysis
-from mim_agg.tasks.probe import run
+from mim_agg.runs.runner import run_task as run
+from mim_agg.runs.runner import run_task as run_analysis
 from mim_agg.utils.loggers import wandb_mode
 from tests.helpers import FAST, compose_config
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from lightning import Trainer
 
-from mim_agg.tasks.probe import build_datamodule, build_probe, run
+from mim_agg.runs.folder import RunFolderError
+from mim_agg.runs.runner import run_task as run
+from mim_agg.tasks.probe import build_datamodule, build_probe
 from tests.helpers import FAST, compose_config
 
 
@@ -55,13 +57,30 @@ def test_checkpoint_holds_heads_not_the_frozen_backbone(finished_run):
     assert checkpoint["head_selection"]["abmilp"]["epoch"] >= 0
 
 
-def test_interrupted_run_resumes_from_last_checkpoint(finished_run):
+def test_a_finished_run_is_not_recomputed(finished_run):
     cfg, first, output_dir = finished_run
-    cfg.probe.epochs = 5  # the same run folder, asked for one more epoch
-    resumed = run(cfg)
-    epochs = [r["epoch"] for r in read_csv_log(output_dir, attempt=1) if r.get("val/abmilp/acc1")]
-    assert epochs == ["4"] and resumed["best_epoch"] >= first["best_epoch"]
-    assert len([r for r in read_csv_log(output_dir, attempt=0) if r.get("val/abmilp/acc1")]) == 4
+    checkpoint = output_dir / "checkpoints" / "last.ckpt"
+    before = checkpoint.stat().st_mtime_ns
+    again = run(cfg)
+    assert again == json.loads(json.dumps(first))
+    assert checkpoint.stat().st_mtime_ns == before  # nothing trained
+    assert not (output_dir / "csv" / "version_1").exists()
+    record = json.loads((output_dir / "run.json").read_text())
+    assert [a["status"] for a in record["attempts"]] == ["done"]
+
+
+def test_another_config_never_resumes_this_runs_checkpoint(finished_run):
+    cfg, _, output_dir = finished_run
+    files = {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    changed = cfg.copy()
+    changed.probe.blr = 0.01
+    changed.probe.epochs = 5
+    with pytest.raises(RunFolderError, match=r"differing: probe\.blr, probe\.epochs, "):
+        run(changed)
+    assert {p: p.read_bytes() for p in files} == files  # left untouched
+    assert sorted(files) == sorted(
+        p for p in output_dir.rglob("*") if p.is_file() and p.name != ".lock"
+    )
 
 
 def test_backbone_stays_frozen_through_fit(tmp_path):

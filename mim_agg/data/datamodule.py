@@ -12,24 +12,35 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
+from mim_agg.data.sampling import EpochSampler, seeded_random
 from mim_agg.data.sources import build_source, targets_of
 from mim_agg.data.transforms import build_transform
 
 
 class TransformedSubset(Dataset):
-    """``base[indices]`` with a transform on the image: one source serves several splits."""
+    """``base[indices]`` with a transform on the image: one source serves several splits.
 
-    def __init__(self, base: Dataset, indices: np.ndarray, transform) -> None:
+    Indexed by ``(index, epoch)`` (see ``EpochSampler``), the transform runs under a random
+    state derived from ``(seed, epoch, index)``: augmentations repeat exactly on resume.
+    """
+
+    def __init__(self, base: Dataset, indices: np.ndarray, transform, seed: int = 0) -> None:
         self.base = base
         self.indices = indices
         self.transform = transform
+        self.seed = seed
         self.targets = targets_of(base)[indices]
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int):
-        image, target = self.base[int(self.indices[index])]
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            index, epoch = key
+            image, target = self.base[int(self.indices[index])]
+            with seeded_random(self.seed, epoch, index):
+                return self.transform(image), target
+        image, target = self.base[int(self.indices[key])]
         return self.transform(image), target
 
 
@@ -78,7 +89,9 @@ class ProbeDataModule(L.LightningDataModule):
                 stratify=targets_of(train)[train_idx],
             )
         self.splits = {
-            "train": TransformedSubset(train, np.sort(train_idx), self.train_transform),
+            "train": TransformedSubset(
+                train, np.sort(train_idx), self.train_transform, seed=self.seed
+            ),
             "heldout": TransformedSubset(train, np.sort(heldout_idx), self.eval_transform),
             "test": TransformedSubset(test, test_idx, self.eval_transform),
         }
@@ -115,21 +128,38 @@ class ProbeDataModule(L.LightningDataModule):
         return self.heldout_fraction > 0
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, drop_last=True)
+        """Shuffled per epoch from the seed, sharded across DDP ranks by the sampler itself,
+        and, after a restore, starting at the first batch the restored epoch has not trained."""
+        dataset, trainer = self.splits["train"], self.trainer
+        sampler = EpochSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=self.seed,
+        )
+        drop_last = len(dataset) > self.batch_size
+        if trainer is not None:
+            done = self._batches_done(trainer)
+            sampler.resume_at(trainer.current_epoch, done, self.batch_size, drop_last)
+        return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **self._loader_options())
+
+    @staticmethod
+    def _batches_done(trainer) -> int:
+        """Batches of the current epoch trained before the checkpoint this fit restored."""
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("heldout") if self.has_heldout else []
+        return (
+            DataLoader(self.splits["heldout"], **self._loader_options()) if self.has_heldout else []
+        )
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return DataLoader(self.splits["test"], **self._loader_options())
 
-    def _loader(self, split: str, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        dataset = self.splits[split]
-        return DataLoader(
-            dataset,
+    def _loader_options(self) -> dict:
+        return dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -9,6 +9,8 @@ last-epoch weights of every head.
 from __future__ import annotations
 
 import copy
+import logging
+import random
 import time
 
 import lightning as L
@@ -24,6 +26,8 @@ from mim_agg.backbones.oracle import AttentionOracle
 from mim_agg.probe.head import ProbeHead
 from mim_agg.probe.lars import LARS
 from mim_agg.probe.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
 
 FROZEN = ("backbone.", "oracle.")
 OPTIMIZERS = {
@@ -141,6 +145,21 @@ class LinearProbe(L.LightningModule):
             if values["acc1"] > chosen["acc1"]:
                 state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
                 chosen.update(acc1=values["acc1"], epoch=self.current_epoch, state=state)
+        if not self.trainer.sanity_checking:
+            self._log_epoch()
+
+    def _log_epoch(self) -> None:
+        """One text-log line per epoch: the head leading on held-out so far."""
+        name = max(self.selection, key=lambda n: self.selection[n]["acc1"])
+        chosen = self.selection[name]
+        log.info(
+            "epoch %d of %d: best held-out acc1 %.4f (%s at epoch %d)",
+            self.current_epoch,
+            self.trainer.max_epochs,
+            chosen["acc1"],
+            name,
+            chosen["epoch"],
+        )
 
     def on_test_start(self) -> None:
         """Materialise each head's selected weights (its last ones when nothing was held out)."""
@@ -191,21 +210,39 @@ class LinearProbe(L.LightningModule):
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    # ------------------------------------------------------------------ timing, checkpoints
-    def on_train_epoch_start(self) -> None:
-        self._epoch_start = time.perf_counter()
+    def on_fit_start(self) -> None:
+        """Drop the train loader that ``estimated_stepping_batches`` built in
+        ``configure_optimizers``, before a checkpoint was restored: the loader built after the
+        restore starts at the restored epoch and batch (``ProbeDataModule.train_dataloader``).
+        """
+        self.trainer.fit_loop._combined_loader = None
 
-    def on_train_epoch_end(self) -> None:
-        self.timing["train_s"] += time.perf_counter() - self._epoch_start
+    # ------------------------------------------------------------------ timing, checkpoints
+    def on_train_start(self) -> None:
+        self._train_start = time.perf_counter()  # also when resuming in mid-epoch
+
+    def on_train_end(self) -> None:
+        self.timing["train_s"] += time.perf_counter() - self._train_start
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep checkpoints small: frozen models are rebuilt from their config, not saved."""
+        """Keep checkpoints small: frozen models are rebuilt from their config, not saved.
+        The random states go along, so heads draw the same numbers after a resume."""
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)
         }
         checkpoint["head_selection"] = self.selection
+        checkpoint["random_state"] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         frozen_state = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN)}
         checkpoint["state_dict"].update(frozen_state)
         self.selection = checkpoint["head_selection"]
+        states = checkpoint["random_state"]
+        torch.set_rng_state(states["torch"])
+        random.setstate(states["python"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])

@@ -23,15 +23,18 @@ from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statist
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone, Tokens
 from mim_agg.tasks.probe import build_datamodule, build_head, head_grid
+from mim_agg.utils.files import write_json
 from mim_agg.utils.loggers import build_loggers, finish_loggers
 
 SPLITS = {"val": "test", "train": "train"}
 
 
-def run(cfg: DictConfig) -> dict:
+USES_RUN_FOLDER = True
+
+
+def run(cfg: DictConfig, watch=None) -> dict:
+    """Short and read-only: a preemption signal ends it at the next batch; a rerun starts over."""
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     torch.manual_seed(cfg.seed)
     loader = build_loader(cfg)
     backbone = FrozenBackbone(**cfg.backbone)
@@ -41,6 +44,8 @@ def run(cfg: DictConfig) -> dict:
     collector = Collector(cfg, backbone, probe_head)
     with trace_blocks(backbone.model.blocks) as records:
         for images, targets in tqdm(loader, desc="attention statistics", unit="batch"):
+            if watch is not None:
+                watch.check()
             tokens = backbone(images.to(device))
             tokens.attn = records[-1].attn
             collector.add(images, targets, tokens, records)
@@ -48,10 +53,14 @@ def run(cfg: DictConfig) -> dict:
         "backbone": cfg.backbone.weights or cfg.backbone.arch,
         **collector.statistics.result(backbone.num_patches),
     }
-    (output_dir / "attention_stats.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output_dir / "attention_stats.json", result)
     figures = collector.figures(result, output_dir)
     log_to_wandb(cfg, output_dir, result, figures)
     return result
+
+
+def finished(output_dir: Path) -> dict:
+    return json.loads((Path(output_dir) / "attention_stats.json").read_text())
 
 
 def build_loader(cfg: DictConfig) -> DataLoader:
@@ -188,7 +197,7 @@ def load_probe_head(cfg: DictConfig, backbone: FrozenBackbone):
         else next(iter(grid))
     )
     head = build_head(run_cfg, backbone, grid[name][0])
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
     prefix = f"heads.{name}."
     head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return head.to(next(backbone.parameters()).device).eval()

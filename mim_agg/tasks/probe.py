@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.aggregators import build_aggregator
@@ -18,16 +21,24 @@ from mim_agg.backbones.oracle import AttentionOracle
 from mim_agg.data import ProbeDataModule
 from mim_agg.probe import LinearProbe, ProbeHead
 from mim_agg.probe.flops import added_gflops
+from mim_agg.runs.preemption import SignalWatch, StopOnSignal
 from mim_agg.utils.loggers import build_loggers, finish_loggers
 from mim_agg.utils.results import print_table, select_winner, write_csv, write_metrics
 
+log = logging.getLogger(__name__)
 
-def run(cfg: DictConfig) -> dict:
-    """Run one probing job and return its ``metrics.json`` content."""
+
+USES_RUN_FOLDER = True
+
+
+def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
+    """Train and test every head of the grid; return ``metrics.json``'s content.
+
+    Resumes from ``checkpoints/last.ckpt`` (written every epoch, every
+    ``probe.checkpoint_every_n_steps`` steps and on preemption) when ``resume`` is set.
+    """
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
@@ -35,15 +46,13 @@ def run(cfg: DictConfig) -> dict:
     model = build_probe(cfg)
     loggers = build_loggers(cfg, output_dir)
     try:
-        trainer = instantiate(
-            cfg.trainer,
-            default_root_dir=str(output_dir),
-            logger=loggers,
-            callbacks=[
-                ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
-            ],
-        )
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
+        trainer = build_trainer(cfg, output_dir, loggers, watch)
+        checkpoint = resume_path(cfg, output_dir)
+        if checkpoint:
+            log.info("Resuming from %s", checkpoint)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+        if watch is not None:
+            watch.check()
         trainer.test(model, datamodule=datamodule, verbose=False)
         summary = summarize(model, time.perf_counter() - started)
         head_rows = describe_heads(cfg, model)
@@ -52,10 +61,72 @@ def run(cfg: DictConfig) -> dict:
     finally:
         finish_loggers(loggers)
     if trainer.is_global_zero:  # DDP ranks share the run folder; one writes
-        write_metrics(output_dir / "metrics.json", summary)
+        show(summary)
         write_csv(output_dir / "heads.csv", head_rows)
-        print_table(model.results, summary["winner"])
+        write_metrics(output_dir / "metrics.json", summary)
     return summary
+
+
+def finished(output_dir: Path) -> dict:
+    """The stored results of a finished run, shown as if it had just run."""
+    summary = json.loads((Path(output_dir) / "metrics.json").read_text())
+    show(summary)
+    return summary
+
+
+def show(summary: dict) -> None:
+    """The results table on the console, the winner's numbers in the text log."""
+    print_table(summary["heads"], summary["winner"])
+    log.info(
+        "Winner %s: test acc1 %.4f (held-out acc1 %s at epoch %s)",
+        summary["winner"],
+        summary["test/acc1"],
+        summary["val/acc1_best"],
+        summary["best_epoch"],
+    )
+
+
+def build_trainer(
+    cfg: DictConfig, output_dir: Path, loggers: list, watch: SignalWatch | None
+) -> L.Trainer:
+    """The configured Trainer with checkpoints every epoch and every N steps, a stop on
+    preemption signals, the user's extra callbacks and gradient accumulation up to
+    ``probe.effective_batch``. Lightning's own SLURM requeue stays off: submitit requeues."""
+    checkpoints = output_dir / "checkpoints"
+    # Both write last.ckpt: top-1 of "no metric" is simply the newest (save_top_k=0 with
+    # save_last=True would never save an epoch's end before training ends).
+    last_only = dict(filename="last", save_top_k=1, monitor=None, enable_version_counter=False)
+    callbacks = [ModelCheckpoint(checkpoints, save_on_train_epoch_end=True, **last_only)]
+    if cfg.probe.checkpoint_every_n_steps:
+        steps = cfg.probe.checkpoint_every_n_steps
+        callbacks.append(ModelCheckpoint(checkpoints, every_n_train_steps=steps, **last_only))
+    if watch is not None:
+        callbacks.append(StopOnSignal(watch, checkpoints / "last.ckpt"))
+    callbacks += [instantiate(callback) for callback in cfg.callbacks.values()]
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    trainer = instantiate(
+        cfg.trainer,
+        default_root_dir=str(output_dir),
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=plugins,
+    )
+    trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
+    return trainer
+
+
+def accumulation(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step so that batch x devices x steps = probe.effective_batch."""
+    if cfg.probe.effective_batch is None:
+        return 1
+    per_step = cfg.probe.batch_size * world_size
+    if cfg.probe.effective_batch % per_step:
+        raise ValueError(
+            f"probe.effective_batch={cfg.probe.effective_batch} is no multiple of "
+            f"probe.batch_size={cfg.probe.batch_size} x {world_size} device(s) = {per_step}; "
+            "change probe.batch_size or probe.effective_batch."
+        )
+    return cfg.probe.effective_batch // per_step
 
 
 def build_datamodule(cfg: DictConfig) -> ProbeDataModule:
@@ -154,7 +225,7 @@ def build_head(cfg: DictConfig, backbone: FrozenBackbone, options: dict) -> Prob
 
 
 def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    last = output_dir / "checkpoints" / "last.ckpt"
+    last = output_dir / "checkpoints" / "last.ckpt"  # replaced atomically, never half-written
     return str(last) if cfg.resume and last.is_file() else None
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
+import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from mim_agg.utils.files import write_atomic, write_json
 
 
 def select_winner(head_results: dict[str, dict]) -> str:
@@ -18,7 +21,7 @@ def select_winner(head_results: dict[str, dict]) -> str:
 
 
 def write_metrics(path: Path, summary: dict) -> None:
-    path.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    write_json(path, summary)
 
 
 HEAD_COLUMNS = (
@@ -36,12 +39,17 @@ HEAD_COLUMNS = (
 
 
 def write_csv(path: Path, rows: list[dict], columns=HEAD_COLUMNS) -> Path:
-    """Rows as CSV; the default columns make ``heads.csv`` (what each head is, costs, did)."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    """Rows as CSV, written atomically; non-finite numbers become empty cells. The default
+    columns make ``heads.csv`` (what each head is, costs, did)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+    return write_atomic(path, text.getvalue())
+
+
+def _cell(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def print_table(head_results: dict[str, dict], winner: str) -> None:

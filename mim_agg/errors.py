@@ -1,0 +1,6 @@
+"""Errors the user can fix. The command line shows them as one message, without a traceback
+(``HYDRA_FULL_ERROR=1`` still shows everything)."""
+
+
+class UserError(Exception):
+    """Bad input or a folder in the way: the message names the key or file and the fix."""

@@ -1,0 +1,86 @@
+"""What makes two runs the same run: the config values that can change their results.
+
+A run folder is named after a hash of these values, so rerunning a command finds its own run,
+and a folder refuses to resume under a config that differs in any of them. Everything else
+(where files go, logging, worker counts, how often to checkpoint) may change between attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys that never change a run's numbers, for every task.
+NOT_RESULTS = (
+    "paths",
+    "logger",
+    "tags",
+    "resume",
+    "dataset.num_workers",
+    "probe.checkpoint_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "trainer.enable_model_summary",
+)
+# Groups a task never reads.
+UNUSED_BY_TASK = {
+    "probe": ("analysis", "report"),
+    "analyze": ("probe", "heads", "aggregator", "report", "callbacks"),
+}
+
+
+def result_config(cfg: DictConfig) -> dict:
+    """The resolved config values that define a run's results, as a plain nested dict."""
+    ignored = (*NOT_RESULTS, *UNUSED_BY_TASK.get(cfg.task, ()))
+    kept = {}
+    for key in cfg:
+        if key == "hydra" or key in ignored:
+            continue
+        value = cfg[key]
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        kept[key] = value
+    return _drop(kept, [k for k in ignored if "." in k])
+
+
+def _drop(config: dict, dotted_keys: list[str]) -> dict:
+    for dotted in dotted_keys:
+        node = config
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return config
+
+
+def config_hash(config: dict) -> str:
+    """Ten hex digits of the SHA-256 of the canonical JSON of ``result_config``."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (present in either)."""
+    keys = []
+    for key in sorted(set(stored) | set(current), key=str):
+        a, b = stored.get(key, "<absent>"), current.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys.extend(differing_keys(a, b, f"{name}."))
+        elif a != b:
+            keys.append(name)
+    return keys
+
+
+def run_name(cfg: DictConfig, choices: dict) -> str:
+    """``probe-mae_vitb-abmilp-digits-<hash>``: readable, and unique per result config."""
+    parts = [cfg.task, choices.get("backbone")]
+    if cfg.task == "probe":
+        parts.append(choices.get("aggregator"))
+        if choices.get("heads") not in (None, "none"):
+            parts.append(f"heads_{choices['heads']}")
+    parts += [choices.get("dataset"), config_hash(result_config(cfg))]
+    return "-".join(str(p) for p in parts if p)

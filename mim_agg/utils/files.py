@@ -1,0 +1,56 @@
+"""Result files are written whole or not at all, and hold strict JSON (null, never NaN)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes files private
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``:
+    a reader, a crash or a full disk never leaves a half-written file."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(temporary, FILE_MODE)
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def write_json(path: Path, value) -> Path:
+    return write_atomic(path, json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path, default=None):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else default

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help install quickstart test test-fast lint clean
+.PHONY: help install quickstart test test-fast lint clean wandb-sync
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,3 +27,6 @@ lint:  ## ruff
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs/*/ multirun .pytest_cache .ruff_cache
 	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+wandb-sync:  ## upload the offline W&B runs under outputs/ (resumed attempts join their run)
+	$(BIN)/wandb sync --include-offline $(wildcard outputs/runs/*/wandb/offline-run-*)

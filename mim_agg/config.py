@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -69,6 +70,12 @@ class AnalysisConfig:
 
 
 @dataclass
+class ReportConfig:
+    sweep_dir: Any = None  # a sweep folder, or a list of them
+    out_dir: str | None = None  # default: the (first) sweep folder
+
+
+@dataclass
 class WandbConfig:
     project: str = "mim_agg"
     entity: str | None = None
@@ -96,18 +103,26 @@ def register_configs() -> None:
     store.store(group="schema", name="probe", node=ProbeConfig)
     store.store(group="schema", name="logger", node=LoggerConfig)
     store.store(group="schema", name="analysis", node=AnalysisConfig)
+    store.store(group="schema", name="report", node=ReportConfig)
     for name in AGGREGATORS:
         store.store(group="schema/aggregator", name=name, node=options_schema(name))
-    resolvers = {
-        "auto_precision": auto_precision,
-        "run_name": _run_name,
-        "abspath": os.path.abspath,
-    }
+    resolvers = {"auto_precision": auto_precision, "run_dir": _run_dir}
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
 
-def _run_name(*, _root_: DictConfig) -> str:
-    """``hydra.run.dir`` and ``hydra.sweep.subdir`` name a run by its config (``run_name``)."""
-    return run_name(_root_, OmegaConf.select(_root_, "hydra.runtime.choices", default={}))
+def _run_dir(*, _root_: DictConfig) -> str:
+    """``hydra.run.dir`` and ``hydra.sweep.subdir``: ``outputs/runs/<run_name>``, absolute (a
+    sweep's jobs live beside single runs, not inside the sweep folder); a report writes into
+    the sweep it reads."""
+    if _root_.task == "report":
+        return os.path.abspath(_root_.report.out_dir or _first(_root_.report.sweep_dir) or ".")
+    choices = OmegaConf.select(_root_, "hydra.runtime.choices", default={})
+    return os.path.abspath(
+        os.path.join(_root_.paths.output_root, "runs", run_name(_root_, choices))
+    )
+
+
+def _first(sweep_dir):
+    return sweep_dir[0] if OmegaConf.is_list(sweep_dir) else sweep_dir

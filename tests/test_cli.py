@@ -1,30 +1,10 @@
 """The command line as users type it, in subprocesses."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import FAST, PROJECT_ROOT
-
-
-def run_cli(*args: str, root) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MIM_AGG_ROOT": str(root),
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "2",
-    }
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "run.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=600,
-    )
+from tests.helpers import FAST, run_cli
 
 
 def test_help_lists_groups_and_options(tmp_path):
@@ -64,26 +44,28 @@ def test_missing_dataset_folder_fails_before_training(tmp_path):
 def test_quickstart(tmp_path):
     result = run_cli("experiment=quickstart", root=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    (metrics_file,) = (tmp_path / "outputs").glob("*/runs/*/metrics.json")
+    (metrics_file,) = (tmp_path / "outputs" / "runs").glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["test/acc1"] > 0.4  # 10 classes: chance is 0.1
     assert "test acc1" in result.stdout  # the result table
 
 
 @pytest.mark.slow
-def test_multirun_gives_each_job_its_own_folder(tmp_path):
-    result = run_cli("-m", *FAST, "probe.epochs=1", "aggregator=cls,mean", root=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = sorted((tmp_path / "outputs" / "multirun").glob("*/*/metrics.json"))
-    assert [m.parent.name.split("_", 1)[0] for m in metrics] == ["0", "1"]
-    winners = [json.loads(m.read_text())["winner"] for m in metrics]
+def test_rerunning_a_command_finds_its_run_and_a_sweep_links_its_jobs(tmp_path):
+    single = run_cli(*FAST, "probe.epochs=1", "aggregator=mean", root=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert run_dir.name.startswith("probe-vit_tiny-mean-synthetic-")
+    assert f"Run folder: {run_dir}" in single.stdout  # said at start and at the end
+
+    sweep = run_cli("-m", *FAST, "probe.epochs=1", "aggregator=cls,mean", root=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "finished before; its results are not recomputed" in sweep.stdout  # the mean job
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").iterdir()
+    links = sorted(p for p in sweep_dir.iterdir() if p.is_symlink())
+    assert [p.name.split("-")[0] for p in links] == ["0", "1"]
+    assert links[1].resolve() == run_dir.resolve()
+    winners = [json.loads((link / "metrics.json").read_text())["winner"] for link in links]
     assert winners == ["cls", "mean"]
-    sweep = metrics[0].parent.parent
-    collected = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "collect_results.py"), str(sweep)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert collected.returncode == 0, collected.stderr
-    assert len((sweep / "results.csv").read_text().splitlines()) == 3  # header + 2 heads
+    groups = [json.loads((link / "run.json").read_text())["group"] for link in links]
+    assert groups == [sweep_dir.name, run_dir.name]  # the W&B group of the run's first job

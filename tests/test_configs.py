@@ -1,5 +1,7 @@
 """Every option of every config group composes and instantiates; typos fail at composition."""
 
+import subprocess
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -12,9 +14,9 @@ from mim_agg.backbones import FrozenBackbone
 from mim_agg.backbones.frozen import is_timm_tag
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.probe.module import OPTIMIZERS
-from mim_agg.tasks.probe import build_datamodule, head_grid
+from mim_agg.tasks.probe import accumulation, build_datamodule, head_grid
 from mim_agg.utils.loggers import build_loggers
-from tests.helpers import compose_config
+from tests.helpers import PROJECT_ROOT, compose_config
 
 
 def options(group: str) -> list[str]:
@@ -115,12 +117,58 @@ def test_experiment_options(name, tmp_path):
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-def test_slurm_launcher_composes():
+def launcher_config(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
-    assert launcher.gpus_per_node == 1 and launcher.timeout_min > 0
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+def test_slurm_launcher_reads_the_slurm_node_and_agrees_with_ddp():
+    launcher = launcher_config(
+        [
+            "hydra/launcher=slurm",
+            "slurm.partition=gpu",
+            "slurm.account=lab",
+            "slurm.gpus_per_node=4",
+            "hydra.launcher.setup=[module load cuda]",
+        ]
+    )
+    assert get_class(launcher["_target_"]).__name__ == "SlurmLauncher"
+    assert (launcher["partition"], launcher["account"]) == ("gpu", "lab")
+    assert launcher["gpus_per_node"] == launcher["tasks_per_node"] == 4  # one task per GPU
+    assert launcher["setup"] == ["module load cuda"] and launcher["max_num_timeout"] > 0
+
+
+def test_local_launcher_runs_jobs_as_processes():
+    launcher = launcher_config(["hydra/launcher=local"])
+    assert get_class(launcher["_target_"]).__name__ == "LocalLauncher"
+
+
+def test_a_git_ignored_local_config_is_composed_last(tmp_path):
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "default.yaml").write_text("# @package _global_\nslurm:\n  qos: high\n")
+    launcher = launcher_config(["hydra/launcher=slurm", f"hydra.searchpath=[file://{tmp_path}]"])
+    assert launcher["qos"] == "high"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "conf/local/default.yaml"], cwd=PROJECT_ROOT, check=False
+    )
+    assert ignored.returncode == 0
+
+
+def test_paper_recipe_keeps_an_effective_batch_of_16384_on_any_device_count(tmp_path):
+    cfg = compose_config(["experiment=paper_mae_abmilp"], tmp_path)
+    assert [accumulation(cfg, devices) for devices in (1, 2, 8, 16)] == [16, 8, 2, 1]
+    with pytest.raises(ValueError, match="probe.effective_batch=16384 is no multiple of"):
+        accumulation(cfg, 3)
+
+
+def test_paper_main_sweeps_mim_and_jea_backbones_with_four_heads(tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", ["experiment=paper_main"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and "mae_vitb" in cfg.hydra.sweeper.params.backbone
+    assert "dino_vitb" in cfg.hydra.sweeper.params.backbone
+    assert set(head_grid(cfg)) == {"cls", "mean", "abmilp", "topk_attn"}
+    assert cfg.probe.effective_batch == 16384
 
 
 def test_defaults_are_the_paper_recipe(tmp_path):

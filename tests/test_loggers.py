@@ -1,9 +1,13 @@
+import json
+import signal
+
 import pytest
 
 from mim_agg.runs.runner import run_task as run
 from mim_agg.runs.runner import run_task as run_analysis
 from mim_agg.utils.loggers import wandb_mode
-from tests.helpers import FAST, compose_config
+from tests.helpers import FAST, compose_config, run_cli
+from tests.signals import signal_once
 
 
 @pytest.fixture
@@ -51,3 +55,26 @@ def test_analysis_logs_figures_and_table_to_offline_wandb(no_wandb_login, tmp_pa
     assert any(p.suffix == ".png" for p in media) and any(
         p.name.endswith(".table.json") for p in media
     )
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_into_the_same_wandb_run(no_wandb_login, tmp_path):
+    """SIGTERM mid-training, then the same command: one W&B run id, group and job type in
+    both attempts' offline logs (wandb.init's own signal handlers must not swallow SIGTERM)."""
+    command = [
+        *FAST,
+        "logger=wandb",
+        signal_once("SIGTERM", "train_batch", 3, tmp_path / "fired"),
+    ]
+    first = run_cli(*command, root=tmp_path, WANDB_MODE="offline")
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    second = run_cli(*command, root=tmp_path, WANDB_MODE="offline")
+    assert second.returncode == 0, second.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(f"-{record['run_id']}") for a in attempts)
+    for attempt in attempts:
+        (log,) = attempt.glob("*.wandb")
+        data = log.read_bytes()
+        assert record["group"].encode() in data and b"probe" in data  # group, job type

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 # Keys that never change a run's numbers, for every task.
 NOT_RESULTS = (
     "paths",
+    "slurm",
     "logger",
     "tags",
     "resume",

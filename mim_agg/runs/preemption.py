@@ -47,6 +47,12 @@ class SignalWatch:
         watched = {signal.SIGTERM, signal.SIGUSR1, self._requeue_signal} - {None}
         self._previous = {signum: signal.signal(signum, self._note) for signum in watched}
 
+    def install(self) -> None:
+        """Take the signals back from whoever replaced the handlers since (``wandb.init``
+        does); the handlers found first stay the ones ``hand_over`` and ``close`` use."""
+        for signum in self._previous:
+            signal.signal(signum, self._note)
+
     def _note(self, signum: int, _frame) -> None:
         if self.signum is None:
             log.warning(
@@ -81,6 +87,9 @@ class StopOnSignal(L.Callback):
     def __init__(self, watch: SignalWatch, checkpoint: Path) -> None:
         self.watch = watch
         self.checkpoint = checkpoint
+
+    def setup(self, trainer, module, stage: str) -> None:
+        self.watch.install()  # loggers may have replaced the handlers; Lightning adds its own next
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         """Only where an optimizer step just ended: accumulated gradients are not saved."""

@@ -1,0 +1,107 @@
+"""What a report reads: the jobs of one or more sweep folders, from their run folders alone.
+
+A sweep folder holds ``multirun.yaml`` (the sweep Hydra launched) and one link per started job
+(``<job number>-<run name>``) to that job's run folder. A job is ``done`` (its ``heads.csv``
+counts), ``failed``, ``preempted``, ``interrupted``, ``killed``, ``running`` or ``missing``
+(launched but never started: no link).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from mim_agg.errors import UserError
+from mim_agg.runs.folder import RECORD
+from mim_agg.runs.identity import result_config
+from mim_agg.utils.files import read_json
+
+
+@dataclass
+class Job:
+    name: str  # the overrides that tell it from the sweep's other jobs
+    status: str
+    path: Path | None = None
+    config: dict = field(default_factory=dict)  # result_config of the run
+    heads: list[dict] = field(default_factory=list)  # heads.csv rows of a finished run
+    error: str | None = None
+
+
+def read_sweeps(sweep_dirs: list[Path]) -> list[Job]:
+    """Every job of every sweep folder, in job order; a folder without a sweep is refused."""
+    jobs = []
+    for sweep_dir in sweep_dirs:
+        sweep_dir = Path(sweep_dir)
+        if not (sweep_dir / "multirun.yaml").is_file():
+            raise UserError(
+                f"report.sweep_dir={str(sweep_dir)!r} is no sweep folder (no multirun.yaml); "
+                "give the outputs/multirun/<time> folder that `python run.py -m ...` printed."
+            )
+        jobs += read_sweep(sweep_dir)
+    return jobs
+
+
+def read_sweep(sweep_dir: Path) -> list[Job]:
+    """The sweep's jobs, named by the overrides that tell them apart."""
+    expected = launched_overrides(sweep_dir)
+    swept = {_key(o) for o in {o for job in expected for o in job} if _varies(o, expected)}
+    name = lambda overrides: " ".join(o for o in overrides if _key(o) in swept)  # noqa: E731
+    started = {}
+    for link in sweep_dir.iterdir():
+        number, _, _ = link.name.partition("-")
+        if link.is_symlink() and number.isdigit():
+            started[int(number)] = read_job(link.resolve(), name)
+    jobs = [started.get(n) or Job(name(o), "missing") for n, o in enumerate(expected)]
+    return jobs + [job for n, job in sorted(started.items()) if n >= len(expected)]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _varies(override: str, jobs: list[list[str]]) -> bool:
+    return not all(override in job for job in jobs)
+
+
+def launched_overrides(sweep_dir: Path) -> list[list[str]]:
+    """The overrides of each job Hydra's basic sweeper launches for ``multirun.yaml``."""
+    config = OmegaConf.load(sweep_dir / "multirun.yaml")
+    params = config.hydra.sweeper.get("params") or {}  # an experiment's sweep, then the CLI's
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    batches = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def read_job(path: Path, name=" ".join) -> Job:
+    record = read_json(path / RECORD, default={})
+    status = record.get("status", "running")
+    if status == "running" and not _locked(path):
+        status = "killed"  # its process is gone without a word
+    name = name(record.get("overrides", [])) or path.name
+    config = result_config(OmegaConf.load(path / "config.yaml"))
+    heads = []
+    if status == "done":
+        with open(path / "heads.csv") as handle:
+            heads = list(csv.DictReader(handle))
+    return Job(name, status, path, config, heads, record.get("error"))
+
+
+def _locked(path: Path) -> bool:
+    """Whether a live process holds the run folder's lock."""
+    lock_path = path / ".lock"
+    if not lock_path.is_file():
+        return False
+    with open(lock_path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False

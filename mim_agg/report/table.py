@@ -1,0 +1,131 @@
+"""A sweep's heads as one honest table.
+
+Jobs are told apart by every result-changing config value that differs between them (dataset,
+backbone, block, image size, optimizer, ...). Within a job, and across jobs that differ only
+in the learning rate, each aggregator's head is chosen on held-out accuracy, per seed; seeds
+are then collapsed into mean +- std (n) of that head's test accuracy.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from mim_agg.report.runs import Job
+
+# Not columns: the seed is averaged over, learning rates are chosen on held-out, the head
+# (``aggregator.name`` and the extra ``heads``) is the row.
+SELECTED_OVER = ("seed", "probe.blr", "probe.blrs", "aggregator.name", "heads")
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def varying_keys(jobs: list[Job]) -> list[str]:
+    """Config keys whose values differ between the jobs (absent counts as a value)."""
+    flats = [flatten(job.config) for job in jobs]
+    keys = sorted({k for flat in flats for k in flat})
+    varying = [k for k in keys if len({repr(flat.get(k)) for flat in flats}) > 1]
+    return [k for k in varying if not k.startswith(SELECTED_OVER)]
+
+
+def constant_context(jobs: list[Job], keys=("backbone.arch", "backbone.weights", "dataset.name")):
+    """The values every job shares among ``keys``, for titles (``dataset.name=digits``);
+    ``backbone.weights`` null reads ``random``."""
+    flats = [flatten(job.config) for job in jobs]
+    shared = {}
+    for key in keys:
+        values = {repr(flat.get(key)) for flat in flats}
+        if flats and len(values) == 1:
+            value = flats[0].get(key)
+            shared[key] = "random" if value is None and key == "backbone.weights" else value
+    return shared
+
+
+def head_key(row: dict) -> str:
+    """The head without its learning rate: ``abmilp_blr0p1`` -> ``abmilp``."""
+    return row["head"].split("_blr")[0]
+
+
+def head_rows(jobs: list[Job], keys: list[str]) -> list[dict]:
+    """``results.csv``: one row per head and seed, with every varying key as a column."""
+    rows = []
+    for job in jobs:
+        flat = flatten(job.config)
+        for head in job.heads:
+            rows.append(
+                {
+                    **{k: flat.get(k) for k in keys},
+                    "seed": flat.get("seed"),
+                    "head_key": head_key(head),
+                    "run": job.path.name,
+                    **head,
+                }
+            )
+    return rows
+
+
+@dataclass
+class Cell:
+    values: list[float]  # test top-1 of the held-out-selected head, one per seed
+    chosen: list[dict]  # the selected rows
+
+    @property
+    def text(self) -> str:
+        mean = 100 * statistics.fmean(self.values)
+        if len(self.values) < 2:
+            return f"{mean:.2f} (1)"
+        std = 100 * statistics.stdev(self.values)
+        return f"{mean:.2f} ± {std:.2f} ({len(self.values)})"
+
+
+def cells(rows: list[dict], keys: list[str], metric: str = "test/acc1") -> dict[tuple, Cell]:
+    """``(column values..., head key) -> Cell``: per seed the head with the best held-out
+    accuracy among the learning rates, then the seeds together."""
+    chosen: dict[tuple, dict[object, dict]] = {}
+    for row in rows:
+        key = (*(str(row[k]) for k in keys), row["head_key"])
+        best = chosen.setdefault(key, {})
+        current = best.get(row["seed"])
+        if current is None or _heldout(row) > _heldout(current):
+            best[row["seed"]] = row
+    return {
+        key: Cell([float(r[metric]) for r in by_seed.values()], list(by_seed.values()))
+        for key, by_seed in chosen.items()
+    }
+
+
+def _heldout(row: dict) -> float:
+    value = row.get("val/acc1_best")
+    return float(value) if value not in (None, "") else float("-inf")
+
+
+def column_label(values: tuple, keys: list[str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "all jobs"
+
+
+def markdown(table: dict[tuple, Cell], keys: list[str], jobs: list[Job], title: str) -> str:
+    """Heads as rows, the varying config values as columns; then every job that did not
+    finish, by name, with its error's last line."""
+    columns = sorted({key[:-1] for key in table})
+    heads = sorted({key[-1] for key in table})
+    lines = [f"# {title}", ""]
+    lines.append("| head | " + " | ".join(column_label(c, keys) for c in columns) + " |")
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for head in heads:
+        row = [table[(*c, head)].text if (*c, head) in table else "-" for c in columns]
+        lines.append(f"| {head} | " + " | ".join(row) + " |")
+    unfinished = [job for job in jobs if job.status != "done"]
+    if unfinished:
+        lines += ["", f"## Not in the table: {len(unfinished)} of {len(jobs)} jobs", ""]
+        for job in unfinished:
+            detail = f": {job.error}" if job.error else ""
+            lines.append(f"- **{job.status}** `{job.name}`{detail}")
+    return "\n".join(lines) + "\n"

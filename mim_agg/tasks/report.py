@@ -1,0 +1,66 @@
+"""The ``report`` task: one table of one or more sweeps, finished or still running.
+
+    python run.py task=report report.sweep_dir=outputs/multirun/<time>
+    python run.py task=report 'report.sweep_dir=[outputs/multirun/a,outputs/multirun/b]'
+
+Writes ``results.csv`` (one row per head and seed, every varying config value a column),
+``results.md`` (held-out-selected heads, mean ± std (n) over seeds, then the jobs that did
+not finish and why) and ``results.png`` into ``report.out_dir`` (default: the first sweep).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig
+
+from mim_agg.errors import UserError
+from mim_agg.report.figure import plot_results
+from mim_agg.report.runs import read_sweeps
+from mim_agg.report.table import cells, constant_context, head_rows, markdown, varying_keys
+from mim_agg.utils.files import write_atomic
+from mim_agg.utils.results import write_csv
+
+log = logging.getLogger(__name__)
+
+USES_RUN_FOLDER = False
+
+
+def sweep_dirs(cfg: DictConfig) -> list[Path]:
+    value = cfg.report.sweep_dir
+    if value is None:
+        raise UserError("task=report needs report.sweep_dir=<an outputs/multirun/<time> folder>.")
+    return [Path(v) for v in value] if isinstance(value, ListConfig | list) else [Path(value)]
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.report.out_dir) if cfg.report.out_dir else sweep_dirs(cfg)[0]
+
+
+def run(cfg: DictConfig) -> dict:
+    return report(sweep_dirs(cfg), output_dir(cfg))
+
+
+def report(sweeps: list[Path], out: Path) -> dict:
+    """Read the sweeps, print the table, write results.{csv,md,png} into ``out``."""
+    jobs = read_sweeps(sweeps)
+    finished = [job for job in jobs if job.status == "done"]
+    out.mkdir(parents=True, exist_ok=True)
+    keys = varying_keys(finished)  # the table shows finished jobs; the others are listed
+    context = constant_context(finished)
+    title = "test top-1 (%) of the held-out-selected head\n" + (
+        ", ".join(f"{k}={v}" for k, v in context.items()) or "several backbones and datasets"
+    )
+    rows = head_rows(finished, keys)
+    table = cells(rows, keys)
+    text = markdown(table, keys, jobs, title.replace("\n", "; "))
+    print(text)
+    columns = [*keys, "seed", "head_key", "run", *(rows[0] if rows else {})]
+    write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
+    write_atomic(out / "results.md", text)
+    if table:
+        plot_results(table, keys, title, out / "results.png")
+    counts = {s: sum(job.status == s for job in jobs) for s in sorted({j.status for j in jobs})}
+    log.info("Report of %d jobs (%s) -> %s/results.{csv,md,png}", len(jobs), counts, out)
+    return {"jobs": counts, "out_dir": str(out)}

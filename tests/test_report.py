@@ -1,0 +1,136 @@
+"""task=report: one table per sweep, keyed on every varying config value, seeds as
+mean ± std (n), learning rates chosen on held-out, unfinished jobs listed by name."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import statistics
+
+import pytest
+from omegaconf import OmegaConf
+
+from mim_agg.report.table import cells, head_rows, varying_keys
+from mim_agg.runs.runner import run_task
+from mim_agg.utils.results import HEAD_COLUMNS, write_csv
+from tests.helpers import FAST, compose_config
+
+
+def fake_job(sweep_dir, number, overrides, status="done", heads=(), error=None):
+    """A run folder as a probe job leaves it, linked into ``sweep_dir`` as job ``number``."""
+    cfg = compose_config([*FAST, *overrides], sweep_dir.parent)
+    run_dir = sweep_dir.parent / "runs" / f"job{number}-{sweep_dir.name}"
+    run_dir.mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    record = {"status": status, "overrides": overrides, "attempts": [{"status": status}]}
+    if error:
+        record["error"] = error
+    (run_dir / "run.json").write_text(json.dumps(record))
+    if status == "done":
+        rows = [
+            {
+                "head": h,
+                "aggregator": h.split("_blr")[0],
+                "blr": b,
+                "val/acc1_best": v,
+                "test/acc1": t,
+            }
+            for h, b, v, t in heads
+        ]
+        write_csv(run_dir / "heads.csv", rows)
+    (sweep_dir / f"{number}-{run_dir.name}").symlink_to(run_dir)
+    return run_dir
+
+
+def fake_sweep(root, task_overrides, params=None):
+    sweep_dir = root / "multirun" / "sweep"
+    sweep_dir.mkdir(parents=True)
+    OmegaConf.save(
+        {"hydra": {"overrides": {"task": task_overrides}, "sweeper": {"params": params}}},
+        sweep_dir / "multirun.yaml",
+    )
+    return sweep_dir
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """2 datasets x 2 seeds, a learning-rate grid of 2 heads: one job failed, one missing."""
+    sweep_dir = fake_sweep(tmp_path, ["dataset=synthetic,digits", "seed=0,1"])
+    heads = {
+        (0, 0): [("cls_blr0p1", 0.1, 0.60, 0.61), ("cls_blr1", 1.0, 0.65, 0.59)],
+        (0, 1): [("cls_blr0p1", 0.1, 0.70, 0.66), ("cls_blr1", 1.0, 0.68, 0.70)],
+        (1, 0): [("cls_blr0p1", 0.1, 0.90, 0.91), ("cls_blr1", 1.0, 0.80, 0.80)],
+    }
+    for number, (dataset, seed) in enumerate([(0, 0), (0, 1), (1, 0)]):
+        name = ("synthetic", "digits")[dataset]
+        fake_job(sweep_dir, number, [f"dataset={name}", f"seed={seed}"], heads=heads[dataset, seed])
+    return sweep_dir
+
+
+def test_table_selects_on_heldout_per_seed_and_averages_seeds(sweep):
+    cfg = compose_config(["task=report", f"report.sweep_dir={sweep}"])
+    summary = run_task(cfg)
+    assert summary["jobs"] == {"done": 3, "missing": 1}
+    text = (sweep / "results.md").read_text()
+    # synthetic: seed 0 picks blr 1 (held-out 0.65, test 0.59), seed 1 blr 0.1 (test 0.66).
+    expected = f"{100 * statistics.fmean([0.59, 0.66]):.2f} ± {100 * statistics.stdev([0.59, 0.66]):.2f} (2)"
+    assert expected == "62.50 ± 4.95 (2)"
+    # Every differing value is a key: the datasets' configs differ in more than their name.
+    digits = "dataset.heldout_fraction=0.1, dataset.name=digits, dataset.num_classes=10"
+    synthetic = "dataset.heldout_fraction=0.25, dataset.name=synthetic, dataset.num_classes=4"
+    assert f"| head | {digits} | {synthetic} |" in text
+    assert f"| cls | 91.00 (1) | {expected} |" in text
+    assert "- **missing** `dataset=digits seed=1`" in text
+    with open(sweep / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {r["dataset.name"] for r in rows} == {"synthetic", "digits"}
+    assert (sweep / "results.png").stat().st_size > 10_000
+
+
+def test_unfinished_jobs_are_listed_with_their_error(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, ["seed=0,1,2,3"])
+    fake_job(sweep_dir, 0, ["seed=0"], heads=[("cls", 0.1, 0.5, 0.5)])
+    fake_job(sweep_dir, 1, ["seed=1"], status="failed", error="ValueError: bad block")
+    running = fake_job(sweep_dir, 2, ["seed=2"], status="running")
+    fake_job(sweep_dir, 3, ["seed=3"], status="running")  # nobody holds its lock: killed
+    with open(running / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a live run holds its folder
+        run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
+    text = (sweep_dir / "results.md").read_text()
+    assert "## Not in the table: 3 of 4 jobs" in text
+    assert "- **failed** `seed=1`: ValueError: bad block" in text
+    assert "- **running** `seed=2`" in text and "- **killed** `seed=3`" in text
+
+
+def test_several_sweeps_make_one_table(tmp_path):
+    first = fake_sweep(tmp_path / "a", ["aggregator=cls"])
+    fake_job(first, 0, ["aggregator=cls"], heads=[("cls", 0.1, 0.5, 0.40)])
+    second = fake_sweep(tmp_path / "b", ["aggregator=mean"])
+    fake_job(second, 0, ["aggregator=mean"], heads=[("mean", 0.1, 0.5, 0.45)])
+    out = tmp_path / "report"
+    cfg = compose_config(
+        ["task=report", f"report.sweep_dir=[{first},{second}]", f"report.out_dir={out}"]
+    )
+    run_task(cfg)
+    text = (out / "results.md").read_text()
+    assert "| cls | 40.00 (1) |" in text and "| mean | 45.00 (1) |" in text
+
+
+def test_a_folder_without_a_sweep_is_refused(tmp_path):
+    from mim_agg.errors import UserError
+
+    with pytest.raises(UserError, match="no sweep folder"):
+        run_task(compose_config(["task=report", f"report.sweep_dir={tmp_path}"]))
+
+
+def test_every_differing_config_value_is_a_column(sweep):
+    from mim_agg.report.runs import read_sweeps
+
+    jobs = [job for job in read_sweeps([sweep]) if job.status == "done"]
+    keys = varying_keys(jobs)
+    # seed and learning rate are not keys: they are averaged over and selected on held-out
+    assert keys == ["dataset.heldout_fraction", "dataset.name", "dataset.num_classes"]
+    table = cells(head_rows(jobs, keys), keys)
+    assert set(table) == {("0.25", "synthetic", "4", "cls"), ("0.1", "digits", "10", "cls")}
+    assert HEAD_COLUMNS[0] == "head"

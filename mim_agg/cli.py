@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +17,6 @@ from mim_agg.errors import UserError
 from mim_agg.runs.folder import RunContext
 from mim_agg.runs.runner import run_task
 
-log = logging.getLogger("mim_agg")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
 # The frozen backbone stays in eval mode on purpose (FrozenBackbone.train).
@@ -35,9 +34,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run_task(cfg, context)
     except UserError as error:
-        log.error("%s", error)
         if context.sweep_dir is not None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        print(f"Error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     return summary.get("val/acc1_best")
 

@@ -33,7 +33,7 @@ class BackboneConfig:
 @dataclass
 class DatasetConfig:
     name: str
-    num_classes: int
+    num_classes: int | None = None  # null: the data's own count (class folders, torchvision)
     root: str | None = None
     download: bool = False
     train_size: int | None = None

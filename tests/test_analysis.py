@@ -2,6 +2,7 @@
 
 import json
 import math
+import pickle
 import subprocess
 import sys
 
@@ -206,9 +207,9 @@ def test_probe_checkpoint_adds_its_pooling_weights(tmp_path):
 
     backbone = FrozenBackbone(**cfg.backbone)
     head = load_probe_head(cfg, backbone)
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    selected = torch.load(ckpt, weights_only=True)["head_selection"]["abmilp"]["state"]
     torch.testing.assert_close(
-        head.aggregator.scorer[0].weight, state["heads.abmilp.aggregator.scorer.0.weight"]
+        head.aggregator.scorer[0].weight, selected["aggregator.scorer.0.weight"]
     )
     collector = Collector(cfg, backbone, head)
     images = torch.randn(2, 3, 64, 64)
@@ -218,6 +219,31 @@ def test_probe_checkpoint_adds_its_pooling_weights(tmp_path):
         collector.add(images, torch.tensor([0, 1]), tokens, records)
     assert "probe: abmilp weights" in collector.maps
     assert collector.maps["probe: abmilp weights"][0].shape == (2, 4, 4)
+
+
+def test_probe_checkpoint_of_other_tokens_or_crafted_is_refused(tmp_path):
+    from mim_agg.errors import UserError
+    from mim_agg.tasks.analyze import load_probe_head
+
+    run_probe(compose_config([*FAST, "aggregator=abmilp", "probe.epochs=1"], tmp_path / "probe"))
+    ckpt = tmp_path / "probe" / "run" / "checkpoints" / "last.ckpt"
+    other_block = compose_config(
+        [*ANALYZE, "backbone.block=5", f"analysis.probe_ckpt={ckpt}"], tmp_path / "analysis"
+    )
+    with pytest.raises(UserError, match=r"trained on other tokens than these \(block: -1 vs 5\)"):
+        load_probe_head(other_block, FrozenBackbone(**other_block.backbone))
+
+    marker = tmp_path / "code_ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    torch.save({"state_dict": Crafted()}, ckpt)  # pickles a call that would create `marker`
+    cfg = compose_config([*ANALYZE, f"analysis.probe_ckpt={ckpt}"], tmp_path / "analysis")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_probe_head(cfg, FrozenBackbone(**cfg.backbone))
+    assert not marker.exists()
 
 
 def test_compare_script_overlays_runs(tmp_path):

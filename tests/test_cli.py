@@ -36,8 +36,8 @@ def test_missing_dataset_folder_fails_before_training(tmp_path):
         "dataset.num_classes=3",
         root=tmp_path,
     )
-    assert result.returncode != 0
-    assert "has no train/ folder" in result.stderr
+    assert result.returncode == 2  # a user error: one message, no traceback
+    assert "has no train/ folder" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

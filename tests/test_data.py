@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from mim_agg.data import ProbeDataModule, build_source
+from mim_agg.data.sources import DataError
 from mim_agg.data.transforms import build_transform
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
@@ -111,5 +112,45 @@ def test_missing_torchvision_set_names_the_folder(tmp_path):
 
 def test_too_few_classes_configured_is_an_error():
     data = datamodule(name="digits", num_classes=3)
-    with pytest.raises(ValueError, match="set dataset.num_classes=10"):
+    with pytest.raises(
+        DataError, match=r"train split .* outside \[0, 3\); set dataset.num_classes=10"
+    ):
         data.setup()
+
+
+def test_a_class_missing_from_one_split_is_an_error_naming_it(tmp_path):
+    make_image_folder(tmp_path, splits=("train",), classes=("a", "b", "c"))
+    make_image_folder(tmp_path, splits=("val",), classes=("a", "c", "d"))
+    with pytest.raises(DataError, match=r"only in train/: b; only in val/: d"):
+        build_source("image_folder", tmp_path, False, None, 0)
+
+
+def test_image_folder_classes_are_counted_and_a_wrong_count_refused(tmp_path):
+    make_image_folder(tmp_path, classes=("a", "b", "c"))
+    data = datamodule(name="image_folder", root=str(tmp_path), num_classes=None, heldout_fraction=0)
+    data.setup()
+    assert data.num_classes == 3
+    with pytest.raises(DataError, match=r"dataset.num_classes=5, but .* has 3 classes"):
+        datamodule(name="image_folder", root=str(tmp_path), num_classes=5).setup()
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "val" / "b" / "0.png").unlink()
+    for k in (1, 2):
+        (tmp_path / "val" / "b" / f"{k}.png").rename(tmp_path / "val" / "b" / f"{k}.txt")
+    with pytest.raises(DataError, match=r"In .*val: .*b"):
+        build_source("image_folder", tmp_path, False, None, 0)
+
+
+def test_a_test_label_out_of_range_fails_before_training(monkeypatch):
+    from mim_agg.data import sources
+
+    def shifted(root, download, num_classes, seed):
+        train, test = sources.synthetic(root, download, num_classes, seed)
+        test.targets = test.targets + 1  # the last class becomes label 4 of 4
+        return train, test
+
+    monkeypatch.setitem(sources.SOURCES, "shifted", shifted)
+    with pytest.raises(DataError, match=r"The test split .* has labels \[4\] outside \[0, 4\)"):
+        datamodule(name="shifted").setup()

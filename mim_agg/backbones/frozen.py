@@ -12,6 +12,7 @@ from torch import nn
 
 from mim_agg.backbones.loading import load_checkpoint_into
 from mim_agg.backbones.tokens import Tokens
+from mim_agg.errors import UserError
 
 
 class FrozenBackbone(nn.Module):
@@ -38,6 +39,14 @@ class FrozenBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.model = create_model(arch, weights, img_size)
+        patch = self.model.patch_embed.patch_size[0]
+        if img_size % patch:
+            raise UserError(
+                f"backbone.img_size={img_size} is no multiple of {arch}'s patch size {patch}: "
+                f"its last {img_size % patch} pixels would be cut off silently. Use "
+                f"backbone.img_size={img_size // patch * patch} or "
+                f"{(img_size // patch + 1) * patch}."
+            )
         depth = len(self.model.blocks)
         if not -depth <= block < depth:
             raise ValueError(f"backbone.block={block} is out of range for {arch} ({depth} blocks).")

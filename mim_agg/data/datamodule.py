@@ -13,7 +13,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
 from mim_agg.data.sampling import EpochSampler, seeded_random
-from mim_agg.data.sources import build_source, targets_of
+from mim_agg.data.sources import DataError, build_source, classes_of, targets_of
 from mim_agg.data.transforms import build_transform
 
 
@@ -48,7 +48,7 @@ class ProbeDataModule(L.LightningDataModule):
     def __init__(
         self,
         name: str,
-        num_classes: int,
+        num_classes: int | None,
         img_size: int,
         mean,
         std,
@@ -77,9 +77,11 @@ class ProbeDataModule(L.LightningDataModule):
         if self.splits:
             return
         train, test = build_source(self.name, self.root, self.download, self.num_classes, self.seed)
+        self.num_classes = self._resolve_num_classes(classes_of(train))
+        for split, source in (("train", train), ("test", test)):
+            self._check_labels(split, targets_of(source))
         train_idx = self._subsample(targets_of(train), self.train_size)
         test_idx = self._subsample(targets_of(test), self.test_size)
-        self._check_labels(targets_of(train))
         heldout_idx = np.array([], dtype=np.int64)
         if self.heldout_fraction > 0:
             train_idx, heldout_idx = train_test_split(
@@ -106,12 +108,28 @@ class ProbeDataModule(L.LightningDataModule):
         )
         return np.sort(kept)
 
-    def _check_labels(self, targets: np.ndarray) -> None:
-        found = int(targets.max()) + 1
-        if found > self.num_classes:
-            raise ValueError(
-                f"dataset {self.name!r} has labels up to {found - 1}, but "
-                f"dataset.num_classes={self.num_classes}; set dataset.num_classes={found}."
+    def _resolve_num_classes(self, declared: int | None) -> int:
+        """The configured count, the source's own (class folders, torchvision), or both agreeing."""
+        if self.num_classes is None and declared is None:
+            raise DataError(
+                f"dataset {self.name!r} does not say how many classes it has; "
+                "set dataset.num_classes."
+            )
+        if self.num_classes is not None and declared is not None and declared != self.num_classes:
+            raise DataError(
+                f"dataset.num_classes={self.num_classes}, but dataset {self.name!r} has {declared} "
+                f"classes; set dataset.num_classes={declared} (or null to take the data's count)."
+            )
+        return self.num_classes if self.num_classes is not None else declared
+
+    def _check_labels(self, split: str, targets: np.ndarray) -> None:
+        """Every label of every split in [0, num_classes), before any weights are loaded."""
+        outside = targets[(targets < 0) | (targets >= self.num_classes)]
+        if len(outside):
+            raise DataError(
+                f"The {split} split of dataset {self.name!r} has labels "
+                f"{sorted(set(outside.tolist()))[:10]} outside [0, {self.num_classes}); "
+                f"set dataset.num_classes={int(targets.max()) + 1}."
             )
 
     def eval_split(self, split: str) -> TransformedSubset:

@@ -15,7 +15,13 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mim_agg.errors import UserError
+
 SOURCES: dict[str, Callable] = {}
+
+
+class DataError(UserError, FileNotFoundError):
+    """Data that cannot give honest labels: the message names the folder or file."""
 
 
 def source(name: str):
@@ -30,6 +36,12 @@ def build_source(name: str, root, download: bool, num_classes: int, seed: int):
     if name not in SOURCES:
         raise ValueError(f"Unknown dataset {name!r}; available: {', '.join(sorted(SOURCES))}.")
     return SOURCES[name](root, download, num_classes, seed)
+
+
+def classes_of(dataset: Dataset) -> int | None:
+    """How many classes the source itself declares (class folders, torchvision's ``classes``)."""
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes is not None else None
 
 
 def targets_of(dataset: Dataset) -> np.ndarray:
@@ -93,17 +105,47 @@ def synthetic(root, download, num_classes, seed, per_class=(50, 20), image_size:
 
 @source("image_folder")
 def image_folder(root, download, num_classes, seed, test_split: str = "val"):
-    """``root/train/<class>/<image>`` and ``root/<test_split>/<class>/<image>`` (ImageNet)."""
+    """``root/train/<class>/<image>`` and ``root/<test_split>/<class>/<image>`` (ImageNet).
+
+    Both splits must hold the same class folders: labels are indices into their sorted names,
+    so a class missing from one split would shift every later label of that split."""
     root = Path(root)
     for split in ("train", test_split):
         if not (root / split).is_dir():
-            raise FileNotFoundError(
+            raise DataError(
                 f"dataset.root={str(root)!r} has no {split}/ folder. Expected the ImageNet layout "
                 f"root/train/<class>/<image> and root/{test_split}/<class>/<image>; "
                 "set dataset.root (or MIM_AGG_DATA_DIR) to such a folder."
             )
-    make = lambda split: torchvision.datasets.ImageFolder(str(root / split), loader=load_image)
-    return make("train"), make(test_split)
+    classes = {split: class_folders(root / split) for split in ("train", test_split)}
+    only_train = sorted(set(classes["train"]) - set(classes[test_split]))
+    only_test = sorted(set(classes[test_split]) - set(classes["train"]))
+    if only_train or only_test:
+        raise DataError(
+            f"The splits of dataset.root={str(root)!r} hold different classes: only in train/: "
+            f"{_names(only_train)}; only in {test_split}/: {_names(only_test)}. Every split needs "
+            "the same class folders (labels are their sorted positions)."
+        )
+    return tuple(_image_folder(root / split) for split in ("train", test_split))
+
+
+def class_folders(folder: Path) -> list[str]:
+    names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    if not names:
+        raise DataError(f"{folder} holds no class folders; expected {folder}/<class>/<image>.")
+    return names
+
+
+def _image_folder(folder: Path) -> torchvision.datasets.ImageFolder:
+    try:
+        return torchvision.datasets.ImageFolder(str(folder), loader=load_image)
+    except FileNotFoundError as error:  # a class folder without a single image file
+        raise DataError(f"In {folder}: {error}") from None
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit]) or "none"
+    return shown + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 SOURCES["imagenet"] = image_folder

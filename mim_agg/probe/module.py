@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mim_agg.backbones import FrozenBackbone, Tokens
 from mim_agg.backbones.oracle import AttentionOracle
+from mim_agg.errors import UserError
 from mim_agg.probe.head import ProbeHead
 from mim_agg.probe.lars import LARS
 from mim_agg.probe.schedule import warmup_cosine
@@ -81,43 +82,76 @@ class LinearProbe(L.LightningModule):
             }
         )
         self.selection = {name: {"acc1": -1.0, "epoch": -1, "state": None} for name in heads}
+        self.diverged: dict[str, int] = {}  # head -> the step its loss became non-finite
         self.results: dict[str, dict] = {}
         self.timing = {"backbone_s": 0.0, "backbone_images": 0, "train_s": 0.0, "train_images": 0}
 
     # ----------------------------------------------------------------------------- forward
     def tokens(self, images: torch.Tensor) -> Tokens:
-        """One backbone pass, timed; returns tokens that autograd may use."""
+        """One backbone pass, timed; returns tokens that autograd may use. Non-finite tokens
+        stop the run: no head can learn from them, and accuracy would look like chance."""
         start = time.perf_counter()
         tokens = self.backbone(images)
         if self.oracle is not None:
             tokens.oracle_attn = self.oracle(images)
+        if not torch.isfinite(tokens.all).all():
+            raise UserError(
+                "The backbone produced non-finite tokens (NaN or inf). Check backbone.mean and "
+                "backbone.std, the weights file (backbone.weights) and, on GPU, the precision "
+                "(trainer.precision=32-true)."
+            )
         if images.is_cuda:
             torch.cuda.synchronize(images.device)
         self.timing["backbone_s"] += time.perf_counter() - start
         self.timing["backbone_images"] += images.shape[0]
         return tokens.detach()
 
+    @property
+    def live_heads(self) -> dict[str, ProbeHead]:
+        return {name: head for name, head in self.heads.items() if name not in self.diverged}
+
     def training_step(self, batch, batch_idx):
         images, targets = batch
         tokens = self.tokens(images)
-        losses = {name: F.cross_entropy(head(tokens), targets) for name, head in self.heads.items()}
-        for name, loss in losses.items():
-            self.log(
-                f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=len(images)
-            )
+        heads = self.live_heads
+        losses = torch.stack([F.cross_entropy(head(tokens), targets) for head in heads.values()])
+        finite = torch.isfinite(losses).tolist()  # one sync per step for all heads
+        for (name, loss), ok in zip(zip(heads, losses, strict=True), finite, strict=True):
+            if ok:
+                self.log(
+                    f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=len(images)
+                )
+            else:
+                self._diverge(name)
         self.timing["train_images"] += images.shape[0]
-        return torch.stack(list(losses.values())).sum()
+        return sum(loss for loss, ok in zip(losses, finite, strict=True) if ok)
+
+    def _diverge(self, name: str) -> None:
+        """Stop a head whose loss became non-finite: it trains no further and never wins."""
+        self.diverged[name] = self.global_step
+        self.heads[name].requires_grad_(False)
+        log.warning(
+            "Head %s diverged at step %d (non-finite loss); the others train on.",
+            name,
+            self.global_step,
+        )
+        if len(self.diverged) == len(self.heads):
+            rates = sorted({self.blrs[n] for n in self.heads})
+            raise UserError(
+                f"Every head diverged (non-finite loss) by step {self.global_step}, with base "
+                f"learning rates {rates}; try smaller ones, e.g. probe.blr={min(rates) / 10:g}."
+            )
 
     def validation_step(self, batch, batch_idx):
         images, targets = batch
         tokens = self.tokens(images)
-        for name, head in self.heads.items():
+        for name, head in self.live_heads.items():
             self._update(f"heldout__{name}", head(tokens), targets)
 
     def test_step(self, batch, batch_idx):
         images, targets = batch
         tokens = self.tokens(images)
-        for name, head in self.heads.items():
+        for name, head in self.live_heads.items():
             self._update(f"test_last__{name}", head(tokens), targets)
             selected = self._selected_heads[name]
             self._update(f"test_best__{name}", selected(tokens), targets)
@@ -135,7 +169,7 @@ class LinearProbe(L.LightningModule):
 
     # --------------------------------------------------------------------------- selection
     def on_validation_epoch_end(self) -> None:
-        for name, head in self.heads.items():
+        for name, head in self.live_heads.items():
             values = self._compute(f"heldout__{name}")
             if self.trainer.sanity_checking:
                 continue
@@ -172,6 +206,9 @@ class LinearProbe(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for name in self.heads:
+            if name in self.diverged:
+                self.results[name] = self._diverged_result(name)
+                continue
             best, last = self._compute(f"test_best__{name}"), self._compute(f"test_last__{name}")
             self.results[name] = {
                 "test/acc1": best["acc1"],
@@ -182,10 +219,22 @@ class LinearProbe(L.LightningModule):
                 "val/acc1_best": self.selection[name]["acc1"] if self._has_heldout else None,
                 "best_epoch": self.selection[name]["epoch"] if self._has_heldout else None,
                 "trainable_params": self.heads[name].num_trainable_parameters(),
+                "diverged_at_step": None,
             }
             for metric, value in self.results[name].items():
                 if metric.startswith("test/"):
                     self.log(f"test/{name}/{metric[5:]}", value)
+
+    def _diverged_result(self, name: str) -> dict:
+        """No accuracy at all: numbers of a diverged head would only mislead."""
+        metrics = ("test/acc1", "test/acc5", "test/loss", "test/acc1_last", "test/acc5_last")
+        return {
+            **dict.fromkeys(metrics),
+            "val/acc1_best": None,
+            "best_epoch": None,
+            "trainable_params": sum(p.numel() for p in self.heads[name].parameters()),
+            "diverged_at_step": self.diverged[name],
+        }
 
     @property
     def _has_heldout(self) -> bool:
@@ -231,6 +280,7 @@ class LinearProbe(L.LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)
         }
         checkpoint["head_selection"] = self.selection
+        checkpoint["diverged_heads"] = self.diverged
         checkpoint["random_state"] = {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
@@ -241,6 +291,9 @@ class LinearProbe(L.LightningModule):
         frozen_state = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN)}
         checkpoint["state_dict"].update(frozen_state)
         self.selection = checkpoint["head_selection"]
+        self.diverged = checkpoint["diverged_heads"]
+        for name in self.diverged:
+            self.heads[name].requires_grad_(False)
         states = checkpoint["random_state"]
         torch.set_rng_state(states["torch"])
         random.setstate(states["python"])

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from mim_agg.runs.folder import RunContext, RunFolder, global_rank
 from mim_agg.runs.preemption import Preempted, SignalWatch
 from mim_agg.tasks import TASKS
+from mim_agg.validation import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
     non-zero after its checkpoint and status are written (or is requeued by submitit)."""
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not one of {sorted(TASKS)}.")
+    check_ranges(cfg)
     task = TASKS[cfg.task]
     if not task.USES_RUN_FOLDER:
         return task.run(cfg)

@@ -22,6 +22,7 @@ from mim_agg.analysis.figures import plot_attention_maps, plot_embedding, plot_s
 from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statistics, update_ratios
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone, Tokens
+from mim_agg.errors import UserError
 from mim_agg.tasks.probe import build_datamodule, build_head, head_grid
 from mim_agg.utils.files import write_json
 from mim_agg.utils.loggers import build_loggers, finish_loggers
@@ -175,31 +176,37 @@ class Collector:
 
 
 def load_probe_head(cfg: DictConfig, backbone: FrozenBackbone):
-    """The winning head of a finished probe run, from its ``last.ckpt`` and its run folder."""
+    """The winning head of a finished probe run, with the weights held-out selected for it.
+
+    The checkpoint is read with ``weights_only=True`` (a crafted file cannot run code), and a
+    probe trained on other tokens (backbone arch, weights, block, norm or size) is refused.
+    """
     checkpoint_path = Path(cfg.analysis.probe_ckpt)
     run_dir = checkpoint_path.parent.parent
-    if not checkpoint_path.is_file() or not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"analysis.probe_ckpt={str(checkpoint_path)!r} must be a probe run's "
-            "<run>/checkpoints/last.ckpt, beside that run's config.yaml."
+    if not checkpoint_path.is_file() or not (run_dir / "metrics.json").is_file():
+        raise UserError(
+            f"analysis.probe_ckpt={str(checkpoint_path)!r} must be a finished probe run's "
+            "<run>/checkpoints/last.ckpt, beside that run's config.yaml and metrics.json."
         )
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    if run_cfg.backbone.arch != cfg.backbone.arch:
-        raise ValueError(
-            f"The probe in {str(run_dir)!r} was trained on {run_cfg.backbone.arch}, "
-            f"not on backbone.arch={cfg.backbone.arch}."
+    keys = ("arch", "weights", "block", "final_norm", "img_size")
+    differing = [k for k in keys if run_cfg.backbone[k] != cfg.backbone[k]]
+    if differing:
+        shown = ", ".join(f"{k}: {run_cfg.backbone[k]} vs {cfg.backbone[k]}" for k in differing)
+        raise UserError(
+            f"The probe in {str(run_dir)!r} was trained on other tokens than these ({shown}); "
+            "analyse it with the backbone it was trained on."
         )
-    metrics_file = run_dir / "metrics.json"
-    grid = head_grid(run_cfg)
-    name = (
-        json.loads(metrics_file.read_text())["winner"]
-        if metrics_file.is_file()
-        else next(iter(grid))
-    )
-    head = build_head(run_cfg, backbone, grid[name][0])
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
-    prefix = f"heads.{name}."
-    head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    name = json.loads((run_dir / "metrics.json").read_text())["winner"]
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    selected = checkpoint["head_selection"][name]["state"]
+    if selected is None:  # nothing was held out: the last epoch's weights are the selected ones
+        prefix = f"heads.{name}."
+        state = checkpoint["state_dict"]
+        selected = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    num_classes = selected["classifier.weight"].shape[0]
+    head = build_head(run_cfg, backbone, head_grid(run_cfg)[name][0], num_classes)
+    head.load_state_dict(selected)
     return head.to(next(backbone.parameters()).device).eval()
 
 

@@ -42,8 +42,8 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
-    datamodule.setup("fit")  # bad data paths fail before any weights are fetched
-    model = build_probe(cfg)
+    datamodule.setup("fit")  # bad data fails before any weights are fetched
+    model = build_probe(cfg, datamodule.num_classes)
     loggers = build_loggers(cfg, output_dir)
     try:
         trainer = build_trainer(cfg, output_dir, loggers, watch)
@@ -171,11 +171,15 @@ def head_name(aggregator_key: str, blr: float, num_blrs: int) -> str:
     return aggregator_key if num_blrs == 1 else f"{aggregator_key}_blr{blr:g}".replace(".", "p")
 
 
-def build_probe(cfg: DictConfig) -> LinearProbe:
-    """The frozen backbone and one head per grid point, sharing one backbone pass."""
+def build_probe(cfg: DictConfig, num_classes: int | None = None) -> LinearProbe:
+    """The frozen backbone and one head per grid point, sharing one backbone pass.
+    ``num_classes``: the data's count (default: ``dataset.num_classes``)."""
+    num_classes = num_classes or cfg.dataset.num_classes
     grid = head_grid(cfg)
     backbone = FrozenBackbone(**cfg.backbone)
-    heads = {name: build_head(cfg, backbone, options) for name, (options, _) in grid.items()}
+    heads = {
+        name: build_head(cfg, backbone, options, num_classes) for name, (options, _) in grid.items()
+    }
     aggregators = [head.aggregator for head in heads.values()]
     backbone.provide(
         attn=any("attn" in a.needs for a in aggregators),
@@ -186,7 +190,7 @@ def build_probe(cfg: DictConfig) -> LinearProbe:
         heads,
         oracle=build_oracle(aggregators, backbone),
         blrs={name: blr for name, (_, blr) in grid.items()},
-        num_classes=cfg.dataset.num_classes,
+        num_classes=num_classes,
         batch_size=cfg.probe.batch_size,
         optimizer=cfg.probe.optimizer,
         weight_decay=cfg.probe.weight_decay,
@@ -210,7 +214,9 @@ def build_oracle(aggregators: list, backbone: FrozenBackbone) -> AttentionOracle
     )
 
 
-def build_head(cfg: DictConfig, backbone: FrozenBackbone, options: dict) -> ProbeHead:
+def build_head(
+    cfg: DictConfig, backbone: FrozenBackbone, options: dict, num_classes: int
+) -> ProbeHead:
     """Initialise from ``cfg.seed`` alone, so a head starts the same alone or in any grid."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -221,7 +227,7 @@ def build_head(cfg: DictConfig, backbone: FrozenBackbone, options: dict) -> Prob
             has_cls=backbone.has_cls,
             **options,
         )
-        return ProbeHead(aggregator, cfg.dataset.num_classes)
+        return ProbeHead(aggregator, num_classes)
 
 
 def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:

@@ -14,10 +14,11 @@ from mim_agg.utils.files import write_atomic, write_json
 
 
 def select_winner(head_results: dict[str, dict]) -> str:
-    """The head with the best held-out accuracy; never chosen on test."""
-    if len(head_results) == 1:
-        return next(iter(head_results))
-    return max(head_results, key=lambda name: head_results[name]["val/acc1_best"])
+    """The head with the best held-out accuracy; never chosen on test, never a diverged head."""
+    candidates = [n for n, r in head_results.items() if r["diverged_at_step"] is None]
+    if len(candidates) == 1:
+        return candidates[0]
+    return max(candidates, key=lambda name: head_results[name]["val/acc1_best"])
 
 
 def write_metrics(path: Path, summary: dict) -> None:
@@ -35,6 +36,7 @@ HEAD_COLUMNS = (
     "test/acc1",
     "test/acc5",
     "test/acc1_last",
+    "diverged_at_step",
 )
 
 
@@ -63,7 +65,7 @@ def print_table(head_results: dict[str, dict], winner: str) -> None:
             _pct(result["test/acc5"]),
             _pct(result["test/acc1_last"]),
             _pct(result["val/acc1_best"]),
-            str(result["best_epoch"]),
+            "diverged" if result["diverged_at_step"] is not None else str(result["best_epoch"]),
         )
     Console().print(table)
 

@@ -1,0 +1,58 @@
+"""Valid ranges of the numeric options, checked before anything is loaded or trained.
+
+Hydra's schemas check types and key names at composition; these rules check values, and each
+message names the key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from mim_agg.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config value outside its valid range."""
+
+
+RULES = {
+    # key: (test(value, cfg), what is valid)
+    "probe.epochs": (lambda v, c: v >= 1, "an integer >= 1"),
+    "probe.warmup_epochs": (
+        lambda v, c: 0 <= v <= c.probe.epochs,
+        "in [0, probe.epochs={cfg.probe.epochs}]",
+    ),
+    "probe.batch_size": (lambda v, c: v >= 1, "an integer >= 1"),
+    "probe.blr": (lambda v, c: v > 0, "> 0"),
+    "probe.blrs": (
+        lambda v, c: v is None or (len(v) > 0 and all(x > 0 for x in v)),
+        "null or a non-empty list of rates > 0",
+    ),
+    "probe.weight_decay": (lambda v, c: v >= 0, ">= 0"),
+    "probe.momentum": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
+    "probe.effective_batch": (
+        lambda v, c: v is None or v >= c.probe.batch_size,
+        "null or >= probe.batch_size={cfg.probe.batch_size}",
+    ),
+    "probe.checkpoint_every_n_steps": (lambda v, c: v >= 0, ">= 0 (0: every epoch only)"),
+    "dataset.heldout_fraction": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
+    "dataset.num_workers": (lambda v, c: v >= 0, ">= 0"),
+    "dataset.train_size": (lambda v, c: v is None or v >= 1, "null or >= 1"),
+    "dataset.test_size": (lambda v, c: v is None or v >= 1, "null or >= 1"),
+    "backbone.img_size": (lambda v, c: v >= 1, ">= 1"),
+    "analysis.num_images": (lambda v, c: v >= 1, ">= 1"),
+    "analysis.batch_size": (lambda v, c: v >= 1, ">= 1"),
+    "analysis.map_images": (lambda v, c: v >= 0, ">= 0"),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` for the first option outside its range."""
+    for key, (valid, description) in RULES.items():
+        group, _, name = key.partition(".")
+        if group not in cfg or name not in cfg[group]:
+            continue
+        value = cfg[group][name]
+        if not valid(value, cfg):
+            valid_range = description.format(cfg=cfg)
+            raise ConfigError(f"{key}={value} is invalid: it must be {valid_range}.")

@@ -1,0 +1,86 @@
+"""Bad numbers never become results: diverged heads, non-finite features, strict files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from mim_agg.errors import UserError
+from mim_agg.runs.runner import run_task
+from mim_agg.utils.files import write_atomic, write_json
+from tests.helpers import FAST, compose_config
+
+
+def test_a_diverged_head_is_reported_and_never_wins(tmp_path):
+    cfg = compose_config([*FAST, "aggregator=mean", "probe.blrs=[1.0,1e38]"], tmp_path)
+    summary = run_task(cfg)
+    assert summary["winner"] == "mean_blr1"
+    diverged = summary["heads"]["mean_blr1e+38"]
+    assert diverged["diverged_at_step"] is not None and diverged["test/acc1"] is None
+    text = (tmp_path / "run" / "metrics.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    with open(tmp_path / "run" / "heads.csv") as handle:
+        rows = {row["head"]: row for row in csv.DictReader(handle)}
+    assert (
+        rows["mean_blr1e+38"]["diverged_at_step"] != "" and rows["mean_blr1e+38"]["test/acc1"] == ""
+    )
+    assert rows["mean_blr1"]["diverged_at_step"] == ""
+
+
+def test_every_head_diverging_fails_the_run_with_rates_to_try(tmp_path):
+    cfg = compose_config([*FAST, "aggregator=mean", "probe.blr=1e38"], tmp_path)
+    with pytest.raises(UserError, match=r"Every head diverged .* \[1e\+38\]; try smaller ones"):
+        run_task(cfg)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "failed" and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_non_finite_features_stop_the_run_at_once(tmp_path):
+    cfg = compose_config([*FAST, "aggregator=mean", "backbone.mean=[nan,nan,nan]"], tmp_path)
+    with pytest.raises(UserError, match="non-finite tokens"):
+        run_task(cfg)
+
+
+def test_result_files_are_strict_and_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    write_json(path, {"acc": math.nan, "nested": [math.inf, 1.0]})
+    assert json.loads(path.read_text()) == {"acc": None, "nested": [None, 1.0]}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, "x" * 1000)
+    assert json.loads(path.read_text()) == {"acc": None, "nested": [None, 1.0]}  # intact
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("probe.epochs=0", "probe.epochs=0 is invalid: it must be an integer >= 1"),
+        (
+            "probe.warmup_epochs=5",
+            "probe.warmup_epochs=5.0 is invalid: it must be in [0, probe.epochs=2]",
+        ),
+        ("probe.batch_size=0", "probe.batch_size=0 is invalid"),
+        ("probe.blr=-0.1", "probe.blr=-0.1 is invalid: it must be > 0"),
+        ("probe.blrs=[0.1,0]", "probe.blrs=[0.1, 0.0] is invalid"),
+        ("probe.momentum=1.5", "probe.momentum=1.5 is invalid: it must be in [0, 1)"),
+        ("dataset.heldout_fraction=1.0", "dataset.heldout_fraction=1.0 is invalid"),
+        (
+            "backbone.img_size=40",
+            "backbone.img_size=40 is no multiple of vit_tiny_patch16_224's patch size 16",
+        ),
+    ],
+)
+def test_values_out_of_range_fail_before_training(override, message, tmp_path):
+    cfg = compose_config([*FAST, "aggregator=mean", override], tmp_path)
+    with pytest.raises(UserError) as error:
+        run_task(cfg)
+    assert message in str(error.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -4,3 +4,7 @@
 
 class UserError(Exception):
     """Bad input or a folder in the way: the message names the key or file and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value the code cannot use (out of range, unknown, or unfit for the model)."""

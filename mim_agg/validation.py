@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from mim_agg.errors import UserError
-
-
-class ConfigError(UserError):
-    """A config value outside its valid range."""
-
+from mim_agg.errors import ConfigError
 
 RULES = {
     # key: (test(value, cfg), what is valid)

@@ -40,9 +40,9 @@ def compose_config(overrides: list[str], tmp_path: Path | None = None) -> DictCo
         return compose("config", overrides=[*overrides, *paths])
 
 
-def run_cli(*args: str, root: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:
-    """``python run.py ARGS`` in a subprocess, everything under ``root``, offline, 2 threads."""
-    env = {
+def cli_environment(root: Path, **env) -> dict:
+    """Everything under ``root``, offline, 2 threads, ``tests`` importable (test callbacks)."""
+    return {
         **os.environ,
         "MIM_AGG_ROOT": str(root),
         "WANDB_MODE": "disabled",
@@ -50,11 +50,26 @@ def run_cli(*args: str, root: Path, timeout: float = 600, **env) -> subprocess.C
         "PYTHONPATH": str(PROJECT_ROOT),
         **env,
     }
+
+
+def run_cli(*args: str, root: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` in a subprocess, waited for."""
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "run.py"), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=cli_environment(root, **env),
         cwd=root,
         timeout=timeout,
+    )
+
+
+def popen_cli(*args: str, root: Path, **env) -> subprocess.Popen:
+    """``python run.py ARGS`` started in the background (output discarded)."""
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "run.py"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cli_environment(root, **env),
+        cwd=root,
     )

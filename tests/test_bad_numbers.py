@@ -84,3 +84,22 @@ def test_values_out_of_range_fail_before_training(override, message, tmp_path):
         run_task(cfg)
     assert message in str(error.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_backbone_requirements_are_checked_before_any_download(tmp_path):
+    """I-JEPA ViT-H has no [cls]: refused by the architecture alone (offline, nothing cached)."""
+    cfg = compose_config(["backbone=ijepa_vith", "aggregator=cls", "dataset=synthetic"], tmp_path)
+    with pytest.raises(UserError, match=r"reads the \[cls\] token, but this backbone has none"):
+        run_task(cfg)
+
+
+def test_an_uncached_timm_tag_offline_says_how_to_go_on(tmp_path):
+    cfg = compose_config(
+        ["backbone=dino_vits", "backbone.img_size=32", "aggregator=mean", "dataset=synthetic"],
+        tmp_path,
+    )
+    with pytest.raises(UserError) as error:
+        run_task(cfg)
+    message = str(error.value)
+    assert "backbone.weights='vit_small_patch16_224.dino'" in message
+    assert "hub is unreachable" in message and "backbone.weights=/path/to" in message

@@ -1,10 +1,12 @@
 """The command line as users type it, in subprocesses."""
 
 import json
+import signal
+import time
 
 import pytest
 
-from tests.helpers import FAST, run_cli
+from tests.helpers import FAST, popen_cli, run_cli
 
 
 def test_help_lists_groups_and_options(tmp_path):
@@ -69,3 +71,26 @@ def test_rerunning_a_command_finds_its_run_and_a_sweep_links_its_jobs(tmp_path):
     assert winners == ["cls", "mean"]
     groups = [json.loads((link / "run.json").read_text())["group"] for link in links]
     assert groups == [sweep_dir.name, run_dir.name]  # the W&B group of the run's first job
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_busy_folder_refuses_at_once(tmp_path):
+    command = [*FAST, "aggregator=mean", "probe.epochs=30"]
+    first = popen_cli(*command, root=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "outputs" / "runs").glob("*/cli.log")):
+            assert time.time() < deadline and first.poll() is None, "the first run did not start"
+            time.sleep(0.2)
+        second = run_cli(*command, root=tmp_path, timeout=60)
+        assert second.returncode == 2
+        assert "is in use by another process (pid " in second.stderr
+        assert first.poll() is None  # the first run goes on undisturbed
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert [a["status"] for a in record["attempts"]] == [
+        "preempted"
+    ]  # the refused run left no trace

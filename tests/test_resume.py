@@ -67,6 +67,8 @@ def test_resumed_run_equals_uninterrupted(scenario, uninterrupted, tmp_path):
     assert "Resuming from" in (run_dir / "cli.log").read_text()
     assert results(run_dir) == uninterrupted
     record = json.loads((run_dir / "run.json").read_text())
+    if signum == "SIGKILL":  # the dead process's lock is free: taken over with a message
+        assert "ended without a word (killed?); taking over" in second.stdout
     expected_first = "killed" if signum == "SIGKILL" else "preempted"
     assert [a["status"] for a in record["attempts"]] == [expected_first, "done"]
 

@@ -7,6 +7,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
 from mim_agg.aggregators.base import Aggregator, pool, register, square_side
+from mim_agg.errors import ConfigError
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 TOKEN_SETS = ("patch", "all")
@@ -46,7 +47,7 @@ class AbMILP(Aggregator):
         _check_choice("tokens", tokens, TOKEN_SETS)
         _check_choice("self_attn", self_attn, SELF_ATTN_MODES)
         if depth < 1:
-            raise ValueError(f"aggregator.depth={depth} must be at least 1.")
+            raise ConfigError(f"aggregator.depth={depth} must be at least 1.")
         self.tokens = tokens
         self.self_attn_mode = self_attn
         self.scorer = _scorer(dim, depth, hidden_dim or dim, ACTIVATIONS[activation])
@@ -96,4 +97,4 @@ def _scorer(dim: int, depth: int, hidden: int, activation: type[nn.Module]) -> n
 
 def _check_choice(key: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"aggregator.{key}={value!r} is not one of {sorted(choices)}.")
+        raise ConfigError(f"aggregator.{key}={value!r} is not one of {sorted(choices)}.")

@@ -7,6 +7,7 @@ from timm.layers import AttentionPoolLatent
 from torch import nn
 
 from mim_agg.aggregators.base import Aggregator, register
+from mim_agg.errors import ConfigError
 
 
 @register("attentive_probe")
@@ -31,7 +32,7 @@ class AttentiveProbe(Aggregator):
     ):
         super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
         if dim % num_heads:
-            raise ValueError(f"aggregator.num_heads={num_heads} must divide the token dim {dim}.")
+            raise ConfigError(f"aggregator.num_heads={num_heads} must divide the token dim {dim}.")
         self.input_norm = nn.LayerNorm(dim, eps=1e-6)
         self.pool = AttentionPoolLatent(
             dim,
@@ -69,7 +70,7 @@ class EfficientProbe(Aggregator):
     ):
         super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
         if dim % (num_queries * d_out):
-            raise ValueError(
+            raise ConfigError(
                 f"aggregator.num_queries={num_queries} x d_out={d_out} must divide the dim {dim}."
             )
         self.num_queries = num_queries

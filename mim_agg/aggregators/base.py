@@ -11,6 +11,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from mim_agg.errors import ConfigError
+
 AGGREGATORS: dict[str, type[Aggregator]] = {}
 
 
@@ -40,7 +42,7 @@ class Aggregator(nn.Module):
         self.has_cls = num_prefix_tokens > 0 if has_cls is None else has_cls
         self.out_dim = dim
         if self.needs_cls and not self.has_cls:
-            raise ValueError(
+            raise ConfigError(
                 f"aggregator={self.name!r} reads the [cls] token, but this backbone has none "
                 "(e.g. I-JEPA). Choose an aggregator over patch tokens, such as mean or abmilp."
             )
@@ -86,7 +88,7 @@ def square_side(num_patches: int, name: str) -> int:
     """The side of a square patch grid; aggregators that need the 2-D layout refuse others."""
     side = math.isqrt(num_patches)
     if side * side != num_patches:
-        raise ValueError(
+        raise ConfigError(
             f"aggregator={name!r} needs a square patch grid; got {num_patches} patches."
         )
     return side
@@ -121,7 +123,7 @@ def options_schema(name: str) -> type:
 
 def get_aggregator_class(name: str) -> type[Aggregator]:
     if name not in AGGREGATORS:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown aggregator {name!r}; available: {', '.join(sorted(AGGREGATORS))}."
         )
     return AGGREGATORS[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mim_agg.aggregators.base import WeightedPatchPool, register
+from mim_agg.errors import ConfigError
 
 
 @register("attn_mean")
@@ -29,7 +30,7 @@ class TopKClsAttention(WeightedPatchPool):
     def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, k: int = 16):
         super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
         if not 1 <= k <= num_patches:
-            raise ValueError(f"aggregator.k={k} must lie in [1, {num_patches}] (the patch count).")
+            raise ConfigError(f"aggregator.k={k} must lie in [1, {num_patches}] (the patch count).")
         self.k = k
 
     def pooling_weights(self, tokens, attn=None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mim_agg.aggregators.base import Aggregator, register
+from mim_agg.errors import ConfigError
 
 
 @register("last_n_cls")
@@ -27,7 +28,7 @@ class LastBlocksCls(Aggregator):
     ):
         super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
         if n < 1:
-            raise ValueError(f"aggregator.n={n} must be at least 1.")
+            raise ConfigError(f"aggregator.n={n} must be at least 1.")
         self.num_blocks = n
         self.with_mean = with_mean
         self.out_dim = dim * (n + int(with_mean))

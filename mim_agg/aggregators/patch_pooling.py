@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mim_agg.aggregators.base import Aggregator, register, square_side
+from mim_agg.errors import ConfigError
 
 
 @register("center_crop")
@@ -16,7 +17,7 @@ class CenterCrop(Aggregator):
         super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
         side = square_side(num_patches, self.name)
         if not 1 <= k <= side:
-            raise ValueError(f"aggregator.k={k} must lie in [1, {side}] (the grid side).")
+            raise ConfigError(f"aggregator.k={k} must lie in [1, {side}] (the grid side).")
         start = (side - k) // 2
         window = torch.zeros(side, side)
         window[start : start + k, start : start + k] = 1.0 / (k * k)
@@ -48,7 +49,7 @@ class GeneralizedMean(Aggregator):
     def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, p: float = 3.0):
         super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
         if p <= 0:
-            raise ValueError(f"aggregator.p={p} must be positive.")
+            raise ConfigError(f"aggregator.p={p} must be positive.")
         self.p = nn.Parameter(torch.tensor(float(p)))
 
     def forward(self, tokens, attn=None):

@@ -12,7 +12,7 @@ from torch import nn
 
 from mim_agg.backbones.loading import load_checkpoint_into
 from mim_agg.backbones.tokens import Tokens
-from mim_agg.errors import UserError
+from mim_agg.errors import ConfigError, UserError
 
 
 class FrozenBackbone(nn.Module):
@@ -49,7 +49,9 @@ class FrozenBackbone(nn.Module):
             )
         depth = len(self.model.blocks)
         if not -depth <= block < depth:
-            raise ValueError(f"backbone.block={block} is out of range for {arch} ({depth} blocks).")
+            raise ConfigError(
+                f"backbone.block={block} is out of range for {arch} ({depth} blocks)."
+            )
         self.block = block % depth
         self.model.prune_intermediate_layers([self.block], prune_norm=not final_norm)
         self.final_norm = final_norm
@@ -71,12 +73,12 @@ class FrozenBackbone(nn.Module):
     def provide(self, attn: bool = False, cls_blocks: int = 1) -> None:
         """Also return the attention maps / the ``[cls]`` of ``cls_blocks`` last blocks."""
         if cls_blocks > self.block + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{cls_blocks} blocks' [cls] tokens were asked for, but backbone.block="
                 f"{self.block} leaves only {self.block + 1}."
             )
         if cls_blocks > 1 and not self.has_cls:
-            raise ValueError(
+            raise ConfigError(
                 "[cls] tokens of several blocks were asked for; this backbone has none."
             )
         self.cls_blocks = max(self.cls_blocks, cls_blocks)
@@ -122,7 +124,7 @@ def watch_attention(attn_module: nn.Module, keep) -> torch.utils.hooks.Removable
     module; its ``attn_drop`` (identity in eval) then receives the softmax output.
     """
     if not hasattr(attn_module, "attn_drop"):
-        raise ValueError(
+        raise ConfigError(
             f"{type(attn_module).__name__} does not expose its attention weights, which the "
             "aggregator or analysis needs."
         )
@@ -130,10 +132,17 @@ def watch_attention(attn_module: nn.Module, keep) -> torch.utils.hooks.Removable
     return attn_module.attn_drop.register_forward_hook(lambda _m, _i, output: keep(output))
 
 
+def skeleton(**backbone_config) -> FrozenBackbone:
+    """The backbone's architecture without its weights, on the meta device (no memory, no
+    download): what heads need to be built and checked before any weights are fetched."""
+    with torch.device("meta"):
+        return FrozenBackbone(**{**backbone_config, "weights": None})
+
+
 def create_model(arch: str, weights: str | None, img_size: int) -> nn.Module:
     """Build ``arch`` with random, timm-pretrained (tag) or file weights."""
     if arch not in timm.list_models():
-        raise ValueError(
+        raise ConfigError(
             f"backbone.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*')."
         )
     kwargs = dict(num_classes=0, img_size=img_size)
@@ -141,11 +150,21 @@ def create_model(arch: str, weights: str | None, img_size: int) -> nn.Module:
         return timm.create_model(arch, pretrained=False, **kwargs)
     if is_timm_tag(weights):
         if weights.split(".")[0] != arch:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone.weights={weights!r} belongs to another architecture than "
                 f"backbone.arch={arch!r}; use matching arch and tag."
             )
-        return timm.create_model(weights, pretrained=True, **kwargs)
+        try:
+            return timm.create_model(weights, pretrained=True, **kwargs)
+        except (OSError, RuntimeError, ValueError) as error:  # hub errors are OSErrors
+            raise UserError(
+                f"timm could not fetch the weights backbone.weights={weights!r} "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}): the Hugging Face "
+                "hub is unreachable and they are not in its cache. Pass a checkpoint file "
+                "(backbone.weights=/path/to/model.safetensors or .pth), or fill the cache on a "
+                f'machine online with the same HF_HOME: python -c "import timm; '
+                f"timm.create_model('{weights}', pretrained=True)\""
+            ) from None
     model = timm.create_model(arch, pretrained=False, **kwargs)
     load_checkpoint_into(model, weights)
     return model

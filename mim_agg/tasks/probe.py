@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone
-from mim_agg.backbones.frozen import resolve_normalization
+from mim_agg.backbones.frozen import resolve_normalization, skeleton
 from mim_agg.backbones.oracle import AttentionOracle
 from mim_agg.data import ProbeDataModule
 from mim_agg.probe import LinearProbe, ProbeHead
@@ -176,15 +176,19 @@ def build_probe(cfg: DictConfig, num_classes: int | None = None) -> LinearProbe:
     ``num_classes``: the data's count (default: ``dataset.num_classes``)."""
     num_classes = num_classes or cfg.dataset.num_classes
     grid = head_grid(cfg)
-    backbone = FrozenBackbone(**cfg.backbone)
+    architecture = skeleton(**cfg.backbone)  # heads refuse a backbone before its download
     heads = {
-        name: build_head(cfg, backbone, options, num_classes) for name, (options, _) in grid.items()
+        name: build_head(cfg, architecture, options, num_classes)
+        for name, (options, _) in grid.items()
     }
     aggregators = [head.aggregator for head in heads.values()]
-    backbone.provide(
+    request = dict(
         attn=any("attn" in a.needs for a in aggregators),
         cls_blocks=max(a.num_blocks for a in aggregators),
     )
+    architecture.provide(**request)
+    backbone = FrozenBackbone(**cfg.backbone)
+    backbone.provide(**request)
     return LinearProbe(
         backbone,
         heads,

@@ -154,3 +154,24 @@ def test_a_test_label_out_of_range_fails_before_training(monkeypatch):
     monkeypatch.setitem(sources.SOURCES, "shifted", shifted)
     with pytest.raises(DataError, match=r"The test split .* has labels \[4\] outside \[0, 4\)"):
         datamodule(name="shifted").setup()
+
+
+def test_odd_image_modes_become_8_bit_rgb(tmp_path):
+    from mim_agg.data.sources import load_image
+
+    gradient = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    images = {
+        "gray16.png": Image.fromarray(gradient),
+        "cmyk.jpg": Image.new("CMYK", (16, 16), (0, 255, 255, 0)),
+        "palette.png": Image.new("P", (16, 16), 3),
+        "rgba.png": Image.new("RGBA", (16, 16), (10, 20, 30, 128)),
+        "gray.png": Image.new("L", (16, 16), 77),
+    }
+    for name, image in images.items():
+        image.save(tmp_path / name)
+        loaded = load_image(str(tmp_path / name))
+        assert loaded.mode == "RGB" and loaded.size == (16, 16), name
+    pixels = np.asarray(load_image(str(tmp_path / "gray16.png")))
+    assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255  # rescaled, not clipped to white
+    assert 100 < pixels[8, 0, 0] < 155
+    assert np.asarray(load_image(str(tmp_path / "cmyk.jpg")))[0, 0, 0] > 200  # red stays red

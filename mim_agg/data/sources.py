@@ -152,15 +152,30 @@ SOURCES["imagenet"] = image_folder
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image, naming the file when it cannot be decoded."""
+    """Open an image as 8-bit RGB, naming the file when it cannot be decoded."""
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
-            return image.convert("RGB")
+            return to_rgb(Image.open(handle))
     except OSError as error:
         raise OSError(
             f"Cannot read image {path!r} ({error}); replace or remove the file."
         ) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to 8-bit RGB. 16-bit and float images are rescaled from their full range
+    (PIL's own conversion would clip them to 255, i.e. white); palette images with
+    transparency go through RGBA; CMYK, grayscale and RGBA convert directly."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") and values.max() > 255 else 255.0
+        if image.mode == "F":
+            top = max(float(values.max()), 1e-12)
+        gray = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 def _torchvision(cls, folder_name: str, split_kwargs: tuple[dict, dict]):

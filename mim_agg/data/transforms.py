@@ -9,6 +9,8 @@ from __future__ import annotations
 from timm.data import create_transform
 from torchvision import transforms as T
 
+from mim_agg.data.sources import to_rgb
+
 
 def build_transform(train: bool, img_size: int, mean, std, crop_pct: float = 0.875) -> T.Compose:
     timm_transform = create_transform(
@@ -28,4 +30,4 @@ def build_transform(train: bool, img_size: int, mean, std, crop_pct: float = 0.8
 
 def _to_rgb(image):
     """Grayscale sets (Fashion-MNIST, digits) enter ViTs as three identical channels."""
-    return image.convert("RGB")
+    return to_rgb(image)

@@ -1,5 +1,6 @@
 import json
 import signal
+import time
 
 import pytest
 
@@ -78,3 +79,13 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(no_wandb_login, tmp_path):
         (log,) = attempt.glob("*.wandb")
         data = log.read_bytes()
         assert record["group"].encode() in data and b"probe" in data  # group, job type
+
+
+def test_unreachable_wandb_falls_back_to_offline_at_once(no_wandb_login, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a key: W&B would go online
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    cfg = compose_config([*FAST, "logger=wandb", "probe.epochs=1"], tmp_path)
+    started = time.perf_counter()
+    run(cfg)
+    assert time.perf_counter() - started < 60
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.utils.files import read_json
+
+log = logging.getLogger(__name__)
 
 
 def wandb_mode(requested: str) -> str:
@@ -31,29 +36,64 @@ def _has_wandb_key() -> bool:
         return False
 
 
+def wandb_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def wandb_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether W&B's server accepts a connection within a few seconds: without network,
+    wandb.init would otherwise wait minutes and then fail the run."""
+    url = urllib.parse.urlsplit(wandb_url())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     """A CSV log, and W&B: one run per run folder (its id kept in ``run.json``, so resumed
     and requeued attempts log into the same W&B run), grouped by sweep, named by overrides."""
     # One version folder per attempt: a resumed run never overwrites the log of the last one.
     loggers: list[Logger] = [CSVLogger(save_dir=str(output_dir), name="csv")]
     wandb_cfg = cfg.logger.wandb
-    if wandb_cfg is not None and wandb_mode(wandb_cfg.mode) != "disabled":
-        record = read_json(output_dir / "run.json", default={})
-        wandb = WandbLogger(
-            project=wandb_cfg.project,
-            entity=wandb_cfg.entity,
-            group=wandb_cfg.group or record.get("group", output_dir.name),
-            tags=list(wandb_cfg.tags),
-            name=",".join(record.get("overrides", [])) or output_dir.name,
-            job_type=cfg.task,
-            id=record.get("run_id"),
-            resume="allow",
-            save_dir=str(output_dir),
-            mode=wandb_mode(wandb_cfg.mode),
+    mode = wandb_mode(wandb_cfg.mode) if wandb_cfg is not None else "disabled"
+    if mode == "online" and not wandb_reachable():
+        log.warning(
+            "W&B at %s is unreachable: logging offline (make wandb-sync uploads it later).",
+            wandb_url(),
         )
-        wandb.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        loggers.append(wandb)
+        mode = "offline"
+    if mode == "disabled":
+        return loggers
+    try:
+        loggers.append(start_wandb(cfg, output_dir, mode))
+    except Exception as error:  # wandb's own errors: a bad key, a refusing server
+        if mode != "online":
+            raise
+        log.warning("W&B refused the run (%s): logging offline.", str(error).splitlines()[0])
+        loggers.append(start_wandb(cfg, output_dir, "offline"))
     return loggers
+
+
+def start_wandb(cfg: DictConfig, output_dir: Path, mode: str) -> WandbLogger:
+    wandb_cfg = cfg.logger.wandb
+    record = read_json(output_dir / "run.json", default={})
+    wandb = WandbLogger(
+        project=wandb_cfg.project,
+        entity=wandb_cfg.entity,
+        group=wandb_cfg.group or record.get("group", output_dir.name),
+        tags=list(wandb_cfg.tags),
+        name=",".join(record.get("overrides", [])) or output_dir.name,
+        job_type=cfg.task,
+        id=record.get("run_id"),
+        resume="allow",
+        save_dir=str(output_dir),
+        mode=mode,
+    )
+    wandb.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # starts the run
+    return wandb
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

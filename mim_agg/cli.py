@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from mim_agg.config import register_configs
 from mim_agg.errors import UserError
+from mim_agg.report.runs import job_label, launched_overrides
 from mim_agg.runs.folder import RunContext
 from mim_agg.runs.runner import run_task
 
@@ -47,4 +48,6 @@ def launcher_context() -> RunContext:
     overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith("hydra")]
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return RunContext(overrides)
-    return RunContext(overrides, Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    label = job_label(launched_overrides(sweep_dir))(overrides)
+    return RunContext(overrides, sweep_dir, hydra_cfg.job.num, label)

@@ -69,8 +69,9 @@ def test_rerunning_a_command_finds_its_run_and_a_sweep_links_its_jobs(tmp_path):
     assert links[1].resolve() == run_dir.resolve()
     winners = [json.loads((link / "metrics.json").read_text())["winner"] for link in links]
     assert winners == ["cls", "mean"]
-    groups = [json.loads((link / "run.json").read_text())["group"] for link in links]
-    assert groups == [sweep_dir.name, run_dir.name]  # the W&B group of the run's first job
+    records = [json.loads((link / "run.json").read_text()) for link in links]
+    assert [r["group"] for r in records] == [sweep_dir.name, run_dir.name]  # W&B: first job's
+    assert records[0]["label"] == "aggregator=cls"  # the W&B name: what differs in the sweep
 
 
 @pytest.mark.slow

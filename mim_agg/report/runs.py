@@ -50,8 +50,7 @@ def read_sweeps(sweep_dirs: list[Path]) -> list[Job]:
 def read_sweep(sweep_dir: Path) -> list[Job]:
     """The sweep's jobs, named by the overrides that tell them apart."""
     expected = launched_overrides(sweep_dir)
-    swept = {_key(o) for o in {o for job in expected for o in job} if _varies(o, expected)}
-    name = lambda overrides: " ".join(o for o in overrides if _key(o) in swept)  # noqa: E731
+    name = job_label(expected)
     started = {}
     for link in sweep_dir.iterdir():
         number, _, _ = link.name.partition("-")
@@ -59,6 +58,12 @@ def read_sweep(sweep_dir: Path) -> list[Job]:
             started[int(number)] = read_job(link.resolve(), name)
     jobs = [started.get(n) or Job(name(o), "missing") for n, o in enumerate(expected)]
     return jobs + [job for n, job in sorted(started.items()) if n >= len(expected)]
+
+
+def job_label(jobs: list[list[str]]):
+    """A function naming a job of ``jobs`` by the overrides in which the jobs differ."""
+    swept = {_key(o) for o in {o for job in jobs for o in job} if _varies(o, jobs)}
+    return lambda overrides: " ".join(o for o in overrides if _key(o) in swept)
 
 
 def _key(override: str) -> str:

@@ -44,6 +44,7 @@ class RunContext:
     overrides: list[str] = field(default_factory=list)
     sweep_dir: Path | None = None  # set for the jobs of a multirun
     job_num: int | None = None
+    label: str = ""  # in a sweep: the overrides in which its jobs differ
 
 
 def global_rank() -> int:
@@ -154,6 +155,7 @@ class RunFolder:
         OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)
         record.setdefault("run_id", secrets.token_hex(4))  # the W&B run id of every attempt
         record.setdefault("group", context.sweep_dir.name if context.sweep_dir else self.path.name)
+        record.setdefault("label", context.label or " ".join(context.overrides) or self.path.name)
         record.update(
             name=self.path.name,
             config_hash=config_hash(result_config(cfg)),

@@ -54,7 +54,8 @@ def wandb_reachable(timeout_s: float = 3.0) -> bool:
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     """A CSV log, and W&B: one run per run folder (its id kept in ``run.json``, so resumed
-    and requeued attempts log into the same W&B run), grouped by sweep, named by overrides."""
+    and requeued attempts log into the same W&B run), grouped by sweep, named by what sets it
+    apart from the sweep's other jobs."""
     # One version folder per attempt: a resumed run never overwrites the log of the last one.
     loggers: list[Logger] = [CSVLogger(save_dir=str(output_dir), name="csv")]
     wandb_cfg = cfg.logger.wandb
@@ -85,7 +86,7 @@ def start_wandb(cfg: DictConfig, output_dir: Path, mode: str) -> WandbLogger:
         entity=wandb_cfg.entity,
         group=wandb_cfg.group or record.get("group", output_dir.name),
         tags=list(wandb_cfg.tags),
-        name=",".join(record.get("overrides", [])) or output_dir.name,
+        name=record.get("label", output_dir.name),
         job_type=cfg.task,
         id=record.get("run_id"),
         resume="allow",

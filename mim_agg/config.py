@@ -41,6 +41,7 @@ class DatasetConfig:
     heldout_fraction: float = 0.1
     seed: int = 0
     num_workers: int = 8
+    verify: bool = False  # decode every image before training, naming each broken file
 
 
 @dataclass

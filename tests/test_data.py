@@ -175,3 +175,17 @@ def test_odd_image_modes_become_8_bit_rgb(tmp_path):
     assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255  # rescaled, not clipped to white
     assert 100 < pixels[8, 0, 0] < 155
     assert np.asarray(load_image(str(tmp_path / "cmyk.jpg")))[0, 0, 0] > 200  # red stays red
+
+
+def test_verify_names_every_broken_image_before_training(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "val" / "b" / "2.png").write_bytes(b"truncated")
+    (tmp_path / "train" / "a" / "0.png").write_bytes(b"")
+    data = datamodule(name="image_folder", root=str(tmp_path), num_classes=None, verify=True)
+    with pytest.raises(
+        DataError, match=r"1 of 6 train images cannot be read:\n  Cannot read image '.*0\.png'"
+    ):
+        data.setup()
+    (tmp_path / "train" / "a" / "0.png").unlink()
+    with pytest.raises(DataError, match=r"1 of 6 test images cannot be read:\n  .*b/2\.png"):
+        datamodule(name="image_folder", root=str(tmp_path), num_classes=None, verify=True).setup()

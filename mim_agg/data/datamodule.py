@@ -6,14 +6,17 @@ split, evaluated with the eval transform. The test split is never used to choose
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import lightning as L
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from mim_agg.data.sampling import EpochSampler, seeded_random
-from mim_agg.data.sources import DataError, build_source, classes_of, targets_of
+from mim_agg.data.sources import DataError, build_source, classes_of, load_image, targets_of
 from mim_agg.data.transforms import build_transform
 
 
@@ -44,6 +47,28 @@ class TransformedSubset(Dataset):
         return self.transform(image), target
 
 
+def verify_images(source: Dataset, split: str, workers: int) -> None:
+    """Decode every image file of ``source`` (``dataset.verify=true``), in parallel threads
+    with a progress bar; all broken files are named at once, before any weights load."""
+    paths = [path for path, _ in getattr(source, "samples", [])]  # in-memory sets have none
+    if not paths:
+        return
+    broken = []
+
+    def check(path: str) -> None:
+        try:
+            load_image(path)
+        except OSError as error:
+            broken.append(str(error))
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for _ in tqdm(pool.map(check, paths), total=len(paths), desc=f"verify {split}", unit="img"):
+            pass
+    if broken:
+        shown = "\n  ".join(sorted(broken)[:20])
+        raise DataError(f"{len(broken)} of {len(paths)} {split} images cannot be read:\n  {shown}")
+
+
 class ProbeDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -60,6 +85,7 @@ class ProbeDataModule(L.LightningDataModule):
         heldout_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        verify: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= heldout_fraction < 1.0:
@@ -69,6 +95,7 @@ class ProbeDataModule(L.LightningDataModule):
         self.train_size, self.test_size = train_size, test_size
         self.heldout_fraction = heldout_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.verify = verify
         self.train_transform = build_transform(True, img_size, mean, std)
         self.eval_transform = build_transform(False, img_size, mean, std)
         self.splits: dict[str, TransformedSubset] = {}
@@ -80,6 +107,8 @@ class ProbeDataModule(L.LightningDataModule):
         self.num_classes = self._resolve_num_classes(classes_of(train))
         for split, source in (("train", train), ("test", test)):
             self._check_labels(split, targets_of(source))
+            if self.verify:
+                verify_images(source, split, self.num_workers)
         train_idx = self._subsample(targets_of(train), self.train_size)
         test_idx = self._subsample(targets_of(test), self.test_size)
         heldout_idx = np.array([], dtype=np.int64)

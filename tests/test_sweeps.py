@@ -46,7 +46,7 @@ def test_local_sweep_with_a_failure_and_a_requeue_then_the_report(tmp_path):
     assert " ± " in text and "(2) |" in text  # two seeds averaged
     for seed in (0, 1):
         assert (
-            f"- **failed** `seed={seed} backbone.block=99`: ValueError: backbone.block=99" in text
+            f"- **failed** `seed={seed} backbone.block=99`: ConfigError: backbone.block=99" in text
         )
 
 

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
-from mim_agg.backbones import Tokens
+from mim_agg.backbones import TokenLayout, Tokens
+from mim_agg.backbones.frozen import skeleton
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.probe import ProbeHead
 from mim_agg.runs.runner import run_task as run
@@ -77,20 +78,11 @@ def _one_run(args: argparse.Namespace, overrides: list[str]) -> float:
         return time.perf_counter() - start
 
 
-def head_throughput(name: str, dim: int, grid: int, num_heads: int, args) -> dict:
+def head_throughput(name: str, layout: TokenLayout, args) -> dict:
     """Forward + backward images/s of one head on fixed tokens (no backbone)."""
-    num_tokens, batch = 1 + grid * grid, args.batch_size
-    head = ProbeHead(build_aggregator(name, dim, grid * grid), num_classes=args.classes)
-    tokens = Tokens(
-        all=torch.randn(batch, num_tokens, dim),
-        num_prefix_tokens=1,
-        has_cls=True,
-        grid=(grid, grid),
-        attn=torch.randn(batch, num_heads, num_tokens, num_tokens).softmax(-1),
-        block_cls=torch.randn(batch, head.aggregator.num_blocks, dim),
-        oracle_attn=torch.randn(batch, grid * grid).softmax(-1),
-    )
-    targets = torch.randint(args.classes, (batch,))
+    head = ProbeHead(build_aggregator(name, layout), num_classes=args.classes)
+    tokens = Tokens.example(layout, head.aggregator.request(), args.batch_size, seed=0)
+    targets = torch.randint(args.classes, (args.batch_size,))
     optimizer = torch.optim.SGD(head.parameters(), lr=0.01)
     images, start = 0, time.perf_counter()
     while time.perf_counter() - start < args.head_seconds or images == 0:
@@ -122,12 +114,8 @@ def main() -> None:
         ],
     )
     no_oracle = probe_wall_time(args, ["aggregator=cls", "heads=all", "~heads.oracle_attn"])
-    model = __import__("timm").create_model(args.arch, img_size=args.img_size)
-    dim, grid = model.embed_dim, model.patch_embed.grid_size[0]
-    heads = {
-        name: head_throughput(name, dim, grid, model.blocks[-1].attn.num_heads, args)
-        for name in sorted(AGGREGATORS)
-    }
+    layout = skeleton(arch=args.arch, img_size=args.img_size).layout
+    heads = {name: head_throughput(name, layout, args) for name in sorted(AGGREGATORS)}
     report = {
         "setup": {
             **vars(args),

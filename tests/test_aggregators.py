@@ -1,11 +1,19 @@
 import pytest
 import torch
 
-from mim_agg.aggregators import AGGREGATORS, build_aggregator
-from mim_agg.backbones import Tokens
+from mim_agg.aggregators import AGGREGATORS, aggregate, build_aggregator
+from mim_agg.backbones import TokenLayout, TokenRequest, Tokens
 
 DIM, SIDE = 32, 4
 NUM_PATCHES = SIDE * SIDE
+
+
+def layout(prefix=1, heads=2) -> TokenLayout:
+    return TokenLayout(DIM, prefix, prefix > 0, (SIDE, SIDE), num_heads=heads, depth=4)
+
+
+def build(name, prefix=1, **options):
+    return build_aggregator(name, layout(prefix), **options)
 
 
 def tokens_and_attn(batch=3, prefix=1, heads=2, seed=0):
@@ -17,45 +25,50 @@ def tokens_and_attn(batch=3, prefix=1, heads=2, seed=0):
     return tokens, logits.softmax(-1)
 
 
-def extras(aggregator, tokens, attn, prefix=1) -> dict:
-    """The keyword inputs the aggregator ``needs``, as the backbone stage would provide them."""
+def wrap(tokens, attn=None, prefix=1, **extra) -> Tokens:
+    """``Tokens`` as a live source would hand them over: the ``[cls]`` row of ``attn``."""
+    cls_attn = attn[:, :, 0, prefix:] if attn is not None and prefix else None
+    return Tokens(layout(prefix, heads=2), tokens, cls_attn=cls_attn, **extra)
+
+
+def full(tokens, attn, prefix=1) -> Tokens:
+    """Every optional field filled, as the source would for any head's request."""
     generator = torch.Generator().manual_seed(1)
-    available = Tokens(
+    return wrap(
         tokens,
+        attn,
         prefix,
-        True,
-        (SIDE, SIDE),
-        attn=attn,
         block_cls=torch.randn(len(tokens), 4, DIM, generator=generator),
         oracle_attn=torch.rand(len(tokens), NUM_PATCHES, generator=generator).softmax(-1),
     )
-    return available.inputs(aggregator.needs)
 
 
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 @pytest.mark.parametrize("prefix", [1, 5])  # [cls] alone, and [cls] + 4 registers
 def test_every_aggregator_returns_out_dim(name, prefix):
-    aggregator = build_aggregator(name, DIM, NUM_PATCHES, num_prefix_tokens=prefix)
+    aggregator = build(name, prefix=prefix)
     tokens, attn = tokens_and_attn(prefix=prefix)
-    out = aggregator(tokens, **extras(aggregator, tokens, attn, prefix))
+    out = aggregator(full(tokens, attn, prefix))
     assert out.shape == (3, aggregator.out_dim)
     assert torch.isfinite(out).all()
 
 
 def test_cls_mean_and_concat_equal_direct_indexing():
     tokens, _ = tokens_and_attn(prefix=5)
-    cls = build_aggregator("cls", DIM, NUM_PATCHES, num_prefix_tokens=5)
-    mean = build_aggregator("mean", DIM, NUM_PATCHES, num_prefix_tokens=5)
-    both = build_aggregator("cls_mean", DIM, NUM_PATCHES, num_prefix_tokens=5)
-    torch.testing.assert_close(cls(tokens), tokens[:, 0])
-    torch.testing.assert_close(mean(tokens), tokens[:, 5:].mean(1))
-    torch.testing.assert_close(both(tokens), torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], 1))
+    cls = build("cls", prefix=5)
+    mean = build("mean", prefix=5)
+    both = build("cls_mean", prefix=5)
+    torch.testing.assert_close(cls(wrap(tokens, prefix=5)), tokens[:, 0])
+    torch.testing.assert_close(mean(wrap(tokens, prefix=5)), tokens[:, 5:].mean(1))
+    torch.testing.assert_close(
+        both(wrap(tokens, prefix=5)), torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], 1)
+    )
     assert both.out_dim == 2 * DIM
 
 
 def test_abmilp_depth_one_is_softmax_of_linear_scores():
     torch.manual_seed(0)
-    aggregator = build_aggregator("abmilp", DIM, NUM_PATCHES)
+    aggregator = build("abmilp")
     tokens, _ = tokens_and_attn()
     linear = aggregator.scorer[0]
     patches = tokens[:, 1:]
@@ -64,44 +77,46 @@ def test_abmilp_depth_one_is_softmax_of_linear_scores():
         scores = torch.stack([linear.weight[0] @ z + linear.bias[0] for z in image])
         weights = torch.exp(scores) / torch.exp(scores).sum()
         expected.append(sum(w * z for w, z in zip(weights, image, strict=True)))
-    torch.testing.assert_close(aggregator(tokens), torch.stack(expected))
+    torch.testing.assert_close(aggregator(wrap(tokens)), torch.stack(expected))
     assert len(aggregator.scorer) == 1 and linear.out_features == 1
 
 
 def test_abmilp_weights_are_a_distribution_over_patches():
-    aggregator = build_aggregator("abmilp", DIM, NUM_PATCHES, depth=3, activation="relu")
+    aggregator = build("abmilp", depth=3, activation="relu")
     tokens, _ = tokens_and_attn()
-    weights = aggregator.pooling_weights(tokens)
+    weights = aggregator.pooling_weights(wrap(tokens))
     assert weights.shape == (3, NUM_PATCHES)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3))
 
 
 def test_abmilp_all_tokens_include_cls():
-    aggregator = build_aggregator("abmilp", DIM, NUM_PATCHES, tokens="all")
+    aggregator = build("abmilp", tokens="all")
     tokens, _ = tokens_and_attn()
     with torch.no_grad():
         aggregator.scorer[0].weight.zero_()
         aggregator.scorer[0].bias.zero_()
-    torch.testing.assert_close(aggregator(tokens), tokens.mean(1))
+    torch.testing.assert_close(aggregator(wrap(tokens)), tokens.mean(1))
 
 
 def test_abmilp_position_conditioning_is_fixed_and_changes_scores():
     torch.manual_seed(0)
-    conditioned = build_aggregator("abmilp", DIM, NUM_PATCHES, pos_cond=True, self_attn="both")
+    conditioned = build("abmilp", pos_cond=True, self_attn="both")
     before = conditioned.pos_embed.clone()
     assert "pos_embed" not in dict(conditioned.named_parameters())
     optimizer = torch.optim.SGD(conditioned.parameters(), lr=1.0)
     tokens, _ = tokens_and_attn()
-    conditioned(tokens).pow(2).sum().backward()
+    conditioned(wrap(tokens)).pow(2).sum().backward()
     optimizer.step()
     torch.testing.assert_close(conditioned.pos_embed, before)
     assert before.abs().sum() > 0
 
     torch.manual_seed(0)
-    plain = build_aggregator("abmilp", DIM, NUM_PATCHES)
-    conditioned = build_aggregator("abmilp", DIM, NUM_PATCHES, pos_cond=True)
+    plain = build("abmilp")
+    conditioned = build("abmilp", pos_cond=True)
     conditioned.load_state_dict(plain.state_dict())
-    assert not torch.allclose(conditioned.pooling_weights(tokens), plain.pooling_weights(tokens))
+    assert not torch.allclose(
+        conditioned.pooling_weights(wrap(tokens)), plain.pooling_weights(wrap(tokens))
+    )
 
 
 def test_topk_attn_picks_the_most_attended_patches():
@@ -110,21 +125,21 @@ def test_topk_attn_picks_the_most_attended_patches():
     # Head 0 favours patches 3 and 7, head 1 favours 7 and 12; patch 0 is only liked by head 0.
     attn[0, 0, 0, 1 + torch.tensor([3, 7, 0])] = torch.tensor([0.5, 0.3, 0.2])
     attn[0, 1, 0, 1 + torch.tensor([7, 12])] = torch.tensor([0.6, 0.4])
-    aggregator = build_aggregator("topk_attn", DIM, NUM_PATCHES, k=3)
-    chosen = aggregator.pooling_weights(tokens, attn)[0].nonzero().flatten().tolist()
+    aggregator = build("topk_attn", k=3)
+    chosen = aggregator.pooling_weights(wrap(tokens, attn))[0].nonzero().flatten().tolist()
     assert chosen == [3, 7, 12]
     torch.testing.assert_close(
-        aggregator(tokens, attn), tokens[:, 1 + torch.tensor([3, 7, 12])].mean(1)
+        aggregator(wrap(tokens, attn)), tokens[:, 1 + torch.tensor([3, 7, 12])].mean(1)
     )
 
 
 def test_attn_mean_renormalises_cls_attention_over_patches():
     tokens, attn = tokens_and_attn(prefix=2)
-    aggregator = build_aggregator("attn_mean", DIM, NUM_PATCHES, num_prefix_tokens=2)
+    aggregator = build("attn_mean", prefix=2)
     weights = attn[:, :, 0, 2:].mean(1)
     weights = weights / weights.sum(-1, keepdim=True)
     expected = torch.einsum("bn,bnd->bd", weights, tokens[:, 2:])
-    torch.testing.assert_close(aggregator(tokens, attn), expected)
+    torch.testing.assert_close(aggregator(wrap(tokens, attn, prefix=2)), expected)
 
 
 @pytest.mark.parametrize(
@@ -132,50 +147,51 @@ def test_attn_mean_renormalises_cls_attention_over_patches():
 )
 def test_cls_aggregators_refuse_backbones_without_cls(name):
     with pytest.raises(ValueError, match=r"\[cls\] token.*has none"):
-        build_aggregator(name, DIM, NUM_PATCHES, num_prefix_tokens=0)
+        build(name, prefix=0)
 
 
 def test_unknown_aggregator_names_the_available_ones():
     with pytest.raises(ValueError, match="Unknown aggregator 'nope'; available: abmilp"):
-        build_aggregator("nope", DIM, NUM_PATCHES)
+        build("nope")
 
 
 def test_bad_option_values_are_rejected():
     with pytest.raises(ValueError, match="aggregator.self_attn='sideways'"):
-        build_aggregator("abmilp", DIM, NUM_PATCHES, self_attn="sideways")
+        build("abmilp", self_attn="sideways")
     with pytest.raises(ValueError, match=r"aggregator.k=99 must lie in \[1, 16\]"):
-        build_aggregator("topk_attn", DIM, NUM_PATCHES, k=99)
+        build("topk_attn", k=99)
 
 
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_register_tokens_never_reach_the_output(name):
     torch.manual_seed(0)
-    aggregator = build_aggregator(name, DIM, NUM_PATCHES, num_prefix_tokens=5).eval()
+    aggregator = build(name, prefix=5).eval()
     tokens, attn = tokens_and_attn(prefix=5)
     moved = tokens.clone()
     moved[:, 1:5] += 100.0  # registers sit between [cls] and the patches
-    inputs = extras(aggregator, tokens, attn, prefix=5)
-    torch.testing.assert_close(aggregator(moved, **inputs), aggregator(tokens, **inputs))
+    original = full(tokens, attn, prefix=5)
+    shifted = full(moved, attn, prefix=5)
+    torch.testing.assert_close(aggregator(shifted), aggregator(original))
 
 
 def test_center_crop_on_a_4x4_grid():
     tokens, _ = tokens_and_attn()
-    aggregator = build_aggregator("center_crop", DIM, NUM_PATCHES, k=2)
+    aggregator = build("center_crop", k=2)
     central = 1 + torch.tensor([5, 6, 9, 10])  # rows 1-2, columns 1-2 of the 4x4 grid
-    torch.testing.assert_close(aggregator(tokens), tokens[:, central].mean(1))
-    whole = build_aggregator("center_crop", DIM, NUM_PATCHES, k=4)
-    torch.testing.assert_close(whole(tokens), tokens[:, 1:].mean(1))
+    torch.testing.assert_close(aggregator(wrap(tokens)), tokens[:, central].mean(1))
+    whole = build("center_crop", k=4)
+    torch.testing.assert_close(whole(wrap(tokens)), tokens[:, 1:].mean(1))
 
 
 def test_gem_with_p_one_is_the_mean_and_max_is_the_max():
     tokens, _ = tokens_and_attn()
-    gem = build_aggregator("gem", DIM, NUM_PATCHES, p=1.0)
-    torch.testing.assert_close(gem(tokens), tokens[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+    gem = build("gem", p=1.0)
+    torch.testing.assert_close(gem(wrap(tokens)), tokens[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
     positive = tokens.abs() + 0.1
-    sharp = build_aggregator("gem", DIM, NUM_PATCHES, p=60.0)
-    maximum = build_aggregator("max", DIM, NUM_PATCHES)
-    torch.testing.assert_close(maximum(tokens), tokens[:, 1:].max(1).values)
-    torch.testing.assert_close(sharp(positive), maximum(positive), rtol=0.06, atol=0.0)
+    sharp = build("gem", p=60.0)
+    maximum = build("max")
+    torch.testing.assert_close(maximum(wrap(tokens)), tokens[:, 1:].max(1).values)
+    torch.testing.assert_close(sharp(wrap(positive)), maximum(wrap(positive)), rtol=0.06, atol=0.0)
     assert [n for n, _ in gem.named_parameters()] == ["p"]
 
 
@@ -189,28 +205,30 @@ def test_attn_min_entropy_picks_the_sharpest_head_per_image():
         0.1,
     )  # [cls] self-attention is dropped, then renormalised
     attn[0, 1, 0], attn[1, 0, 0] = sharp, sharp
-    aggregator = build_aggregator("attn_min_entropy", DIM, NUM_PATCHES)
-    weights = aggregator.pooling_weights(tokens, attn)
+    aggregator = build("attn_min_entropy")
+    weights = aggregator.pooling_weights(wrap(tokens, attn))
     expected = torch.zeros(NUM_PATCHES)
     expected[2], expected[7] = 0.8, 0.2
     torch.testing.assert_close(weights, torch.stack([expected, expected]))
-    torch.testing.assert_close(aggregator(tokens, attn)[0], 0.8 * tokens[0, 3] + 0.2 * tokens[0, 8])
+    torch.testing.assert_close(
+        aggregator(wrap(tokens, attn))[0], 0.8 * tokens[0, 3] + 0.2 * tokens[0, 8]
+    )
 
 
 def test_gated_abmilp_matches_ilse_et_al():
     torch.manual_seed(0)
-    aggregator = build_aggregator("abmilp_gated", DIM, NUM_PATCHES, hidden_dim=5)
+    aggregator = build("abmilp_gated", hidden_dim=5)
     tokens, _ = tokens_and_attn()
     V, U, w = aggregator.tanh_branch, aggregator.sigmoid_branch, aggregator.scorer
     patches = tokens[:, 1:]
     scores = w(torch.tanh(V(patches)) * torch.sigmoid(U(patches))).squeeze(-1)
     expected = (scores.softmax(-1).unsqueeze(-1) * patches).sum(1)
-    torch.testing.assert_close(aggregator(tokens), expected)
+    torch.testing.assert_close(aggregator(wrap(tokens)), expected)
 
 
 def test_efficient_probe_matches_a_naive_loop():
     torch.manual_seed(0)
-    aggregator = build_aggregator("efficient_probe", DIM, NUM_PATCHES, num_queries=4, d_out=2)
+    aggregator = build("efficient_probe", num_queries=4, d_out=2)
     tokens, _ = tokens_and_attn(batch=2)
     assert aggregator.out_dim == DIM // 2
     assert {n for n, _ in aggregator.named_parameters()} == {"queries", "values.weight"}
@@ -224,27 +242,27 @@ def test_efficient_probe_matches_a_naive_loop():
             expected[b, j * chunk : (j + 1) * chunk] = (
                 weights @ values[:, j * chunk : (j + 1) * chunk]
             )
-    torch.testing.assert_close(aggregator(tokens), expected)
+    torch.testing.assert_close(aggregator(wrap(tokens)), expected)
 
 
 def test_simpool_matches_a_direct_computation():
     torch.manual_seed(0)
-    aggregator = build_aggregator("simpool", DIM, NUM_PATCHES)
+    aggregator = build("simpool")
     tokens, _ = tokens_and_attn()
     patches = tokens[:, 1:]
     normed = torch.nn.functional.layer_norm(patches, (DIM,), eps=1e-6)
     query = patches.mean(1) @ aggregator.query.weight.T
     keys = normed @ aggregator.key.weight.T
     weights = torch.softmax(torch.einsum("bd,bnd->bn", query, keys) / DIM**0.5, dim=-1)
-    torch.testing.assert_close(aggregator(tokens), torch.einsum("bn,bnd->bd", weights, normed))
-    torch.testing.assert_close(aggregator.pooling_weights(tokens), weights)
+    torch.testing.assert_close(
+        aggregator(wrap(tokens)), torch.einsum("bn,bnd->bd", weights, normed)
+    )
+    torch.testing.assert_close(aggregator.pooling_weights(wrap(tokens)), weights)
 
 
 def test_attentive_probe_is_cross_attention_from_learned_queries():
     torch.manual_seed(0)
-    aggregator = build_aggregator(
-        "attentive_probe", DIM, NUM_PATCHES, num_queries=2, num_heads=4, mlp=False
-    )
+    aggregator = build("attentive_probe", num_queries=2, num_heads=4, mlp=False)
     tokens, _ = tokens_and_attn(batch=2)
     pool = aggregator.pool
     x = torch.nn.functional.layer_norm(tokens[:, 1:], (DIM,), eps=1e-6)
@@ -252,24 +270,60 @@ def test_attentive_probe_is_cross_attention_from_learned_queries():
     k, v = pool.kv(x).reshape(2, NUM_PATCHES, 2, 4, DIM // 4).permute(2, 0, 3, 1, 4)
     attended = ((q @ k.transpose(-2, -1)) * (DIM // 4) ** -0.5).softmax(-1) @ v
     expected = attended.transpose(1, 2).reshape(2, 2, DIM).mean(1)
-    torch.testing.assert_close(aggregator(tokens), expected)
+    torch.testing.assert_close(aggregator(wrap(tokens)), expected)
 
 
 def test_last_n_cls_concatenates_block_cls_and_patch_mean():
     tokens, _ = tokens_and_attn()
     block_cls = torch.randn(3, 4, DIM)
-    aggregator = build_aggregator("last_n_cls", DIM, NUM_PATCHES, n=2)
+    aggregator = build("last_n_cls", n=2)
     expected = torch.cat([block_cls[:, 2], block_cls[:, 3], tokens[:, 1:].mean(1)], dim=1)
-    torch.testing.assert_close(aggregator(tokens, block_cls=block_cls), expected)
-    assert aggregator.out_dim == 3 * DIM and aggregator.num_blocks == 2
-    only_cls = build_aggregator("last_n_cls", DIM, NUM_PATCHES, n=4, with_mean=False)
-    torch.testing.assert_close(only_cls(tokens, block_cls=block_cls), block_cls.flatten(1))
+    torch.testing.assert_close(aggregator(wrap(tokens, block_cls=block_cls)), expected)
+    assert aggregator.out_dim == 3 * DIM and aggregator.request().cls_blocks == 2
+    only_cls = build("last_n_cls", n=4, with_mean=False)
+    torch.testing.assert_close(only_cls(wrap(tokens, block_cls=block_cls)), block_cls.flatten(1))
 
 
 def test_oracle_attn_pools_with_the_oracles_weights():
     tokens, _ = tokens_and_attn()
     weights = torch.rand(3, NUM_PATCHES).softmax(-1)
-    aggregator = build_aggregator("oracle_attn", DIM, NUM_PATCHES, oracle_weights=None)
+    aggregator = build("oracle_attn", oracle_weights=None)
     expected = torch.einsum("bn,bnd->bd", weights, tokens[:, 1:])
-    torch.testing.assert_close(aggregator(tokens, oracle_attn=weights), expected)
-    assert aggregator.oracle == ("vit_base_patch16_224", None)
+    torch.testing.assert_close(aggregator(wrap(tokens, oracle_attn=weights)), expected)
+    assert aggregator.request().oracle == ("vit_base_patch16_224", None)
+
+
+def test_requests_merge_over_heads():
+    attn = build("attn_mean").request()
+    blocks = build("last_n_cls", n=3).request()
+    merged = TokenRequest() | attn | blocks
+    assert merged == TokenRequest(tokens=True, cls_attn=True, cls_blocks=3)
+    assert build("last_n_cls", n=2, with_mean=False).request().tokens is False
+    first = build("oracle_attn", oracle_weights=None).request()
+    second = build("oracle_attn", oracle_arch="vit_small_patch16_224").request()
+    with pytest.raises(ValueError, match="One run holds one attention oracle"):
+        first | second
+
+
+def test_keys_name_every_option_with_defaults_filled_in():
+    assert build("topk_attn").cache_key == build("topk_attn", k=16).cache_key == "topk_attn(k=16)"
+    assert build("topk_attn", k=4).cache_key != build("topk_attn").cache_key
+    assert build("cls").cache_key == "cls()"
+
+
+def test_parameter_free_aggregators_are_those_a_cache_can_store_pooled():
+    free = {name for name in AGGREGATORS if build(name).parameter_free}
+    assert free == {
+        "cls", "mean", "cls_mean", "center_crop", "max", "last_n_cls",
+        "attn_mean", "topk_attn", "attn_min_entropy", "oracle_attn",
+    }  # fmt: skip
+
+
+def test_a_served_output_replaces_the_computation():
+    tokens, attn = tokens_and_attn()
+    aggregator = build("attn_mean")
+    served = wrap(None, pooled={aggregator.cache_key: torch.ones(3, DIM)})
+    torch.testing.assert_close(aggregate(aggregator, served), torch.ones(3, DIM))
+    torch.testing.assert_close(
+        aggregate(aggregator, wrap(tokens, attn)), aggregator(wrap(tokens, attn))
+    )

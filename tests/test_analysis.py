@@ -95,7 +95,7 @@ def naive_statistics(model, images, prefix):
 
 def traced_statistics(backbone, images, batch_size):
     accumulator = StatisticsAccumulator(len(backbone.model.blocks))
-    prefix, has_cls = backbone.num_prefix_tokens, backbone.has_cls
+    prefix, has_cls = backbone.layout.num_prefix_tokens, backbone.layout.has_cls
     with trace_blocks(backbone.model.blocks) as records:
         for batch in images.split(batch_size):
             backbone(batch)
@@ -103,7 +103,7 @@ def traced_statistics(backbone, images, batch_size):
                 accumulator.add(index, attention_statistics(record.attn, prefix, has_cls))
                 accumulator.add(index, update_ratios(record.input, record.update, prefix, has_cls))
             accumulator.count(len(batch))
-    return accumulator.result(backbone.num_patches)
+    return accumulator.result(backbone.layout.num_patches)
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,7 @@ def test_every_statistic_matches_a_naive_loop(arch, size):
     backbone = FrozenBackbone(arch, img_size=size)
     images = torch.randn(3, 3, size, size)
     result = traced_statistics(backbone, images, batch_size=3)
-    expected = naive_statistics(backbone.model, images, backbone.num_prefix_tokens)
+    expected = naive_statistics(backbone.model, images, backbone.layout.num_prefix_tokens)
     assert set(result["stats"]) == set(expected)
     for name, values in expected.items():
         assert result["stats"][name] == pytest.approx(values, rel=1e-6), name
@@ -139,7 +139,7 @@ def test_streaming_equals_one_big_batch():
 
 def test_uniform_attention_has_maximal_entropy():
     backbone = FrozenBackbone("vit_tiny_patch16_224", img_size=64)
-    dim = backbone.dim
+    dim = backbone.layout.dim
     for block in backbone.model.blocks:  # q = k = 0: every query attends uniformly
         block.attn.qkv.weight[: 2 * dim].zero_()
         block.attn.qkv.bias[: 2 * dim].zero_()
@@ -215,7 +215,6 @@ def test_probe_checkpoint_adds_its_pooling_weights(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     with trace_blocks(backbone.model.blocks) as records:
         tokens = backbone(images)
-        tokens.attn = records[-1].attn
         collector.add(images, torch.tensor([0, 1]), tokens, records)
     assert "probe: abmilp weights" in collector.maps
     assert collector.maps["probe: abmilp weights"][0].shape == (2, 4, 4)

@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from mim_agg.backbones import FrozenBackbone
+from mim_agg.backbones import FrozenBackbone, TokenRequest
 from mim_agg.backbones.oracle import AttentionOracle
 from tests.helpers import TINY_ARCH
 
@@ -120,9 +120,8 @@ def test_block_tokens_equal_timms_own_block_outputs(
 
 def test_attention_maps_match_a_manual_computation(tmp_path, tiny_vit, tiny_state_dict):
     torch.save(tiny_state_dict, tmp_path / "w.pth")
-    backbone = FrozenBackbone(
-        TINY_ARCH, str(tmp_path / "w.pth"), block=2, img_size=32, return_attn=True
-    )
+    backbone = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), block=2, img_size=32)
+    backbone.provide(TokenRequest(cls_attn=True))
     x = images(32)
     tokens = backbone(x)
     with torch.no_grad():
@@ -134,7 +133,7 @@ def test_attention_maps_match_a_manual_computation(tmp_path, tiny_vit, tiny_stat
         attn = small.blocks[2].attn
         qkv = attn.qkv(small.blocks[2].norm1(hidden)).reshape(2, 5, 3, 3, 64).permute(2, 0, 3, 1, 4)
         expected = (qkv[0] @ qkv[1].transpose(-2, -1) * attn.scale).softmax(-1)
-    torch.testing.assert_close(tokens.attn, expected)
+    torch.testing.assert_close(tokens.cls_attn, expected[:, :, 0, 1:])  # the [cls] row alone
     assert backbone.model.blocks[0].attn.fused_attn  # other blocks keep the fused kernel
     assert not backbone.model.blocks[2].attn.fused_attn
 
@@ -142,7 +141,7 @@ def test_attention_maps_match_a_manual_computation(tmp_path, tiny_vit, tiny_stat
 def test_other_image_size_interpolates_position_embeddings(tmp_path, tiny_state_dict):
     torch.save(tiny_state_dict, tmp_path / "w.pth")
     backbone = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), img_size=64)
-    assert backbone.grid == (4, 4) and backbone.num_patches == 16
+    assert backbone.layout.grid == (4, 4) and backbone.layout.num_patches == 16
     assert backbone.model.pos_embed.shape == (1, 17, 192)
     torch.testing.assert_close(backbone.model.pos_embed[:, 0], tiny_state_dict["pos_embed"][:, 0])
     assert backbone(images(64)).all.shape == (2, 17, 192)
@@ -161,14 +160,14 @@ def test_frozen_means_no_grad_eval_and_inference_mode():
 def test_registers_are_prefix_tokens():
     backbone = FrozenBackbone("vit_small_patch14_reg4_dinov2", img_size=28)
     tokens = backbone(images(28, batch=1))
-    assert backbone.num_prefix_tokens == 5 and backbone.has_cls
+    assert backbone.layout.num_prefix_tokens == 5 and backbone.layout.has_cls
     assert tokens.prefix.shape[1] == 5 and tokens.patches.shape[1] == 4
 
 
 def test_cls_of_several_blocks_equal_timms_intermediates(tmp_path, tiny_vit, tiny_state_dict):
     torch.save(tiny_state_dict, tmp_path / "w.pth")
     backbone = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), block=6, img_size=224)
-    backbone.provide(cls_blocks=3)
+    backbone.provide(TokenRequest(cls_blocks=3))
     x = images(224, batch=1)
     tokens = backbone(x)
     with torch.no_grad():
@@ -182,7 +181,7 @@ def test_cls_of_several_blocks_equal_timms_intermediates(tmp_path, tiny_vit, tin
     torch.testing.assert_close(tokens.block_cls, torch.stack([p[:, 0] for _, p in expected], 1))
     torch.testing.assert_close(tokens.all[:, 1:], expected[-1][0])
     with pytest.raises(ValueError, match="leaves only 7"):
-        backbone.provide(cls_blocks=8)
+        backbone.provide(TokenRequest(cls_blocks=8))
 
 
 def test_attention_oracle_renormalises_images_and_resamples_its_grid(tmp_path, tiny_state_dict):
@@ -193,11 +192,12 @@ def test_attention_oracle_renormalises_images_and_resamples_its_grid(tmp_path, t
     raw = torch.rand(2, 3, 64, 64)
     probed_view = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     weights = oracle(probed_view)
-    reference = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), img_size=64, return_attn=True)
+    reference = FrozenBackbone(TINY_ARCH, str(tmp_path / "w.pth"), img_size=64)
+    reference.provide(TokenRequest(cls_attn=True))
     imagenet = (raw - torch.tensor(reference.mean).view(1, 3, 1, 1)) / torch.tensor(
         reference.std
     ).view(1, 3, 1, 1)
-    cls_attn = reference(imagenet).attn[:, :, 0, 1:].mean(1).view(2, 1, 4, 4)
+    cls_attn = reference(imagenet).cls_attn.mean(1).view(2, 1, 4, 4)
     expected = torch.nn.functional.avg_pool2d(cls_attn, 2).flatten(1)  # bilinear 4->2 = 2x2 mean
     expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-4)

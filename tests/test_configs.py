@@ -10,11 +10,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
-from mim_agg.backbones import FrozenBackbone
+from mim_agg.backbones import FrozenBackbone, TokenLayout
 from mim_agg.backbones.frozen import is_timm_tag
+from mim_agg.builders import build_datamodule, head_grid
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.probe.module import OPTIMIZERS
-from mim_agg.tasks.probe import accumulation, build_datamodule, head_grid
+from mim_agg.tasks.probe import accumulation
 from mim_agg.utils.loggers import build_loggers
 from tests.helpers import PROJECT_ROOT, compose_config
 
@@ -45,14 +46,15 @@ def test_backbone_options(name, tmp_path):
     assert cfg.weights is None or is_timm_tag(cfg.weights), f"{cfg.weights} is no timm tag"
     with torch.device("meta"):  # real modules, no memory, no download
         backbone = FrozenBackbone(**{**cfg, "weights": None})
-    assert backbone.num_patches == (cfg.img_size // backbone.model.patch_embed.patch_size[0]) ** 2
+    patch = backbone.model.patch_embed.patch_size[0]
+    assert backbone.layout.num_patches == (cfg.img_size // patch) ** 2
 
 
 @pytest.mark.parametrize("name", options("aggregator"))
 def test_aggregator_options(name, tmp_path):
     cfg = OmegaConf.to_container(compose_config([f"aggregator={name}"], tmp_path).aggregator)
     assert cfg["name"] == name
-    aggregator = build_aggregator(dim=192, num_patches=196, num_prefix_tokens=1, **cfg)
+    aggregator = build_aggregator(layout=TokenLayout(192, 1, True, (14, 14)), **cfg)
     assert aggregator.out_dim >= 192
 
 
@@ -63,7 +65,7 @@ def test_heads_options(name, tmp_path):
     assert "cls" in grid  # the `aggregator` head is always part of the grid
     for options, blr in grid.values():
         assert blr == cfg.probe.blr
-        build_aggregator(dim=768, num_patches=196, **options)
+        build_aggregator(layout=TokenLayout(768, 1, True, (14, 14)), **options)
     if name == "all":
         assert {options["name"] for options, _ in grid.values()} == set(AGGREGATORS)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from lightning import Trainer, seed_everything
 
+from mim_agg.builders import build_datamodule, build_probe, head_grid
 from mim_agg.runs.runner import run_task as run
-from mim_agg.tasks.probe import build_datamodule, build_probe, head_grid
 from tests.helpers import FAST, compose_config
 
 GRID = [

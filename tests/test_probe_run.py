@@ -7,9 +7,9 @@ import pytest
 import torch
 from lightning import Trainer
 
+from mim_agg.builders import build_datamodule, build_probe
 from mim_agg.runs.folder import RunFolderError
 from mim_agg.runs.runner import run_task as run
-from mim_agg.tasks.probe import build_datamodule, build_probe
 from tests.helpers import FAST, compose_config
 
 
@@ -86,7 +86,7 @@ def test_another_config_never_resumes_this_runs_checkpoint(finished_run):
 def test_backbone_stays_frozen_through_fit(tmp_path):
     cfg = compose_config([*FAST, "aggregator=mean"], tmp_path)
     model = build_probe(cfg)
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    before = {k: v.clone() for k, v in model.source.backbone.state_dict().items()}
     trainer = Trainer(
         max_epochs=cfg.probe.epochs,
         accelerator="cpu",
@@ -95,9 +95,9 @@ def test_backbone_stays_frozen_through_fit(tmp_path):
         enable_progress_bar=False,
     )
     trainer.fit(model, datamodule=build_datamodule(cfg))
-    assert not model.backbone.training and not any(m.training for m in model.backbone.modules())
+    assert not model.source.backbone.training and not any(m.training for m in model.source.backbone.modules())
     assert model.heads.training  # Lightning's switch still reaches the heads
-    for key, value in model.backbone.state_dict().items():
+    for key, value in model.source.backbone.state_dict().items():
         torch.testing.assert_close(value, before[key])
     group = trainer.optimizers[0].param_groups[0]
     assert group["initial_lr"] == pytest.approx(1.0 * 16 / 256)  # blr x batch / 256

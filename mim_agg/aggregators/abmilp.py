@@ -7,6 +7,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
 from mim_agg.aggregators.base import Aggregator, pool, register, square_side
+from mim_agg.backbones.tokens import Tokens
 from mim_agg.errors import ConfigError
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -30,10 +31,7 @@ class AbMILP(Aggregator):
 
     def __init__(
         self,
-        dim,
-        num_patches,
-        num_prefix_tokens=1,
-        has_cls=None,
+        layout,
         *,
         depth: int = 1,
         hidden_dim: int | None = None,
@@ -42,7 +40,8 @@ class AbMILP(Aggregator):
         pos_cond: bool = False,
         self_attn: str = "none",
     ):
-        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+        super().__init__(layout)
+        dim = layout.dim
         _check_choice("activation", activation, ACTIVATIONS)
         _check_choice("tokens", tokens, TOKEN_SETS)
         _check_choice("self_attn", self_attn, SELF_ATTN_MODES)
@@ -57,22 +56,22 @@ class AbMILP(Aggregator):
             else None
         )
         if pos_cond:
-            side = square_side(num_patches, self.name)
+            side = square_side(layout, self.name)
             pos_embed = build_sincos2d_pos_embed([side, side], dim)
             self.register_buffer("pos_embed", pos_embed, persistent=False)
         else:
             self.pos_embed = None
 
-    def forward(self, tokens, attn=None):
+    def forward(self, tokens):
         weights, values = self._weights_and_values(tokens)
         return pool(weights, values)
 
-    def pooling_weights(self, tokens, attn=None):
+    def pooling_weights(self, tokens):
         """Softmax weights of the patch tokens (with ``tokens=all``, prefix weights left out)."""
         return self._weights_and_values(tokens)[0][:, -self.num_patches :]
 
-    def _weights_and_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values = self.patches(tokens) if self.tokens == "patch" else tokens
+    def _weights_and_values(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        values = tokens.patches if self.tokens == "patch" else tokens.all
         scorer_input = values
         if self.pos_embed is not None:
             offset = values.shape[1] - self.num_patches

@@ -20,17 +20,15 @@ class AttentiveProbe(Aggregator):
 
     def __init__(
         self,
-        dim,
-        num_patches,
-        num_prefix_tokens=1,
-        has_cls=None,
+        layout,
         *,
         num_queries: int = 1,
         num_heads: int = 16,
         mlp: bool = True,
         mlp_ratio: float = 4.0,
     ):
-        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+        super().__init__(layout)
+        dim = layout.dim
         if dim % num_heads:
             raise ConfigError(f"aggregator.num_heads={num_heads} must divide the token dim {dim}.")
         self.input_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -44,8 +42,8 @@ class AttentiveProbe(Aggregator):
             norm_layer=nn.LayerNorm,
         )
 
-    def forward(self, tokens, attn=None):
-        return self.pool(self.input_norm(self.patches(tokens)))
+    def forward(self, tokens):
+        return self.pool(self.input_norm(tokens.patches))
 
 
 @register("efficient_probe")
@@ -60,15 +58,13 @@ class EfficientProbe(Aggregator):
 
     def __init__(
         self,
-        dim,
-        num_patches,
-        num_prefix_tokens=1,
-        has_cls=None,
+        layout,
         *,
         num_queries: int = 32,
         d_out: int = 1,
     ):
-        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+        super().__init__(layout)
+        dim = layout.dim
         if dim % (num_queries * d_out):
             raise ConfigError(
                 f"aggregator.num_queries={num_queries} x d_out={d_out} must divide the dim {dim}."
@@ -78,16 +74,16 @@ class EfficientProbe(Aggregator):
         self.values = nn.Linear(dim, dim // d_out, bias=False)
         self.out_dim = dim // d_out
 
-    def forward(self, tokens, attn=None):
-        patches = self.patches(tokens)
+    def forward(self, tokens):
+        patches = tokens.patches
         weights = self.query_attention(patches)  # [B, M, N]
         values = self.values(patches).unflatten(-1, (self.num_queries, -1))  # [B, N, M, d]
         pooled = torch.einsum("bmn,bnmd->bmd", weights, values)
         return pooled.flatten(1)
 
-    def pooling_weights(self, tokens, attn=None):
+    def pooling_weights(self, tokens):
         """Query-averaged attention over patches."""
-        return self.query_attention(self.patches(tokens)).mean(dim=1)
+        return self.query_attention(tokens.patches).mean(dim=1)
 
     def query_attention(self, patches: torch.Tensor) -> torch.Tensor:
         scores = torch.einsum("md,bnd->bmn", self.queries.to(patches.dtype), patches)
@@ -101,17 +97,16 @@ class SimPool(Aggregator):
     ``gamma`` turns the weighted mean into a generalised one (null: plain weighted mean).
     """
 
-    def __init__(
-        self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, gamma: float | None = None
-    ):
-        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+    def __init__(self, layout, *, gamma: float | None = None):
+        super().__init__(layout)
+        dim = layout.dim
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
         self.gamma = gamma
 
-    def forward(self, tokens, attn=None):
-        patches = self.patches(tokens)
+    def forward(self, tokens):
+        patches = tokens.patches
         weights = self._weights(patches).unsqueeze(1)
         values = self.norm(patches)
         if self.gamma is None:
@@ -119,8 +114,8 @@ class SimPool(Aggregator):
         shifted = values - values.amin(dim=(1, 2), keepdim=True) + 1e-6
         return (weights @ shifted.pow(self.gamma)).squeeze(1).pow(1.0 / self.gamma)
 
-    def pooling_weights(self, tokens, attn=None):
-        return self._weights(self.patches(tokens))
+    def pooling_weights(self, tokens):
+        return self._weights(tokens.patches)
 
     def _weights(self, patches: torch.Tensor) -> torch.Tensor:
         query = self.query(patches.mean(dim=1, keepdim=True))

@@ -4,79 +4,81 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import typing
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
 from mim_agg.errors import ConfigError
 
 AGGREGATORS: dict[str, type[Aggregator]] = {}
 
 
 class Aggregator(nn.Module):
-    """Turns block tokens ``[B, P + N, D]`` into an image representation ``[B, out_dim]``.
+    """Turns ``Tokens`` into an image representation ``[B, out_dim]``.
 
-    Subclasses take their options as keyword-only constructor arguments: those arguments are
-    the aggregator's config schema. ``needs`` names the extra ``Tokens`` fields ``forward``
-    takes as keyword arguments, which the backbone stage then provides: ``attn`` (the block's
-    attention maps), ``block_cls`` (the ``[cls]`` of the last blocks, see ``num_blocks``),
-    ``oracle_attn`` (another model's ``[cls]`` attention). ``needs_cls`` makes construction
-    fail on backbones without a ``[cls]`` token.
+    Built from a ``TokenLayout``; options are keyword-only constructor arguments, which are
+    the aggregator's config schema. ``request()`` says what ``forward`` reads from the token
+    source (by default the block's tokens); ``needs_cls`` makes construction fail on
+    backbones without a ``[cls]`` token. ``cache_key`` names the aggregator and all its options:
+    a cache stores parameter-free aggregators' outputs under it.
     """
 
     name: ClassVar[str]
-    needs: ClassVar[tuple[str, ...]] = ()
     needs_cls: ClassVar[bool] = False
-    num_blocks: int = 1  # how many last blocks' [cls] tokens ``block_cls`` must hold
+    cache_key: str
 
-    def __init__(
-        self, dim: int, num_patches: int, num_prefix_tokens: int = 1, has_cls: bool | None = None
-    ) -> None:
+    def __init__(self, layout: TokenLayout) -> None:
         super().__init__()
-        self.dim = dim
-        self.num_patches = num_patches
-        self.num_prefix_tokens = num_prefix_tokens
-        self.has_cls = num_prefix_tokens > 0 if has_cls is None else has_cls
-        self.out_dim = dim
-        if self.needs_cls and not self.has_cls:
+        self.layout = layout
+        self.out_dim = layout.dim
+        if self.needs_cls and not layout.has_cls:
             raise ConfigError(
                 f"aggregator={self.name!r} reads the [cls] token, but this backbone has none "
                 "(e.g. I-JEPA). Choose an aggregator over patch tokens, such as mean or abmilp."
             )
 
-    def forward(self, tokens: torch.Tensor, attn: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.layout.num_patches
+
+    def request(self) -> TokenRequest:
+        return TokenRequest(tokens=True)
+
+    @property
+    def parameter_free(self) -> bool:
+        """Nothing to train: its output is a fixed function of the tokens, so a cache may
+        store the output instead of the tokens."""
+        return not any(True for _ in self.parameters())
+
+    def forward(self, tokens: Tokens) -> torch.Tensor:
         raise NotImplementedError
 
-    def pooling_weights(self, tokens: torch.Tensor, attn: torch.Tensor | None = None):
+    def pooling_weights(self, tokens: Tokens) -> torch.Tensor:
         """Weight of each patch in the pooled representation, ``[B, N]``."""
         raise NotImplementedError(f"aggregator={self.name!r} does not weight patches.")
-
-    def patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, self.num_prefix_tokens :]
-
-    def cls(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, 0]
-
-    def cls_attention_per_head(self, attn: torch.Tensor | None) -> torch.Tensor:
-        """``[cls]`` -> patch attention of every head, ``[B, H, N]``."""
-        if attn is None:
-            raise ValueError(f"aggregator={self.name!r} needs the backbone's attention maps.")
-        return attn[:, :, 0, self.num_prefix_tokens :]
-
-    def cls_attention(self, attn: torch.Tensor | None) -> torch.Tensor:
-        """Head-averaged ``[cls]`` -> patch attention, ``[B, N]``."""
-        return self.cls_attention_per_head(attn).mean(dim=1)
 
 
 class WeightedPatchPool(Aggregator):
     """An aggregator defined by its patch weights: the representation is their weighted sum
     of the patch tokens. Subclasses implement ``pooling_weights`` only."""
 
-    def forward(self, tokens, attn=None, **inputs):
-        return pool(self.pooling_weights(tokens, attn, **inputs), self.patches(tokens))
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        return pool(self.pooling_weights(tokens), tokens.patches)
+
+
+def aggregate(aggregator: Aggregator, tokens: Tokens) -> torch.Tensor:
+    """The aggregator's representation of ``tokens``: served by the token source when it holds
+    it (a cache of a parameter-free aggregator), else computed."""
+    if aggregator.cache_key in tokens.pooled:
+        return tokens.pooled[aggregator.cache_key]
+    return aggregator(tokens)
 
 
 def pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -84,14 +86,12 @@ def pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weights.unsqueeze(1).to(values.dtype), values).squeeze(1)
 
 
-def square_side(num_patches: int, name: str) -> int:
+def square_side(layout: TokenLayout, name: str) -> int:
     """The side of a square patch grid; aggregators that need the 2-D layout refuse others."""
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ConfigError(
-            f"aggregator={name!r} needs a square patch grid; got {num_patches} patches."
-        )
-    return side
+    rows, columns = layout.grid
+    if rows != columns:
+        raise ConfigError(f"aggregator={name!r} needs a square patch grid; got {rows}x{columns}.")
+    return rows
 
 
 def register(name: str):
@@ -129,14 +129,21 @@ def get_aggregator_class(name: str) -> type[Aggregator]:
     return AGGREGATORS[name]
 
 
-def build_aggregator(
-    name: str,
-    dim: int,
-    num_patches: int,
-    num_prefix_tokens: int = 1,
-    has_cls: bool | None = None,
-    **options,
-) -> Aggregator:
+def build_aggregator(name: str, layout: TokenLayout, **options) -> Aggregator:
     """Build a registered aggregator by name, inside or outside Hydra."""
     cls = get_aggregator_class(name)
-    return cls(dim, num_patches, num_prefix_tokens, has_cls, **options)
+    aggregator = cls(layout, **options)
+    aggregator.cache_key = aggregator_key(name, options)
+    return aggregator
+
+
+def aggregator_key(name: str, options: dict) -> str:
+    """``topk_attn(k=16)``: the name and every option, defaults filled in, so the same
+    aggregator has one key however its config spells it."""
+    defaults = {
+        param.name: param.default
+        for param in inspect.signature(get_aggregator_class(name).__init__).parameters.values()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    values = {**defaults, **{k: v for k, v in options.items() if k != "name"}}
+    return f"{name}({','.join(f'{k}={v}' for k, v in sorted(values.items()))})"

@@ -15,15 +15,14 @@ class GatedAbMILP(WeightedPatchPool):
     saturates on.
     """
 
-    def __init__(
-        self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, hidden_dim: int = 128
-    ):
-        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+    def __init__(self, layout, *, hidden_dim: int = 128):
+        super().__init__(layout)
+        dim = layout.dim
         self.tanh_branch = nn.Linear(dim, hidden_dim)
         self.sigmoid_branch = nn.Linear(dim, hidden_dim)
         self.scorer = nn.Linear(hidden_dim, 1)
 
-    def pooling_weights(self, tokens, attn=None):
-        patches = self.patches(tokens)
+    def pooling_weights(self, tokens):
+        patches = tokens.patches
         gated = self.tanh_branch(patches).tanh() * self.sigmoid_branch(patches).sigmoid()
         return self.scorer(gated).squeeze(-1).softmax(dim=-1)

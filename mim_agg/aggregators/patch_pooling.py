@@ -13,9 +13,9 @@ from mim_agg.errors import ConfigError
 class CenterCrop(Aggregator):
     """Mean of the central ``k x k`` window of patches: object-centric datasets need no search."""
 
-    def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, k: int = 4):
-        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
-        side = square_side(num_patches, self.name)
+    def __init__(self, layout, *, k: int = 4):
+        super().__init__(layout)
+        side = square_side(layout, self.name)
         if not 1 <= k <= side:
             raise ConfigError(f"aggregator.k={k} must lie in [1, {side}] (the grid side).")
         start = (side - k) // 2
@@ -23,19 +23,19 @@ class CenterCrop(Aggregator):
         window[start : start + k, start : start + k] = 1.0 / (k * k)
         self.register_buffer("window", window.flatten(), persistent=False)
 
-    def forward(self, tokens, attn=None):
-        return self.patches(tokens).transpose(1, 2) @ self.window.to(tokens.dtype)
+    def forward(self, tokens):
+        return tokens.patches.transpose(1, 2) @ self.window.to(tokens.all.dtype)
 
-    def pooling_weights(self, tokens, attn=None):
-        return self.window.expand(tokens.shape[0], -1)
+    def pooling_weights(self, tokens):
+        return self.window.expand(len(tokens), -1)
 
 
 @register("max")
 class MaxPatches(Aggregator):
     """Channel-wise maximum over the patch tokens."""
 
-    def forward(self, tokens, attn=None):
-        return self.patches(tokens).amax(dim=1)
+    def forward(self, tokens):
+        return tokens.patches.amax(dim=1)
 
 
 @register("gem")
@@ -46,15 +46,15 @@ class GeneralizedMean(Aggregator):
     the mean exactly, and large ``p`` approaches the signed extreme value.
     """
 
-    def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None, *, p: float = 3.0):
-        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
+    def __init__(self, layout, *, p: float = 3.0):
+        super().__init__(layout)
         if p <= 0:
             raise ConfigError(f"aggregator.p={p} must be positive.")
         self.p = nn.Parameter(torch.tensor(float(p)))
 
-    def forward(self, tokens, attn=None):
+    def forward(self, tokens):
         p = self.p.clamp(min=1e-2)
-        pooled = _signed_power(self.patches(tokens), p).mean(dim=1)
+        pooled = _signed_power(tokens.patches, p).mean(dim=1)
         return _signed_power(pooled, 1.0 / p)
 
 

@@ -13,20 +13,19 @@ class ClsToken(Aggregator):
 
     needs_cls = True
 
-    def forward(self, tokens, attn=None):
-        return self.cls(tokens)
+    def forward(self, tokens):
+        return tokens.cls
 
 
 @register("mean")
 class MeanPatches(Aggregator):
     """Uniform average of the patch tokens (registers and ``[cls]`` excluded)."""
 
-    def forward(self, tokens, attn=None):
-        return self.patches(tokens).mean(dim=1)
+    def forward(self, tokens):
+        return tokens.patches.mean(dim=1)
 
-    def pooling_weights(self, tokens, attn=None):
-        batch = tokens.shape[0]
-        return tokens.new_full((batch, self.num_patches), 1.0 / self.num_patches)
+    def pooling_weights(self, tokens):
+        return torch.full((len(tokens), self.num_patches), 1.0 / self.num_patches)
 
 
 @register("cls_mean")
@@ -35,9 +34,9 @@ class ClsAndMean(Aggregator):
 
     needs_cls = True
 
-    def __init__(self, dim, num_patches, num_prefix_tokens=1, has_cls=None):
-        super().__init__(dim, num_patches, num_prefix_tokens, has_cls)
-        self.out_dim = 2 * dim
+    def __init__(self, layout):
+        super().__init__(layout)
+        self.out_dim = 2 * layout.dim
 
-    def forward(self, tokens, attn=None):
-        return torch.cat([self.cls(tokens), self.patches(tokens).mean(dim=1)], dim=-1)
+    def forward(self, tokens):
+        return torch.cat([tokens.cls, tokens.patches.mean(dim=1)], dim=-1)

@@ -1,6 +1,7 @@
-"""Frozen ViT backbones from timm and the ``Tokens`` they hand downstream."""
+"""Frozen ViT backbones from timm, the token sources built on them, and the token contract."""
 
 from mim_agg.backbones.frozen import FrozenBackbone
-from mim_agg.backbones.tokens import Tokens
+from mim_agg.backbones.source import LiveTokens, TokenSource
+from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
 
-__all__ = ["FrozenBackbone", "Tokens"]
+__all__ = ["FrozenBackbone", "LiveTokens", "TokenLayout", "TokenRequest", "TokenSource", "Tokens"]

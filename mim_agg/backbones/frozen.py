@@ -11,7 +11,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from mim_agg.backbones.loading import load_checkpoint_into
-from mim_agg.backbones.tokens import Tokens
+from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
 from mim_agg.errors import ConfigError, UserError
 
 
@@ -20,9 +20,10 @@ class FrozenBackbone(nn.Module):
 
     Blocks after ``block`` are pruned, so asking for an early block also saves compute. The
     module stays in eval mode whatever Lightning asks, holds no trainable parameters and runs
-    under ``torch.inference_mode``. Only the chosen block computes explicit attention, and only
-    when ``return_attn`` is set; every other block keeps timm's fused kernel. ``cls_blocks``
-    > 1 also returns the ``[cls]`` token of that many last blocks (DINOv2's linear probe).
+    under ``torch.inference_mode``. What it returns besides the block's tokens is set by
+    ``provide(request)``: the ``[cls]`` row of the block's attention (only that block computes
+    explicit attention, every other keeps timm's fused kernel, and only the row is kept), and
+    the ``[cls]`` of the last blocks (DINOv2's linear probe).
     """
 
     def __init__(
@@ -34,8 +35,6 @@ class FrozenBackbone(nn.Module):
         img_size: int = 224,
         mean: list[float] | None = None,
         std: list[float] | None = None,
-        return_attn: bool = False,
-        cls_blocks: int = 1,
     ) -> None:
         super().__init__()
         self.model = create_model(arch, weights, img_size)
@@ -57,37 +56,43 @@ class FrozenBackbone(nn.Module):
         self.final_norm = final_norm
         self.img_size = img_size
         self.mean, self.std = resolve_normalization(weights, mean, std)
-        self.num_prefix_tokens = self.model.num_prefix_tokens
-        self.has_cls = getattr(self.model, "cls_token", None) is not None
-        self.grid = tuple(self.model.patch_embed.grid_size)
-        self.num_patches = self.grid[0] * self.grid[1]
-        self.dim = self.model.embed_dim
-        self.num_heads = self.model.blocks[self.block].attn.num_heads
+        self.layout = TokenLayout(
+            dim=self.model.embed_dim,
+            num_prefix_tokens=self.model.num_prefix_tokens,
+            has_cls=getattr(self.model, "cls_token", None) is not None,
+            grid=tuple(self.model.patch_embed.grid_size),
+            num_heads=self.model.blocks[self.block].attn.num_heads,
+            depth=self.block + 1,
+        )
         self.requires_grad_(False)
         self.eval()
-        self._attn: torch.Tensor | None = None
-        self.return_attn = False
-        self.cls_blocks = 1
-        self.provide(return_attn, cls_blocks)
+        self._cls_attn: torch.Tensor | None = None
+        self.request = TokenRequest(tokens=True)
 
-    def provide(self, attn: bool = False, cls_blocks: int = 1) -> None:
-        """Also return the attention maps / the ``[cls]`` of ``cls_blocks`` last blocks."""
-        if cls_blocks > self.block + 1:
+    def provide(self, request: TokenRequest) -> None:
+        """Also return what ``request`` asks of this model (its oracle part excepted)."""
+        layout = self.layout
+        if request.cls_blocks > layout.depth:
             raise ConfigError(
-                f"{cls_blocks} blocks' [cls] tokens were asked for, but backbone.block="
-                f"{self.block} leaves only {self.block + 1}."
+                f"{request.cls_blocks} blocks' [cls] tokens were asked for, but backbone.block="
+                f"{self.block} leaves only {layout.depth}."
             )
-        if cls_blocks > 1 and not self.has_cls:
+        if (request.cls_blocks > 1 or request.cls_attn) and not layout.has_cls:
             raise ConfigError(
-                "[cls] tokens of several blocks were asked for; this backbone has none."
+                "The heads read the [cls] token's attention or several blocks' [cls]; this "
+                "backbone has no [cls] token."
             )
-        self.cls_blocks = max(self.cls_blocks, cls_blocks)
-        if attn and not self.return_attn:
-            watch_attention(self.model.blocks[self.block].attn, self._keep_attention)
-            self.return_attn = True
+        if request.cls_attn and not self.request.cls_attn:
+            watch_attention(self.model.blocks[self.block].attn, self._keep_cls_row)
+        self.request = TokenRequest(
+            tokens=True,
+            cls_attn=self.request.cls_attn or request.cls_attn,
+            cls_blocks=max(self.request.cls_blocks, request.cls_blocks),
+        )
 
-    def _keep_attention(self, attn: torch.Tensor) -> None:
-        self._attn = attn
+    def _keep_cls_row(self, attn: torch.Tensor) -> None:
+        """The ``[cls]`` -> patch row, copied, so the full ``[B, H, T, T]`` map is freed."""
+        self._cls_attn = attn[:, :, 0, self.layout.num_prefix_tokens :].clone()
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         """Stay in eval mode: dropout, drop-path and batch statistics must never change."""
@@ -95,9 +100,10 @@ class FrozenBackbone(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> Tokens:
+        cls_blocks = self.request.cls_blocks
         outputs = self.model.forward_intermediates(
             images,
-            indices=list(range(self.block - self.cls_blocks + 1, self.block + 1)),
+            indices=list(range(self.block - cls_blocks + 1, self.block + 1)),
             return_prefix_tokens=True,
             norm=self.final_norm,
             stop_early=True,
@@ -109,12 +115,10 @@ class FrozenBackbone(nn.Module):
         else:
             block_out = outputs[-1]
         block_cls = None
-        if self.cls_blocks > 1:
+        if cls_blocks > 1:
             block_cls = torch.stack([prefix[:, 0] for _, prefix in outputs], dim=1)
-        attn, self._attn = self._attn, None
-        return Tokens(
-            block_out, self.num_prefix_tokens, self.has_cls, self.grid, attn, block_cls=block_cls
-        )
+        cls_attn, self._cls_attn = self._cls_attn, None
+        return Tokens(self.layout, block_out, cls_attn=cls_attn, block_cls=block_cls)
 
 
 def watch_attention(attn_module: nn.Module, keep) -> torch.utils.hooks.RemovableHandle:

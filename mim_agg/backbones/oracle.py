@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mim_agg.backbones.frozen import FrozenBackbone
+from mim_agg.backbones.tokens import TokenRequest
+from mim_agg.errors import ConfigError
 
 
 class AttentionOracle(nn.Module):
@@ -21,9 +23,10 @@ class AttentionOracle(nn.Module):
         self, arch: str, weights: str | None, img_size: int, grid: tuple[int, int], mean, std
     ) -> None:
         super().__init__()
-        self.model = FrozenBackbone(arch, weights, block=-1, img_size=img_size, return_attn=True)
-        if not self.model.has_cls:
-            raise ValueError(f"The attention oracle {arch} has no [cls] token to attend with.")
+        self.model = FrozenBackbone(arch, weights, block=-1, img_size=img_size)
+        if not self.model.layout.has_cls:
+            raise ConfigError(f"The attention oracle {arch} has no [cls] token to attend with.")
+        self.model.provide(TokenRequest(cls_attn=True))
         self.grid = grid
         scale = torch.tensor(std) / torch.tensor(self.model.std)
         shift = (torch.tensor(mean) - torch.tensor(self.model.mean)) / torch.tensor(self.model.std)
@@ -33,10 +36,11 @@ class AttentionOracle(nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.model(images * self.scale.to(images.dtype) + self.shift.to(images.dtype))
-        attention = tokens.attn[:, :, 0, tokens.num_prefix_tokens :].mean(dim=1)
-        if tuple(tokens.grid) != tuple(self.grid):
+        attention = tokens.cls_attn.mean(dim=1)
+        own_grid = tokens.layout.grid
+        if tuple(own_grid) != tuple(self.grid):
             attention = F.interpolate(
-                attention.unflatten(1, tokens.grid).unsqueeze(1),
+                attention.unflatten(1, own_grid).unsqueeze(1),
                 size=self.grid,
                 mode="bilinear",
                 align_corners=False,

@@ -1,52 +1,163 @@
-"""The one hand-over between the backbone stage and everything downstream of it."""
+"""The hand-over between the backbone stage and everything downstream of it.
+
+``TokenLayout``: the shape of a backbone's tokens, all an aggregator is built from.
+``TokenRequest``: what the heads of a run need, merged over heads.
+``Tokens``: one batch of what was requested, from a live backbone or from a cache.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from mim_agg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """``P`` prefix tokens (``[cls]`` first when the model has one, then registers) followed
+    by ``N = grid[0] * grid[1]`` patch tokens in row-major order, each of width ``dim``;
+    ``num_heads`` attention heads in the probed block, which is block ``depth - 1``."""
+
+    dim: int
+    num_prefix_tokens: int
+    has_cls: bool
+    grid: tuple[int, int]
+    num_heads: int = 1
+    depth: int = 1
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """What heads read from the backbone stage; ``a | b`` is what both need.
+
+    tokens: the probed block's tokens ``[B, P + N, D]``.
+    cls_attn: that block's ``[cls]`` -> patch attention of every head, ``[B, H, N]`` (the
+        ``[cls]`` row only: the full ``[B, H, T, T]`` map is never kept).
+    cls_blocks: how many last blocks' ``[cls]`` tokens ``block_cls`` holds (1: none).
+    oracle: ``(arch, weights)`` of another model whose ``[cls]`` attention is wanted.
+    pooled: keys of parameter-free aggregators whose outputs a cache serves directly.
+    """
+
+    tokens: bool = False
+    cls_attn: bool = False
+    cls_blocks: int = 1
+    oracle: tuple[str, str | None] | None = None
+    pooled: tuple[str, ...] = ()
+
+    def __or__(self, other: TokenRequest) -> TokenRequest:
+        if self.oracle and other.oracle and self.oracle != other.oracle:
+            raise ConfigError(
+                f"One run holds one attention oracle; the heads ask for {self.oracle} and "
+                f"{other.oracle}. Give every oracle_attn head the same oracle_arch/oracle_weights."
+            )
+        return TokenRequest(
+            tokens=self.tokens or other.tokens,
+            cls_attn=self.cls_attn or other.cls_attn,
+            cls_blocks=max(self.cls_blocks, other.cls_blocks),
+            oracle=self.oracle or other.oracle,
+            pooled=tuple(sorted(set(self.pooled) | set(other.pooled))),
+        )
+
+
+TENSOR_FIELDS = ("all", "cls_attn", "block_cls", "oracle_attn")
 
 
 @dataclass
 class Tokens:
-    """Tokens of one transformer block, plus what aggregators asked the backbone stage for.
+    """One batch of what a ``TokenRequest`` asked for; unrequested fields are ``None``.
 
-    ``all`` is ``[B, P + N, D]``: ``P`` prefix tokens (``[cls]`` first when the model has one,
-    then registers) followed by ``N`` patch tokens in row-major order over ``grid``.
-    Present only on request:
-    ``attn``: that block's softmax attention ``[B, H, P + N, P + N]``;
-    ``block_cls``: the ``[cls]`` token of the last blocks up to this one, ``[B, n, D]``;
-    ``oracle_attn``: another model's ``[cls]`` attention over these patches, ``[B, N]``.
+    ``all``: ``[B, P + N, D]`` (``None`` when a cache serves only pooled vectors);
+    ``cls_attn``: ``[B, H, N]``; ``block_cls``: ``[B, n, D]``; ``oracle_attn``: ``[B, N]``;
+    ``pooled``: parameter-free aggregators' outputs by key (from a cache only).
     """
 
-    all: torch.Tensor
-    num_prefix_tokens: int
-    has_cls: bool
-    grid: tuple[int, int]
-    attn: torch.Tensor | None = None
+    layout: TokenLayout
+    all: torch.Tensor | None = None
+    cls_attn: torch.Tensor | None = None
     block_cls: torch.Tensor | None = None
     oracle_attn: torch.Tensor | None = None
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def prefix(self) -> torch.Tensor:
-        return self.all[:, : self.num_prefix_tokens]
+        return self.require("all")[:, : self.layout.num_prefix_tokens]
 
     @property
     def patches(self) -> torch.Tensor:
-        return self.all[:, self.num_prefix_tokens :]
+        return self.require("all")[:, self.layout.num_prefix_tokens :]
 
-    def inputs(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The extra fields an aggregator ``needs``, as keyword arguments."""
-        missing = [name for name in names if getattr(self, name) is None]
-        if missing:
-            raise ValueError(f"The backbone stage did not provide {missing}; nobody asked for it.")
-        return {name: getattr(self, name) for name in names}
+    @property
+    def cls(self) -> torch.Tensor:
+        return self.require("all")[:, 0]
+
+    def require(self, name: str) -> torch.Tensor:
+        """A field an aggregator reads; missing means its ``request()`` did not ask for it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"The token source did not provide {name!r}: no head's request() asked for it."
+            )
+        return value
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this batch holds."""
+        present = [getattr(self, name) for name in TENSOR_FIELDS]
+        return [t for t in present if t is not None] + list(self.pooled.values())
+
+    def map(self, function) -> Tokens:
+        """``function`` applied to every tensor (slicing, device and dtype moves, cloning)."""
+        tensors = {
+            name: function(getattr(self, name))
+            for name in TENSOR_FIELDS
+            if getattr(self, name) is not None
+        }
+        pooled = {key: function(value) for key, value in self.pooled.items()}
+        return replace(self, **tensors, pooled=pooled)
 
     def detach(self) -> Tokens:
         """A copy usable with autograd: inference-mode tensors cannot be saved for backward."""
-        tensors = {
-            f.name: getattr(self, f.name).clone()
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **tensors)
+        return self.map(torch.Tensor.clone)
+
+    def __len__(self) -> int:
+        return len(self.tensors()[0])
+
+    @classmethod
+    def example(
+        cls, layout: TokenLayout, request: TokenRequest, batch: int = 1, seed: int | None = None
+    ) -> Tokens:
+        """Tokens of ``batch`` images with every requested field, shaped like ``layout``'s:
+        random (from ``seed``) or, with ``seed=None``, zero tokens and uniform attention."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def values(*shape):
+            if generator is None:
+                return torch.zeros(shape)
+            return torch.randn(shape, generator=generator)
+
+        def distribution(*shape):
+            if generator is None:
+                return torch.full(shape, 1.0 / shape[-1])
+            return torch.randn(shape, generator=generator).softmax(-1)
+
+        num_patches = layout.num_patches
+        return cls(
+            layout,
+            all=values(batch, layout.num_tokens, layout.dim) if request.tokens else None,
+            cls_attn=distribution(batch, layout.num_heads, num_patches)
+            if request.cls_attn
+            else None,
+            block_cls=values(batch, request.cls_blocks, layout.dim)
+            if request.cls_blocks > 1
+            else None,
+            oracle_attn=distribution(batch, num_patches) if request.oracle else None,
+        )

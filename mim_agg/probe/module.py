@@ -21,8 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from mim_agg.backbones import FrozenBackbone, Tokens
-from mim_agg.backbones.oracle import AttentionOracle
+from mim_agg.backbones import Tokens, TokenSource
 from mim_agg.errors import UserError
 from mim_agg.probe.head import ProbeHead
 from mim_agg.probe.lars import LARS
@@ -30,7 +29,7 @@ from mim_agg.probe.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-FROZEN = ("backbone.", "oracle.")
+FROZEN = ("source.",)  # frozen models: rebuilt from config, never checkpointed
 OPTIMIZERS = {
     "lars": lambda groups, momentum: LARS(groups, momentum=momentum),
     "sgd": lambda groups, momentum: torch.optim.SGD(groups, momentum=momentum),
@@ -51,7 +50,7 @@ def accuracy_metrics(num_classes: int) -> MetricCollection:
 class LinearProbe(L.LightningModule):
     def __init__(
         self,
-        backbone: FrozenBackbone,
+        source: TokenSource,
         heads: dict[str, ProbeHead],
         blrs: dict[str, float],
         num_classes: int,
@@ -60,13 +59,11 @@ class LinearProbe(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         warmup_epochs: float = 10,
-        oracle: AttentionOracle | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"probe.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}.")
-        self.backbone = backbone
-        self.oracle = oracle
+        self.source = source
         self.heads = nn.ModuleDict(heads)
         self.blrs = blrs
         self.batch_size = batch_size
@@ -87,43 +84,43 @@ class LinearProbe(L.LightningModule):
         self.timing = {"backbone_s": 0.0, "backbone_images": 0, "train_s": 0.0, "train_images": 0}
 
     # ----------------------------------------------------------------------------- forward
-    def tokens(self, images: torch.Tensor) -> Tokens:
-        """One backbone pass, timed; returns tokens that autograd may use. Non-finite tokens
-        stop the run: no head can learn from them, and accuracy would look like chance."""
+    def tokens(self, inputs) -> Tokens:
+        """The batch's tokens from the source, timed, in the heads' precision, usable by
+        autograd. Non-finite tokens stop the run: no head can learn from them, and accuracy
+        would look like chance."""
         start = time.perf_counter()
-        tokens = self.backbone(images)
-        if self.oracle is not None:
-            tokens.oracle_attn = self.oracle(images)
-        if not torch.isfinite(tokens.all).all():
+        tokens = self.source(inputs)
+        if not all(torch.isfinite(t).all() for t in tokens.tensors()):
             raise UserError(
-                "The backbone produced non-finite tokens (NaN or inf). Check backbone.mean and "
-                "backbone.std, the weights file (backbone.weights) and, on GPU, the precision "
-                "(trainer.precision=32-true)."
+                "The token source produced non-finite tokens (NaN or inf). Check backbone.mean "
+                "and backbone.std, the weights file (backbone.weights), on GPU the precision "
+                "(trainer.precision=32-true), and for a cache cache.dtype."
             )
-        if images.is_cuda:
-            torch.cuda.synchronize(images.device)
+        first = tokens.tensors()[0]
+        if first.is_cuda:
+            torch.cuda.synchronize(first.device)
         self.timing["backbone_s"] += time.perf_counter() - start
-        self.timing["backbone_images"] += images.shape[0]
-        return tokens.detach()
+        self.timing["backbone_images"] += len(tokens)
+        return tokens.map(trainable_copy)
 
     @property
     def live_heads(self) -> dict[str, ProbeHead]:
         return {name: head for name, head in self.heads.items() if name not in self.diverged}
 
     def training_step(self, batch, batch_idx):
-        images, targets = batch
-        tokens = self.tokens(images)
+        inputs, targets = batch
+        tokens = self.tokens(inputs)
         heads = self.live_heads
         losses = torch.stack([F.cross_entropy(head(tokens), targets) for head in heads.values()])
         finite = torch.isfinite(losses).tolist()  # one sync per step for all heads
         for (name, loss), ok in zip(zip(heads, losses, strict=True), finite, strict=True):
             if ok:
                 self.log(
-                    f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=len(images)
+                    f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=len(targets)
                 )
             else:
                 self._diverge(name)
-        self.timing["train_images"] += images.shape[0]
+        self.timing["train_images"] += len(targets)
         return sum(loss for loss, ok in zip(losses, finite, strict=True) if ok)
 
     def _diverge(self, name: str) -> None:
@@ -143,14 +140,14 @@ class LinearProbe(L.LightningModule):
             )
 
     def validation_step(self, batch, batch_idx):
-        images, targets = batch
-        tokens = self.tokens(images)
+        inputs, targets = batch
+        tokens = self.tokens(inputs)
         for name, head in self.live_heads.items():
             self._update(f"heldout__{name}", head(tokens), targets)
 
     def test_step(self, batch, batch_idx):
-        images, targets = batch
-        tokens = self.tokens(images)
+        inputs, targets = batch
+        tokens = self.tokens(inputs)
         for name, head in self.live_heads.items():
             self._update(f"test_last__{name}", head(tokens), targets)
             selected = self._selected_heads[name]
@@ -299,3 +296,11 @@ class LinearProbe(L.LightningModule):
         random.setstate(states["python"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trainable_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy autograd may save (inference-mode tensors cannot be), float32 when it is a
+    lower-precision float: caches keep bf16 up to here, the device."""
+    if tensor.is_floating_point():
+        return tensor.to(torch.float32, copy=True)
+    return tensor.clone()

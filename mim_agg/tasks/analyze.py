@@ -22,8 +22,8 @@ from mim_agg.analysis.figures import plot_attention_maps, plot_embedding, plot_s
 from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statistics, update_ratios
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone, Tokens
+from mim_agg.builders import build_datamodule, build_head, head_grid
 from mim_agg.errors import UserError
-from mim_agg.tasks.probe import build_datamodule, build_head, head_grid
 from mim_agg.utils.files import write_json
 from mim_agg.utils.loggers import build_loggers, finish_loggers
 
@@ -48,11 +48,10 @@ def run(cfg: DictConfig, watch=None) -> dict:
             if watch is not None:
                 watch.check()
             tokens = backbone(images.to(device))
-            tokens.attn = records[-1].attn
             collector.add(images, targets, tokens, records)
     result = {
         "backbone": cfg.backbone.weights or cfg.backbone.arch,
-        **collector.statistics.result(backbone.num_patches),
+        **collector.statistics.result(backbone.layout.num_patches),
     }
     write_json(output_dir / "attention_stats.json", result)
     figures = collector.figures(result, output_dir)
@@ -91,7 +90,7 @@ class Collector:
         }
         self.map_aggregators = (
             {title: self._aggregator(name) for title, name in shown.items()}
-            if backbone.has_cls
+            if backbone.layout.has_cls
             else {}
         )
         for name, aggregator in self.aggregators.items():
@@ -106,44 +105,35 @@ class Collector:
         self.labels: list[torch.Tensor] = []
 
     def _aggregator(self, name: str):
-        backbone = self.backbone
-        aggregator = build_aggregator(
-            name, backbone.dim, backbone.num_patches, backbone.num_prefix_tokens, backbone.has_cls
-        )
-        return aggregator.to(next(backbone.parameters()).device)
+        aggregator = build_aggregator(name, self.backbone.layout)
+        return aggregator.to(next(self.backbone.parameters()).device)
 
     def add(self, images, targets, tokens: Tokens, records) -> None:
-        prefix, has_cls = self.backbone.num_prefix_tokens, self.backbone.has_cls
+        prefix, has_cls = self.backbone.layout.num_prefix_tokens, self.backbone.layout.has_cls
         for block, record in enumerate(records):
             self.statistics.add(block, attention_statistics(record.attn, prefix, has_cls))
             self.statistics.add(block, update_ratios(record.input, record.update, prefix, has_cls))
         self.statistics.count(len(images))
+        if has_cls:  # what the [cls]-attention poolings drawn in the maps read
+            tokens.cls_attn = records[-1].attn[:, :, 0, prefix:]
         self._keep_maps(images, tokens)
         self._keep_features(targets, tokens)
 
     def _keep_maps(self, images, tokens: Tokens) -> None:
         wanted = self.cfg.map_images - sum(len(i) for i in self.images)
-        if wanted <= 0 or not self.backbone.has_cls:
+        if wanted <= 0 or not self.backbone.layout.has_cls:
             return
-        trimmed = Tokens(
-            tokens.all[:wanted],
-            tokens.num_prefix_tokens,
-            tokens.has_cls,
-            tokens.grid,
-            attn=tokens.attn[:wanted],
-        )
+        trimmed = tokens.map(lambda t: t[:wanted])
         maps = {
-            title: aggregator.pooling_weights(trimmed.all, trimmed.attn)
+            title: aggregator.pooling_weights(trimmed)
             for title, aggregator in self.map_aggregators.items()
         }
         if self.probe_head is not None:
-            head = self.probe_head
+            aggregator = self.probe_head.aggregator
             with torch.no_grad():
-                maps[f"probe: {head.aggregator.name} weights"] = head.aggregator.pooling_weights(
-                    trimmed.all, **trimmed.inputs(head.aggregator.needs)
-                )
+                maps[f"probe: {aggregator.name} weights"] = aggregator.pooling_weights(trimmed)
         for title, values in maps.items():
-            self.maps.setdefault(title, []).append(values.unflatten(1, tokens.grid).cpu())
+            self.maps.setdefault(title, []).append(values.unflatten(1, tokens.layout.grid).cpu())
         self.images.append(self._unnormalize(images[:wanted]))
 
     def _unnormalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,8 +147,7 @@ class Collector:
         keep = targets < self.cfg.embedding_classes  # the first classes, as colours stay legible
         self.labels.append(targets[keep])
         for name, aggregator in self.aggregators.items():
-            inputs = tokens.inputs(aggregator.needs)
-            features = aggregator(tokens.all, **inputs)[keep.to(tokens.all.device)]
+            features = aggregator(tokens)[keep.to(tokens.all.device)]
             self.features[name].append(features.float().cpu())
 
     def figures(self, result: dict, output_dir: Path) -> list[Path]:
@@ -205,7 +194,7 @@ def load_probe_head(cfg: DictConfig, backbone: FrozenBackbone):
         state = checkpoint["state_dict"]
         selected = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     num_classes = selected["classifier.weight"].shape[0]
-    head = build_head(run_cfg, backbone, head_grid(run_cfg)[name][0], num_classes)
+    head = build_head(run_cfg.seed, backbone.layout, head_grid(run_cfg)[name][0], num_classes)
     head.load_state_dict(selected)
     return head.to(next(backbone.parameters()).device).eval()
 

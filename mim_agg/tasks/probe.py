@@ -8,18 +8,13 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mim_agg.aggregators import build_aggregator
-from mim_agg.backbones import FrozenBackbone
-from mim_agg.backbones.frozen import resolve_normalization, skeleton
-from mim_agg.backbones.oracle import AttentionOracle
-from mim_agg.data import ProbeDataModule
-from mim_agg.probe import LinearProbe, ProbeHead
+from mim_agg.builders import build_datamodule, build_probe, head_grid
+from mim_agg.probe import LinearProbe
 from mim_agg.probe.flops import added_gflops
 from mim_agg.runs.preemption import SignalWatch, StopOnSignal
 from mim_agg.utils.loggers import build_loggers, finish_loggers
@@ -129,111 +124,6 @@ def accumulation(cfg: DictConfig, world_size: int) -> int:
     return cfg.probe.effective_batch // per_step
 
 
-def build_datamodule(cfg: DictConfig) -> ProbeDataModule:
-    mean, std = resolve_normalization(cfg.backbone.weights, cfg.backbone.mean, cfg.backbone.std)
-    return ProbeDataModule(
-        **cfg.dataset,
-        img_size=cfg.backbone.img_size,
-        mean=mean,
-        std=std,
-        batch_size=cfg.probe.batch_size,
-    )
-
-
-def head_grid(cfg: DictConfig) -> dict[str, tuple[dict, float]]:
-    """Every (aggregator, base learning rate) pair of the run, by head name.
-
-    The aggregators are ``aggregator`` plus the named entries of ``heads``; the rates are
-    ``probe.blrs`` (or ``probe.blr`` alone). One rate keeps plain aggregator names.
-    """
-    aggregators = {cfg.aggregator.name: cfg.aggregator}
-    for key, options in cfg.heads.items():
-        if key in aggregators and options != aggregators[key]:
-            raise ValueError(
-                f"Two different heads are named {key!r}; add one under another name: "
-                f"+aggregator@heads.{key}_2={options.name}"
-            )
-        aggregators[key] = options
-    blrs = list(cfg.probe.blrs or [cfg.probe.blr])
-    if len(aggregators) * len(blrs) > 1 and cfg.dataset.heldout_fraction == 0:
-        raise ValueError(
-            "Choosing among several heads needs held-out data; set dataset.heldout_fraction > 0."
-        )
-    return {
-        head_name(key, blr, len(blrs)): (OmegaConf.to_container(options), blr)
-        for key, options in aggregators.items()
-        for blr in blrs
-    }
-
-
-def head_name(aggregator_key: str, blr: float, num_blrs: int) -> str:
-    """``abmilp``, or ``abmilp_blr0p1`` in a learning-rate grid (no dots: module names)."""
-    return aggregator_key if num_blrs == 1 else f"{aggregator_key}_blr{blr:g}".replace(".", "p")
-
-
-def build_probe(cfg: DictConfig, num_classes: int | None = None) -> LinearProbe:
-    """The frozen backbone and one head per grid point, sharing one backbone pass.
-    ``num_classes``: the data's count (default: ``dataset.num_classes``)."""
-    num_classes = num_classes or cfg.dataset.num_classes
-    grid = head_grid(cfg)
-    architecture = skeleton(**cfg.backbone)  # heads refuse a backbone before its download
-    heads = {
-        name: build_head(cfg, architecture, options, num_classes)
-        for name, (options, _) in grid.items()
-    }
-    aggregators = [head.aggregator for head in heads.values()]
-    request = dict(
-        attn=any("attn" in a.needs for a in aggregators),
-        cls_blocks=max(a.num_blocks for a in aggregators),
-    )
-    architecture.provide(**request)
-    backbone = FrozenBackbone(**cfg.backbone)
-    backbone.provide(**request)
-    return LinearProbe(
-        backbone,
-        heads,
-        oracle=build_oracle(aggregators, backbone),
-        blrs={name: blr for name, (_, blr) in grid.items()},
-        num_classes=num_classes,
-        batch_size=cfg.probe.batch_size,
-        optimizer=cfg.probe.optimizer,
-        weight_decay=cfg.probe.weight_decay,
-        momentum=cfg.probe.momentum,
-        warmup_epochs=cfg.probe.warmup_epochs,
-    )
-
-
-def build_oracle(aggregators: list, backbone: FrozenBackbone) -> AttentionOracle | None:
-    """The second frozen model whose attention ``oracle_attn`` heads pool with, if any."""
-    oracles = {a.oracle for a in aggregators if "oracle_attn" in a.needs}
-    if len(oracles) > 1:
-        raise ValueError(
-            f"One run holds one attention oracle; the heads ask for {sorted(oracles)}."
-        )
-    if not oracles:
-        return None
-    arch, weights = oracles.pop()
-    return AttentionOracle(
-        arch, weights, backbone.img_size, backbone.grid, backbone.mean, backbone.std
-    )
-
-
-def build_head(
-    cfg: DictConfig, backbone: FrozenBackbone, options: dict, num_classes: int
-) -> ProbeHead:
-    """Initialise from ``cfg.seed`` alone, so a head starts the same alone or in any grid."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        aggregator = build_aggregator(
-            dim=backbone.dim,
-            num_patches=backbone.num_patches,
-            num_prefix_tokens=backbone.num_prefix_tokens,
-            has_cls=backbone.has_cls,
-            **options,
-        )
-        return ProbeHead(aggregator, num_classes)
-
-
 def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
     last = output_dir / "checkpoints" / "last.ckpt"  # replaced atomically, never half-written
     return str(last) if cfg.resume and last.is_file() else None
@@ -259,7 +149,7 @@ def describe_heads(cfg: DictConfig, model: LinearProbe) -> list[dict]:
             "head": name,
             "aggregator": options["name"],
             "blr": blr,
-            "added_gflops": added_gflops(model.heads[name], model.backbone),
+            "added_gflops": added_gflops(model.heads[name], model.source.layout),
             **model.results[name],
         }
         for name, (options, blr) in head_grid(cfg).items()

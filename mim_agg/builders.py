@@ -92,11 +92,21 @@ def head_request(aggregators, cached: bool = False) -> TokenRequest:
     return request
 
 
+def build_backbone(cfg: DictConfig) -> FrozenBackbone:
+    """Random weights (``backbone.weights=null``) are drawn from ``seed`` alone: the same
+    config gives the same backbone in every task, online or extracting a cache."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return FrozenBackbone(**cfg.backbone)
+
+
 def build_live_source(cfg: DictConfig, request: TokenRequest) -> LiveTokens:
     """The frozen backbone (and oracle) serving ``request``; checked on the architecture
     first, so a request it cannot serve fails before the weights are fetched."""
     skeleton(**cfg.backbone).provide(request)
-    return LiveTokens(FrozenBackbone(**cfg.backbone), request)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # a random oracle, too, is the seed's
+        return LiveTokens(build_backbone(cfg), request)
 
 
 def build_probe(

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, options_schema
 from mim_agg.runs.identity import run_name
@@ -42,6 +42,7 @@ class DatasetConfig:
     seed: int = 0
     num_workers: int = 8
     verify: bool = False  # decode every image before training, naming each broken file
+    augment: bool = True  # false: train on the eval transform (centre crop), as a cache can
 
 
 @dataclass
@@ -56,6 +57,16 @@ class ProbeConfig:
     batch_size: int = 1024  # per device
     effective_batch: int | None = None  # per optimizer step; null: batch_size x devices
     checkpoint_every_n_steps: int = 500  # besides every epoch; 0: epochs only
+    features: str = "online"  # online: a live backbone per batch | cached: from the token cache
+
+
+@dataclass
+class CacheConfig:  # values and their meaning: conf/cache/default.yaml
+    dtype: str = MISSING
+    views: int = MISSING
+    shard_size: int = MISSING
+    batch_size: int = MISSING
+    verify: bool = MISSING
 
 
 @dataclass
@@ -105,6 +116,7 @@ def register_configs() -> None:
     store.store(group="schema", name="logger", node=LoggerConfig)
     store.store(group="schema", name="analysis", node=AnalysisConfig)
     store.store(group="schema", name="report", node=ReportConfig)
+    store.store(group="schema", name="cache", node=CacheConfig)
     for name in AGGREGATORS:
         store.store(group="schema/aggregator", name=name, node=options_schema(name))
     resolvers = {"auto_precision": auto_precision, "run_dir": _run_dir}
@@ -119,6 +131,8 @@ def _run_dir(*, _root_: DictConfig) -> str:
     the sweep it reads."""
     if _root_.task == "report":
         return os.path.abspath(_root_.report.out_dir or _first(_root_.report.sweep_dir) or ".")
+    if _root_.task == "extract":  # the cache is its output; it picks its own folder by key
+        return os.path.abspath(_root_.paths.cache_dir)
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default={})
     return os.path.abspath(
         os.path.join(_root_.paths.output_root, "runs", run_name(_root_, choices))

@@ -69,7 +69,63 @@ def verify_images(source: Dataset, split: str, workers: int) -> None:
         raise DataError(f"{len(broken)} of {len(paths)} {split} images cannot be read:\n  {shown}")
 
 
-class ProbeDataModule(L.LightningDataModule):
+class SplitLoaders(L.LightningDataModule):
+    """Loaders over ``splits`` (train, heldout, test) of images or of cached tokens.
+
+    Training is shuffled per epoch from the seed, sharded across DDP ranks by the sampler
+    itself, and, after a restore, starts at the first batch the restored epoch has not trained.
+    """
+
+    splits: dict[str, Dataset]
+    seed: int
+    batch_size: int
+    num_workers: int
+    num_classes: int
+
+    def train_dataloader(self) -> DataLoader:
+        dataset, trainer = self.splits["train"], self.trainer
+        sampler = EpochSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=self.seed,
+        )
+        drop_last = len(dataset) > self.batch_size
+        if trainer is not None:
+            done = self._batches_done(trainer)
+            sampler.resume_at(trainer.current_epoch, done, self.batch_size, drop_last)
+        return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **self._loader_options())
+
+    @staticmethod
+    def _batches_done(trainer) -> int:
+        """Batches of the current epoch trained before the checkpoint this fit restored."""
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    @property
+    def has_heldout(self) -> bool:
+        return len(self.splits["heldout"]) > 0
+
+    def val_dataloader(self) -> DataLoader | list:
+        return (
+            DataLoader(self.splits["heldout"], **self._loader_options()) if self.has_heldout else []
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["test"], **self._loader_options())
+
+    def _loader_options(self) -> dict:
+        return dict(
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class ProbeDataModule(SplitLoaders):
+    """Images of a labeled source, split into train / held-out / test."""
+
     def __init__(
         self,
         name: str,
@@ -86,6 +142,7 @@ class ProbeDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         verify: bool = False,
+        augment: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 <= heldout_fraction < 1.0:
@@ -96,7 +153,8 @@ class ProbeDataModule(L.LightningDataModule):
         self.heldout_fraction = heldout_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
         self.verify = verify
-        self.train_transform = build_transform(True, img_size, mean, std)
+        self.augment = augment  # false: train on the eval transform (centre crop), as a cache can
+        self.train_transform = build_transform(augment, img_size, mean, std)
         self.eval_transform = build_transform(False, img_size, mean, std)
         self.splits: dict[str, TransformedSubset] = {}
 
@@ -169,45 +227,3 @@ class ProbeDataModule(L.LightningDataModule):
         train, heldout = self.splits["train"], self.splits["heldout"]
         indices = np.sort(np.concatenate([train.indices, heldout.indices]))
         return TransformedSubset(train.base, indices, self.eval_transform)
-
-    @property
-    def has_heldout(self) -> bool:
-        return self.heldout_fraction > 0
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch from the seed, sharded across DDP ranks by the sampler itself,
-        and, after a restore, starting at the first batch the restored epoch has not trained."""
-        dataset, trainer = self.splits["train"], self.trainer
-        sampler = EpochSampler(
-            dataset,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            shuffle=True,
-            seed=self.seed,
-        )
-        drop_last = len(dataset) > self.batch_size
-        if trainer is not None:
-            done = self._batches_done(trainer)
-            sampler.resume_at(trainer.current_epoch, done, self.batch_size, drop_last)
-        return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **self._loader_options())
-
-    @staticmethod
-    def _batches_done(trainer) -> int:
-        """Batches of the current epoch trained before the checkpoint this fit restored."""
-        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
-
-    def val_dataloader(self) -> DataLoader | list:
-        return (
-            DataLoader(self.splits["heldout"], **self._loader_options()) if self.has_heldout else []
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["test"], **self._loader_options())
-
-    def _loader_options(self) -> dict:
-        return dict(
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )

@@ -21,6 +21,7 @@ NOT_RESULTS = (
     "resume",
     "dataset.num_workers",
     "probe.checkpoint_every_n_steps",
+    "cache.verify",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
     "trainer.enable_model_summary",
@@ -35,6 +36,8 @@ UNUSED_BY_TASK = {
 def result_config(cfg: DictConfig) -> dict:
     """The resolved config values that define a run's results, as a plain nested dict."""
     ignored = (*NOT_RESULTS, *UNUSED_BY_TASK.get(cfg.task, ()))
+    if OmegaConf.select(cfg, "probe.features") != "cached":
+        ignored += ("cache",)  # the cache's options matter only to runs trained from it
     kept = {}
     for key in cfg:
         if key == "hydra" or key in ignored:

@@ -1,8 +1,8 @@
 """Tasks a run can perform; ``task=<name>`` picks one. Each module has ``run(cfg, ...)``;
 tasks with ``USES_RUN_FOLDER`` also ``finished(folder)``, which shows a finished run."""
 
-from mim_agg.tasks import analyze, probe, report
+from mim_agg.tasks import analyze, extract, probe, report
 
-TASKS = {"probe": probe, "analyze": analyze, "report": report}
+TASKS = {"probe": probe, "extract": extract, "analyze": analyze, "report": report}
 
 __all__ = ["TASKS"]

@@ -22,7 +22,7 @@ from mim_agg.analysis.figures import plot_attention_maps, plot_embedding, plot_s
 from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statistics, update_ratios
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone, Tokens
-from mim_agg.builders import build_datamodule, build_head, head_grid
+from mim_agg.builders import build_backbone, build_datamodule, build_head, head_grid
 from mim_agg.errors import UserError
 from mim_agg.utils.files import write_json
 from mim_agg.utils.loggers import build_loggers, finish_loggers
@@ -38,7 +38,7 @@ def run(cfg: DictConfig, watch=None) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     torch.manual_seed(cfg.seed)
     loader = build_loader(cfg)
-    backbone = FrozenBackbone(**cfg.backbone)
+    backbone = build_backbone(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone.to(device)
     probe_head = load_probe_head(cfg, backbone) if cfg.analysis.probe_ckpt else None

@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from mim_agg.builders import build_datamodule, build_probe, head_grid
+from mim_agg.cache import CachedDataModule, CachedTokens, open_cache
 from mim_agg.probe import LinearProbe
 from mim_agg.probe.flops import added_gflops
 from mim_agg.runs.preemption import SignalWatch, StopOnSignal
@@ -38,7 +39,14 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
 
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")  # bad data fails before any weights are fetched
-    model = build_probe(cfg, datamodule.num_classes)
+    source = None
+    if cfg.probe.features == "cached":
+        cache = open_cache(cfg, datamodule, watch)
+        datamodule = CachedDataModule(
+            cache, cfg.probe.batch_size, cfg.dataset.num_workers, cfg.dataset.seed
+        )
+        source = CachedTokens.of(cache)
+    model = build_probe(cfg, datamodule.num_classes, source)
     loggers = build_loggers(cfg, output_dir)
     try:
         trainer = build_trainer(cfg, output_dir, loggers, watch)

@@ -18,15 +18,15 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes files private
 
 
-def write_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: Path, content: str | bytes) -> Path:
     """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``:
     a reader, a crash or a full disk never leaves a half-written file."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(temporary, FILE_MODE)
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb" if isinstance(content, bytes) else "w") as file:
+            file.write(content)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

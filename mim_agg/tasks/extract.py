@@ -1,0 +1,30 @@
+"""The ``extract`` task: fill the token cache that ``probe.features=cached`` trains from.
+
+It stores what this run's heads need (``aggregator`` and ``heads``), for every split; rerun
+after an interruption, it continues after the last complete shard. Its folder is the cache's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from mim_agg.builders import build_datamodule
+from mim_agg.cache import open_cache
+from mim_agg.cache.extract import human
+
+log = logging.getLogger(__name__)
+
+USES_RUN_FOLDER = False
+
+
+def run(cfg: DictConfig, watch=None) -> dict:
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    cache = open_cache(cfg, datamodule, watch=watch)
+    manifest = cache.manifest
+    total = sum(shard["bytes"] for s in manifest["splits"].values() for shard in s["shards"])
+    counts = {split: entry["plan"]["count"] for split, entry in manifest["splits"].items()}
+    log.info("Token cache ready: %s (%s; %s)", cache.root, human(total), counts)
+    return {"cache_dir": str(cache.root), "bytes": total, "images": counts}

@@ -1,0 +1,216 @@
+"""The token cache: what it stores equals what the live backbone gives, training from it equals
+training online, and no damaged, partial or mismatching cache is ever read."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from mim_agg.aggregators import aggregate
+from mim_agg.builders import build_datamodule, build_probe
+from mim_agg.cache import CachedTokens, CacheError, TokenCache, open_cache
+from mim_agg.cache.data import CachedSplit
+from mim_agg.cache.store import dequantize, quantize
+from mim_agg.runs.identity import result_config
+from mim_agg.runs.runner import run_task
+from tests.helpers import FAST, compose_config, popen_cli, run_cli
+
+GRID_4x4 = [*FAST, "backbone.img_size=64"]  # 16 patches: every aggregator's defaults fit
+EVERY_HEAD = [
+    "heads=all",
+    "heads.oracle_attn.oracle_arch=vit_tiny_patch16_224",
+    "heads.oracle_attn.oracle_weights=null",
+]
+
+
+def cache_for(overrides, tmp_path, **kwargs):
+    cfg = compose_config([*GRID_4x4, *overrides], tmp_path)
+    L.seed_everything(cfg.seed)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    return cfg, datamodule, open_cache(cfg, datamodule, **kwargs)
+
+
+def first_batch(cache: TokenCache, split: str, size: int = 8, epoch: int | None = None):
+    items = CachedSplit(cache, split)
+    keys = range(size) if epoch is None else [(i, epoch) for i in range(size)]
+    fields, targets = default_collate([items[key] for key in keys])
+    return CachedTokens.of(cache)(fields), targets
+
+
+def live_tokens(cfg, datamodule, split: str, size: int = 8, epoch: int | None = None):
+    probe = build_probe(cfg, datamodule.num_classes)
+    dataset = datamodule.splits[split]
+    keys = range(size) if epoch is None else [(i, epoch) for i in range(size)]
+    images, targets = default_collate([dataset[key] for key in keys])
+    return probe, probe.source(images), targets
+
+
+def test_fp32_cache_serves_every_head_exactly_what_the_live_backbone_gives(tmp_path):
+    cfg, datamodule, cache = cache_for([*EVERY_HEAD, "cache.dtype=float32"], tmp_path)
+    probe, live, live_targets = live_tokens(cfg, datamodule, "test")
+    cached, targets = first_batch(cache, "test")
+    assert torch.equal(targets, live_targets)
+    torch.testing.assert_close(cached.all, live.all, rtol=0, atol=1e-6)
+    assert set(cached.pooled) == {
+        h.aggregator.cache_key for h in probe.heads.values() if h.aggregator.parameter_free
+    }
+    with torch.no_grad():
+        for name, head in probe.heads.items():
+            served, computed = aggregate(head.aggregator, cached), aggregate(head.aggregator, live)
+            torch.testing.assert_close(served, computed, msg=name)
+
+
+def test_bf16_cache_is_within_bf16_rounding_and_stores_only_pooled_vectors(tmp_path):
+    cfg, datamodule, cache = cache_for(
+        ["aggregator=attn_mean", "+aggregator@heads.cls=cls"], tmp_path
+    )
+    assert cache.manifest["fields"] == {"pooled/attn_mean()": [192], "pooled/cls()": [192]}
+    probe, live, _ = live_tokens(cfg, datamodule, "heldout")
+    cached, _ = first_batch(cache, "heldout")
+    assert cached.all is None and cached.pooled["cls()"].dtype == torch.bfloat16
+    for head in probe.heads.values():
+        served = aggregate(head.aggregator, cached).float()
+        torch.testing.assert_close(served, head.aggregator(live), rtol=2**-8, atol=1e-6)
+
+
+def test_int8_rows_round_to_within_half_a_step():
+    values = torch.randn(4, 3, 10) * torch.logspace(-3, 3, 10)
+    stored = quantize(values, "int8")
+    assert stored[""].dtype == torch.int8 and stored[".scale"].shape == (4, 3, 1)
+    restored = dequantize({"x": stored[""], "x.scale": stored[".scale"]})["x"]
+    step = values.abs().amax(-1, keepdim=True) / 127
+    assert ((restored - values).abs() <= step / 2 + 1e-7).all()
+
+
+def test_float16_overflow_is_refused_not_stored_as_inf():
+    with pytest.raises(CacheError, match="overflow cache.dtype=float16"):
+        quantize(torch.tensor([1e6]), "float16")
+
+
+def test_views_are_the_online_epochs_augmentations(tmp_path):
+    cfg, datamodule, cache = cache_for(
+        ["cache.views=2", "cache.dtype=float32", "aggregator=mean"], tmp_path
+    )
+    view0, _ = first_batch(cache, "train", epoch=0)
+    view1, _ = first_batch(cache, "train", epoch=1)
+    view2, _ = first_batch(cache, "train", epoch=2)
+    assert not torch.allclose(view0.pooled["mean()"], view1.pooled["mean()"])
+    torch.testing.assert_close(view2.pooled["mean()"], view0.pooled["mean()"])  # e mod views
+    _, live, _ = live_tokens(cfg, datamodule, "train", epoch=1)
+    torch.testing.assert_close(view1.pooled["mean()"], live.patches.mean(1), atol=1e-6, rtol=0)
+
+
+def test_probing_from_an_fp32_cache_reproduces_the_online_run(tmp_path):
+    common = [*GRID_4x4, "heads=bench8", "dataset.augment=false", "cache.dtype=float32"]
+    online = run_task(compose_config(common, tmp_path / "online"))
+    cached = run_task(
+        compose_config([*common, "probe.features=cached", "dataset.num_workers=1"], tmp_path / "c")
+    )
+    assert cached["winner"] == online["winner"]
+    for name, head in online["heads"].items():
+        assert cached["heads"][name]["test/acc1"] == pytest.approx(head["test/acc1"], abs=1e-6)
+        assert cached["heads"][name]["test/loss"] == pytest.approx(head["test/loss"], rel=1e-4)
+
+
+def test_damaged_truncated_or_foreign_caches_are_refused_before_training(tmp_path):
+    overrides = ["aggregator=mean", "cache.shard_size=64"]
+    _, datamodule, cache = cache_for(overrides, tmp_path)
+    key = cache.manifest["key"]
+    shard = cache.root / "train" / "shard-00001.safetensors"
+    original = shard.read_bytes()
+
+    shard.write_bytes(original[:-10])
+    with pytest.raises(CacheError, match=r"shard-00001.safetensors is truncated.*rebuild"):
+        cache.check(key, "REBUILD")
+    flipped = bytearray(original)
+    flipped[-1] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(CacheError, match="damaged"):
+        cache.check(key, "REBUILD")
+    cache.check(key, "REBUILD", deep=False)  # sizes and headers alone cannot see a flipped bit
+    shard.write_bytes(original)
+    with pytest.raises(CacheError, match="written for other tokens"):
+        cache.check("0" * 12, "REBUILD")
+
+    other = compose_config([*GRID_4x4, *overrides, "backbone.block=5"], tmp_path)
+    with pytest.raises(CacheError, match="No complete token cache.*python run.py task=extract"):
+        open_cache(other, datamodule, build=False)
+
+
+def test_a_cache_never_serves_another_request_or_other_data(tmp_path):
+    _, _, mean = cache_for(["aggregator=mean"], tmp_path)
+    _, _, cls = cache_for(["aggregator=cls"], tmp_path)
+    _, _, fewer = cache_for(["aggregator=mean", "dataset.train_size=100"], tmp_path)
+    _, _, again = cache_for(["aggregator=mean"], tmp_path)
+    assert len({mean.root, cls.root, fewer.root}) == 3 and again.root == mean.root
+
+
+def test_not_enough_disk_refuses_before_writing(tmp_path, monkeypatch):
+    import mim_agg.cache.extract as extract
+
+    full_disk = SimpleNamespace(total=10**12, used=10**12, free=0)
+    monkeypatch.setattr(extract.shutil, "disk_usage", lambda _: full_disk)
+    with pytest.raises(CacheError, match=r"needs .* more, but only 0 B are free"):
+        cache_for(["aggregator=mean"], tmp_path)
+    assert not list(tmp_path.glob("cache/*/*/shard-*"))
+
+
+def test_cache_options_count_only_for_runs_trained_from_it(tmp_path):
+    def identity(*overrides):
+        return result_config(compose_config([*FAST, *overrides], tmp_path))
+
+    assert identity("cache.dtype=int8") == identity()
+    assert identity("probe.features=cached", "cache.dtype=int8") != identity(
+        "probe.features=cached"
+    )
+    assert identity("probe.features=cached", "cache.verify=false") == identity(
+        "probe.features=cached"
+    )
+
+
+@pytest.mark.slow
+def test_killed_extraction_resumes_to_byte_identical_shards(tmp_path):
+    args = [
+        "task=extract",
+        *GRID_4x4,
+        "aggregator=abmilp",
+        "cache.shard_size=8",
+        "cache.batch_size=4",
+    ]
+    for root in ("reference", "killed"):
+        (tmp_path / root).mkdir()
+    reference = run_cli(*args, root=tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    assert "Still to write" in reference.stdout and "Token cache ready" in reference.stdout
+
+    process = popen_cli(*args, root=tmp_path / "killed")
+    manifests = tmp_path / "killed" / "cache"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = [json.loads(m.read_text()) for m in manifests.glob("*/manifest.json")]
+        if done and len(done[0]["splits"]["train"]["shards"]) >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = json.loads(next(manifests.glob("*/manifest.json")).read_text())
+    assert 3 <= len(partial["splits"]["train"]["shards"]) < 19, "the kill came too late"
+
+    resumed = run_cli(*args, root=tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    (left,) = (tmp_path / "reference" / "cache").iterdir()
+    (right,) = manifests.iterdir()
+    assert left.name == right.name  # the same key
+    shards = sorted(p.relative_to(left) for p in left.glob("*/shard-*"))
+    assert shards == sorted(p.relative_to(right) for p in right.glob("*/shard-*"))
+    assert not list(right.glob("*/.*.tmp"))
+    for shard in shards:
+        assert (left / shard).read_bytes() == (right / shard).read_bytes(), shard

@@ -95,7 +95,8 @@ def test_backbone_stays_frozen_through_fit(tmp_path):
         enable_progress_bar=False,
     )
     trainer.fit(model, datamodule=build_datamodule(cfg))
-    assert not model.source.backbone.training and not any(m.training for m in model.source.backbone.modules())
+    backbone = model.source.backbone
+    assert not backbone.training and not any(m.training for m in backbone.modules())
     assert model.heads.training  # Lightning's switch still reaches the heads
     for key, value in model.source.backbone.state_dict().items():
         torch.testing.assert_close(value, before[key])

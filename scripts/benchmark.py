@@ -1,5 +1,5 @@
-"""Cost of comparing aggregators: one multi-head run against one single-head run, and each
-head alone on precomputed tokens. Writes JSON and prints a table.
+"""Cost of comparing aggregators: one multi-head run against one single-head run, each head
+alone on precomputed tokens, and what the token cache saves. Writes JSON and prints a table.
 
     python scripts/benchmark.py --out outputs/benchmark.json
 
@@ -14,16 +14,24 @@ import json
 import platform
 import tempfile
 import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
+import timm
 import torch
 from hydra import compose, initialize_config_dir
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import TensorDataset
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
-from mim_agg.backbones import TokenLayout, Tokens
+from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, Tokens
 from mim_agg.backbones.frozen import skeleton
+from mim_agg.cache import CachedDataModule, TokenCache
+from mim_agg.cache.extract import extract
+from mim_agg.cache.store import SplitPlan
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.probe import ProbeHead
 from mim_agg.runs.runner import run_task as run
@@ -43,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=2, help="runs per setting; the fastest counts"
     )
+    parser.add_argument(
+        "--extract-images", type=int, default=96, help="images per extraction measurement"
+    )
     return parser.parse_args()
 
 
@@ -54,28 +65,32 @@ def probe_wall_time(args: argparse.Namespace, overrides: list[str]) -> float:
 
 def _one_run(args: argparse.Namespace, overrides: list[str]) -> float:
     with tempfile.TemporaryDirectory() as root:
-        base = [
-            "backbone=vit_tiny",
-            f"backbone.arch={args.arch}",
-            f"backbone.img_size={args.img_size}",
-            "dataset=synthetic",
-            f"dataset.num_classes={args.classes}",
-            "trainer=cpu" if not torch.cuda.is_available() else "trainer=gpu",
-            "+trainer.enable_progress_bar=false",
-            "logger=csv",
-            "probe=sgd",
-            "probe.blr=1.0",
-            f"probe.epochs={args.epochs}",
-            "probe.warmup_epochs=0",
-            f"probe.batch_size={args.batch_size}",
-            f"paths.root_dir={root}",
-            f"paths.output_dir={root}/run",
-        ]
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[*base, *overrides])
         start = time.perf_counter()
-        run(cfg)
+        run(compose_run(args, root, overrides))
         return time.perf_counter() - start
+
+
+def compose_run(args: argparse.Namespace, root: str, overrides: list[str]):
+    """A probing run on synthetic images of the benchmarked architecture, under ``root``."""
+    base = [
+        "backbone=vit_tiny",
+        f"backbone.arch={args.arch}",
+        f"backbone.img_size={args.img_size}",
+        "dataset=synthetic",
+        f"dataset.num_classes={args.classes}",
+        "trainer=cpu" if not torch.cuda.is_available() else "trainer=gpu",
+        "+trainer.enable_progress_bar=false",
+        "logger=csv",
+        "probe=sgd",
+        "probe.blr=1.0",
+        f"probe.epochs={args.epochs}",
+        "probe.warmup_epochs=0",
+        f"probe.batch_size={args.batch_size}",
+        f"paths.root_dir={root}",
+        f"paths.output_dir={root}/run-{len(list(Path(root).glob('run-*')))}",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[*base, *overrides])
 
 
 def head_throughput(name: str, layout: TokenLayout, args) -> dict:
@@ -95,6 +110,108 @@ def head_throughput(name: str, layout: TokenLayout, args) -> dict:
         "trainable_params": head.num_trainable_parameters(),
         "head_images_per_s": images / (time.perf_counter() - start),
     }
+
+
+def cache_figures(args: argparse.Namespace) -> dict:
+    """What the token cache saves, for one abmilp head (which stores full tokens).
+
+    ``cached_epoch_speedup``: training images/s from the cache over online, same data, both
+    on the eval transform. ``cache_read_ratio``: bytes/s of one pass of the cached train
+    loader (sampler, item reads, collation: what the training loop does, without the head)
+    over a raw sequential read of the same shard files, both from the page cache.
+    """
+    with tempfile.TemporaryDirectory() as root:
+        common = ["aggregator=abmilp", "dataset.augment=false", "cache.dtype=bfloat16"]
+        online = run(compose_run(args, root, common))
+        cached = run(compose_run(args, root, [*common, "probe.features=cached"]))
+        (folder,) = Path(root, "cache").iterdir()
+        cache = TokenCache(folder)
+        shards = [folder / s["file"] for s in cache.manifest_entry("train")["shards"]]
+        stored = sum(path.stat().st_size for path in shards)
+        count = cache.manifest_entry("train")["plan"]["count"]
+        raw = _best_rate(lambda: sum(len(path.read_bytes()) for path in shards))
+        loader = CachedDataModule(cache, args.batch_size, 0, seed=0).train_dataloader()
+        read = _best_rate(lambda: stored * sum(len(t) for _, t in loader) / count)
+    return {
+        "online_train_images_per_s": online["train_images_per_s"],
+        "cached_train_images_per_s": cached["train_images_per_s"],
+        "cached_epoch_speedup": cached["train_images_per_s"] / online["train_images_per_s"],
+        "cache_bytes_per_image": stored / count,
+        "cache_read_bytes_per_s": read,
+        "raw_read_bytes_per_s": raw,
+        "cache_read_ratio": read / raw,
+    }
+
+
+def _best_rate(work, repeats: int = 3) -> float:
+    """The best of ``repeats`` rates of ``work()`` (which returns how much it did)."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        amount = work()
+        rates.append(amount / (time.perf_counter() - start))
+    return max(rates)
+
+
+def extract_overhead(args: argparse.Namespace) -> dict:
+    """Extraction images/s over a bare timm ``forward_features`` loop on the same tensors, in
+    the same batches: what the source, the field conversion and shard writing cost. ``bf16``:
+    bf16 autocast on a GPU; on a CPU, float32 compute with bf16 storage."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.extract_images, 3, args.img_size, args.img_size, generator=generator)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = timm.create_model(args.arch, img_size=args.img_size, num_classes=0).to(device).eval()
+    source = LiveTokens(FrozenBackbone(args.arch, img_size=args.img_size), TokenRequest())
+    rates = {}
+    for name, dtype, precision in (
+        ("fp32", "float32", "32-true"),
+        ("bf16", "bfloat16", "bf16-mixed"),
+    ):
+        bf16 = device == "cuda" and name == "bf16"
+        bare = _best_rate(partial(_bare_forward, model, images, args.batch_size, bf16), 2)
+        extraction = partial(_extraction, source, images, args.batch_size, dtype, precision)
+        ours = _best_rate(extraction, 2)
+        rates[name] = {"bare_images_per_s": bare, "extract_images_per_s": ours}
+    return {
+        "extract_overhead": {
+            name: rate["extract_images_per_s"] / rate["bare_images_per_s"]
+            for name, rate in rates.items()
+        },
+        "extract_rates": rates,
+    }
+
+
+def _bare_forward(model, images: torch.Tensor, batch_size: int, bf16: bool) -> int:
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    with torch.inference_mode(), autocast:
+        for batch in images.split(batch_size):
+            model.forward_features(batch.to(device)).cpu()
+    return len(images)
+
+
+def _extraction(source, images: torch.Tensor, batch_size: int, dtype: str, precision: str) -> int:
+    """One shard of every image through ``mim_agg.cache.extract``, into a temporary cache."""
+    split = TensorDataset(images, torch.zeros(len(images), dtype=torch.int64))
+    plan = SplitPlan(len(images), views=1, shard_size=len(images))
+    layout = source.layout
+    with tempfile.TemporaryDirectory() as root:
+        cache = TokenCache(root)
+        cache.start({"key": "benchmark", "splits": {"train": {"plan": asdict(plan), "shards": []}}})
+        extract(
+            cache,
+            source,
+            {"train": split},
+            {"train": plan},
+            poolers={},
+            shapes={"all": (layout.num_tokens, layout.dim)},
+            dtype=dtype,
+            batch_size=batch_size,
+            num_workers=0,
+            augmented=set(),
+            precision=precision,
+        )
+    return len(images)
 
 
 def main() -> None:
@@ -135,6 +252,8 @@ def main() -> None:
         "all_heads_without_oracle_ratio": no_oracle / single,
         "num_all_heads": len(AGGREGATORS),
         "aggregators": heads,
+        **cache_figures(args),
+        **extract_overhead(args),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -162,6 +281,13 @@ def print_report(report: dict) -> None:
     for name, row in report["aggregators"].items():
         table.add_row(name, f"{row['trainable_params']:,}", f"{row['head_images_per_s']:,.0f}")
     console.print(table)
+    console.print(
+        f"cache: epoch speed-up x{report['cached_epoch_speedup']:.0f} (target >= 100), "
+        f"read ratio {report['cache_read_ratio']:.2f} (target >= 0.8), "
+        f"{report['cache_bytes_per_image'] / 1e3:.0f} KB per image; extraction overhead "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report["extract_overhead"].items())
+        + " (target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

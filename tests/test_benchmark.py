@@ -29,6 +29,8 @@ def test_benchmark_writes_its_report(tmp_path):
         "0.01",
         "--repeats",
         "1",
+        "--extract-images",
+        "8",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,4 +39,10 @@ def test_benchmark_writes_its_report(tmp_path):
     assert report["num_all_heads"] == len(report["aggregators"]) >= 14
     assert report["all_heads_without_oracle_s"] > 0
     assert report["aggregators"]["abmilp"]["trainable_params"] == (192 + 1) + (192 * 2 + 2)
-    assert "ratio" in result.stdout  # the printed summary
+    assert report["cached_epoch_speedup"] == pytest.approx(
+        report["cached_train_images_per_s"] / report["online_train_images_per_s"]
+    )
+    assert report["cache_bytes_per_image"] == pytest.approx(17 * 192 * 2, rel=0.1)  # bf16 tokens
+    assert report["cache_read_ratio"] > 0
+    assert set(report["extract_overhead"]) == {"fp32", "bf16"}
+    assert "ratio" in result.stdout and "extraction overhead" in result.stdout

@@ -10,7 +10,9 @@ from mim_agg.cli import CONFIG_DIR
 from tests.helpers import PROJECT_ROOT
 
 README = (PROJECT_ROOT / "README.md").read_text()
-GROUPS = ("backbone", "heads", "dataset", "probe", "trainer", "logger", "experiment", "report")
+GROUPS = (
+    "backbone", "heads", "dataset", "probe", "trainer", "logger", "experiment", "report", "cache",
+)  # fmt: skip
 
 
 def table_row(group: str) -> str:
@@ -35,3 +37,13 @@ def test_every_launcher_is_listed():
     row = table_row("hydra/launcher")
     for option in sorted(p.stem for p in (CONFIG_DIR / "hydra" / "launcher").glob("*.yaml")):
         assert f"`{option}`" in row
+
+
+def test_every_cache_option_is_in_its_row():
+    from omegaconf import OmegaConf
+
+    row = table_row("cache")
+    options = OmegaConf.load(CONFIG_DIR / "cache" / "default.yaml")
+    for key in options:
+        if key != "defaults":
+            assert f"`{key}`" in row, f"cache.{key} is missing from README.md"

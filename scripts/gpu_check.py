@@ -1,0 +1,175 @@
+"""A few minutes on a CUDA machine: throughput figures, then the real CLI end to end on the GPU.
+
+    bash scripts/gpu_check.sh            # on the GPU machine; JSON to $OUT (or outputs/)
+    python scripts/gpu_check.py --smoke --out /tmp/gpu_check.json   # the same code on a CPU, tiny
+
+Measures ViT-B/16 all-token extraction images/s under bf16 autocast (synthetic input on the
+device, tokens copied into pinned host memory), the same with ``torch.compile``, cached-probing
+images/s of an AbMILP head on bf16 tokens, and peak GPU memory. Then runs the quickstart and a
+``heads=bench8`` probe on the GPU (bf16), online and from the cache, and checks each head's test
+accuracy against the same probe on the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mim_agg.aggregators import build_aggregator
+from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenRequest, Tokens
+from mim_agg.probe import ProbeHead
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BF16_TOLERANCE = 0.03  # test accuracy, absolute: bf16 tokens and autocast against fp32
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT", "outputs")) / "gpu_check.json"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (CPU test)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per throughput figure")
+    return parser.parse_args()
+
+
+def timed(step, seconds: float, batch: int, sync) -> float:
+    """Images/s of ``step()`` over ``seconds`` after three warm-up calls."""
+    for _ in range(3):
+        step()
+    sync()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done == 0:
+        step()
+        done += batch
+    sync()
+    return done / (time.perf_counter() - start)
+
+
+def throughput(args: argparse.Namespace, device: str) -> dict:
+    arch, batch, size = (
+        ("vit_tiny_patch16_224", 4, 64) if args.smoke else ("vit_base_patch16_224", 512, 224)
+    )
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+    source = LiveTokens(FrozenBackbone(arch, img_size=size), TokenRequest(tokens=True)).to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+    layout = source.layout
+    host = torch.empty(batch, layout.num_tokens, layout.dim, dtype=torch.bfloat16, pin_memory=cuda)
+
+    def extract_step(forward):
+        with torch.inference_mode(), autocast:
+            host.copy_(forward(images).all.to(torch.bfloat16), non_blocking=True)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    figures = {"arch": arch, "batch": batch, "img_size": size, "device": device_name(device)}
+    figures["extract_images_per_s"] = timed(lambda: extract_step(source), args.seconds, batch, sync)
+    if cuda:
+        figures["extract_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        compiled = torch.compile(source.backbone.model)
+        original, source.backbone.model = source.backbone.model, compiled
+        try:
+            figures["extract_compiled_images_per_s"] = timed(
+                lambda: extract_step(source), args.seconds, batch, sync
+            )
+        finally:
+            source.backbone.model = original
+    head = ProbeHead(build_aggregator("abmilp", layout), num_classes=1000).to(device)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.01)
+    tokens = Tokens.example(layout, TokenRequest(tokens=True), batch, seed=0).map(
+        lambda t: t.to(device, torch.bfloat16)
+    )
+    targets = torch.randint(1000, (batch,), device=device)
+
+    def probe_step():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(head(tokens.map(lambda t: t.float())), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    figures["cached_probe_abmilp_images_per_s"] = timed(probe_step, args.seconds, batch, sync)
+    if cuda:
+        figures["cached_probe_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return figures
+
+
+def cli(root: Path, *overrides: str) -> dict:
+    """``python run.py OVERRIDES`` under ``root``; the run's metrics.json."""
+    env = {**os.environ, "MIM_AGG_ROOT": str(root), "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides], env=env, capture_output=True, text=True
+    )
+    if result.returncode:
+        raise SystemExit(f"run.py {' '.join(overrides)} failed:\n{result.stderr[-4000:]}")
+    (metrics,) = (root / "outputs" / "runs").glob("*/metrics.json")  # one run per root
+    return json.loads(metrics.read_text())
+
+
+def end_to_end(args: argparse.Namespace, device: str) -> dict:
+    """Quickstart and bench8 online / cached on the device, against the CPU in fp32."""
+    trainer = "trainer=gpu" if device == "cuda" else "trainer=cpu"
+    probe = [
+        "backbone=vit_tiny", "backbone.img_size=64", "dataset=digits", "heads=bench8",
+        "probe=sgd", "probe.blr=1.0", f"probe.epochs={1 if args.smoke else 5}",
+        "probe.warmup_epochs=0", "probe.batch_size=64", "logger=csv",
+    ]  # fmt: skip
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        results["quickstart"] = cli(root / "quickstart", "experiment=quickstart", trainer)["winner"]
+        reference = cli(root / "cpu", *probe, "trainer=cpu")
+        for features in ("online", "cached"):
+            run = cli(root / features, *probe, trainer, f"probe.features={features}")
+            gaps = {
+                name: abs(head["test/acc1"] - reference["heads"][name]["test/acc1"])
+                for name, head in run["heads"].items()
+            }
+            results[f"bench8_{features}"] = {
+                "test_acc1": {n: h["test/acc1"] for n, h in run["heads"].items()},
+                "largest_gap_to_cpu_fp32": max(gaps.values()),
+                "within_tolerance": max(gaps.values()) <= BF16_TOLERANCE,
+            }
+        results["cpu_fp32_test_acc1"] = {n: h["test/acc1"] for n, h in reference["heads"].items()}
+    return results
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def main() -> None:
+    args = parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("No CUDA device: run with --smoke for the CPU version of this check.")
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "throughput": throughput(args, device),
+    }
+    report["end_to_end"] = end_to_end(args, device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    checks = [
+        report["end_to_end"][k]["within_tolerance"] for k in ("bench8_online", "bench8_cached")
+    ]
+    raise SystemExit(0 if all(checks) else 1)
+
+
+if __name__ == "__main__":
+    main()

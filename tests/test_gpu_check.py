@@ -1,0 +1,26 @@
+"""The GPU check runs on a CPU in its smoke mode, so it works when a GPU is finally at hand."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import PROJECT_ROOT, cli_environment
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    command = [sys.executable, str(PROJECT_ROOT / "scripts" / "gpu_check.py"), "--smoke"]
+    command += ["--seconds", "0.2", "--out", str(out)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=cli_environment(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["throughput"]["extract_images_per_s"] > 0
+    assert report["throughput"]["cached_probe_abmilp_images_per_s"] > 0
+    for features in ("online", "cached"):
+        run = report["end_to_end"][f"bench8_{features}"]
+        assert len(run["test_acc1"]) == 8 and run["within_tolerance"]

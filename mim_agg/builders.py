@@ -7,6 +7,9 @@ they need is then merged into one ``TokenRequest`` for the token source.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,7 +17,7 @@ from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, TokenSource
 from mim_agg.backbones.frozen import resolve_normalization, skeleton
 from mim_agg.data import ProbeDataModule
-from mim_agg.errors import ConfigError
+from mim_agg.errors import ConfigError, UserError
 from mim_agg.probe import LinearProbe, ProbeHead
 
 
@@ -129,3 +132,38 @@ def build_probe(
         momentum=cfg.probe.momentum,
         warmup_epochs=cfg.probe.warmup_epochs,
     )
+
+
+def load_probe_head(cfg: DictConfig, checkpoint: str, layout: TokenLayout) -> ProbeHead:
+    """The winning head of a finished probe run, with the weights held-out selected for it.
+
+    The checkpoint is read with ``weights_only=True`` (a crafted file cannot run code), and a
+    probe trained on other tokens (backbone arch, weights, block, norm or size) is refused.
+    """
+    checkpoint_path = Path(checkpoint)
+    run_dir = checkpoint_path.parent.parent
+    if not checkpoint_path.is_file() or not (run_dir / "metrics.json").is_file():
+        raise UserError(
+            f"The probe checkpoint {str(checkpoint_path)!r} must be a finished probe run's "
+            "<run>/checkpoints/last.ckpt, beside that run's config.yaml and metrics.json."
+        )
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    keys = ("arch", "weights", "block", "final_norm", "img_size")
+    differing = [k for k in keys if run_cfg.backbone[k] != cfg.backbone[k]]
+    if differing:
+        shown = ", ".join(f"{k}: {run_cfg.backbone[k]} vs {cfg.backbone[k]}" for k in differing)
+        raise UserError(
+            f"The probe in {str(run_dir)!r} was trained on other tokens than these ({shown}); "
+            "use it with the backbone it was trained on."
+        )
+    name = json.loads((run_dir / "metrics.json").read_text())["winner"]
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    selected = state["head_selection"][name]["state"]
+    if selected is None:  # nothing was held out: the last epoch's weights are the selected ones
+        prefix = f"heads.{name}."
+        weights = state["state_dict"]
+        selected = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    num_classes = selected["classifier.weight"].shape[0]
+    head = build_head(run_cfg.seed, layout, head_grid(run_cfg)[name][0], num_classes)
+    head.load_state_dict(selected)
+    return head.eval()

@@ -82,6 +82,14 @@ class AnalysisConfig:
 
 
 @dataclass
+class KnnConfig:  # values and their meaning: conf/knn/default.yaml
+    k: list[int] = MISSING
+    temperatures: list[float] = MISSING
+    batch_size: int = MISSING
+    probe_ckpt: str | None = MISSING
+
+
+@dataclass
 class ReportConfig:
     sweep_dir: Any = None  # a sweep folder, or a list of them
     out_dir: str | None = None  # default: the (first) sweep folder
@@ -117,6 +125,7 @@ def register_configs() -> None:
     store.store(group="schema", name="analysis", node=AnalysisConfig)
     store.store(group="schema", name="report", node=ReportConfig)
     store.store(group="schema", name="cache", node=CacheConfig)
+    store.store(group="schema", name="knn", node=KnnConfig)
     for name in AGGREGATORS:
         store.store(group="schema/aggregator", name=name, node=options_schema(name))
     resolvers = {"auto_precision": auto_precision, "run_dir": _run_dir}

@@ -43,6 +43,12 @@ RULES = {
     "cache.views": (lambda v, c: v >= 1, ">= 1"),
     "cache.shard_size": (lambda v, c: v >= 1, ">= 1"),
     "cache.batch_size": (lambda v, c: v >= 1, ">= 1"),
+    "knn.k": (lambda v, c: len(v) > 0 and all(k >= 1 for k in v), "a non-empty list of k >= 1"),
+    "knn.temperatures": (
+        lambda v, c: len(v) > 0 and all(t > 0 for t in v),
+        "a non-empty list of T > 0",
+    ),
+    "knn.batch_size": (lambda v, c: v >= 1, ">= 1"),
     "analysis.num_images": (lambda v, c: v >= 1, ">= 1"),
     "analysis.batch_size": (lambda v, c: v >= 1, ">= 1"),
     "analysis.map_images": (lambda v, c: v >= 0, ">= 0"),

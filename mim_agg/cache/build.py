@@ -17,7 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mim_agg.aggregators import build_aggregator
+from mim_agg.aggregators import Aggregator, build_aggregator
 from mim_agg.builders import backbone_layout, build_live_source, head_grid, head_request
 from mim_agg.cache.extract import bytes_per_view, check_disk, extract, field_shapes, human
 from mim_agg.cache.identity import cache_identity, cache_key
@@ -31,22 +31,27 @@ SPLITS = ("train", "heldout", "test")
 
 
 def open_cache(
-    cfg: DictConfig, datamodule: ProbeDataModule, watch=None, build: bool = True
+    cfg: DictConfig,
+    datamodule: ProbeDataModule,
+    watch=None,
+    build: bool = True,
+    aggregators: list[Aggregator] | None = None,
 ) -> TokenCache:
-    """The complete, checked cache for this run's heads and data; missing shards are
-    extracted first when ``build`` (else refused with the command that builds them)."""
+    """The complete, checked cache for ``aggregators`` (default: this run's heads) on this
+    data; missing shards are extracted first when ``build`` (else refused with the command
+    that builds them)."""
     datamodule.setup()
     layout = backbone_layout(cfg)
-    aggregators = {}
-    with torch.random.fork_rng(devices=[]):  # learned heads are built only for their request
-        for options, _ in head_grid(cfg).values():
-            aggregator = build_aggregator(layout=layout, **options)
-            aggregators.setdefault(aggregator.cache_key, aggregator)
+    if aggregators is None:
+        with torch.random.fork_rng(devices=[]):  # learned heads are built for their request only
+            aggregators = [build_aggregator(layout=layout, **o) for o, _ in head_grid(cfg).values()]
+    aggregators = {a.cache_key: a for a in aggregators}
     request = head_request(aggregators.values(), cached=True)
     views = split_views(cfg, datamodule)
     identity = cache_identity(cfg, request, datamodule.splits, views)
     key = cache_key(identity)
-    cache = TokenCache(Path(cfg.paths.cache_dir) / f"{cfg.backbone.arch}-{cfg.dataset.name}-{key}")
+    folder = f"{cfg.backbone.arch}-{cfg.dataset.name}-{key}"
+    cache = TokenCache(Path(cfg.paths.cache_dir).absolute() / folder)
     out_dims = {k: a.out_dim for k, a in aggregators.items()}
     shapes = field_shapes(layout, request, out_dims)
     plans = {

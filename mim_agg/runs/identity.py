@@ -28,16 +28,17 @@ NOT_RESULTS = (
 )
 # Groups a task never reads.
 UNUSED_BY_TASK = {
-    "probe": ("analysis", "report"),
-    "analyze": ("probe", "heads", "aggregator", "report", "callbacks"),
+    "probe": ("analysis", "report", "knn"),
+    "knn": ("probe", "analysis", "report", "callbacks", "dataset.augment", "cache.views"),
+    "analyze": ("probe", "heads", "aggregator", "report", "callbacks", "knn", "cache"),
 }
 
 
 def result_config(cfg: DictConfig) -> dict:
     """The resolved config values that define a run's results, as a plain nested dict."""
     ignored = (*NOT_RESULTS, *UNUSED_BY_TASK.get(cfg.task, ()))
-    if OmegaConf.select(cfg, "probe.features") != "cached":
-        ignored += ("cache",)  # the cache's options matter only to runs trained from it
+    if cfg.task == "probe" and cfg.probe.features != "cached":
+        ignored += ("cache",)  # the cache's options matter only to runs that read it
     kept = {}
     for key in cfg:
         if key == "hydra" or key in ignored:
@@ -82,7 +83,7 @@ def differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
 def run_name(cfg: DictConfig, choices: dict) -> str:
     """``probe-mae_vitb-abmilp-digits-<hash>``: readable, and unique per result config."""
     parts = [cfg.task, choices.get("backbone")]
-    if cfg.task == "probe":
+    if cfg.task in ("probe", "knn"):
         parts.append(choices.get("aggregator"))
         if choices.get("heads") not in (None, "none"):
             parts.append(f"heads_{choices['heads']}")

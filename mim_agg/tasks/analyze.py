@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -22,8 +22,7 @@ from mim_agg.analysis.figures import plot_attention_maps, plot_embedding, plot_s
 from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statistics, update_ratios
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone, Tokens
-from mim_agg.builders import build_backbone, build_datamodule, build_head, head_grid
-from mim_agg.errors import UserError
+from mim_agg.builders import build_backbone, build_datamodule, load_probe_head
 from mim_agg.utils.files import write_json
 from mim_agg.utils.loggers import build_loggers, finish_loggers
 
@@ -41,7 +40,9 @@ def run(cfg: DictConfig, watch=None) -> dict:
     backbone = build_backbone(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone.to(device)
-    probe_head = load_probe_head(cfg, backbone) if cfg.analysis.probe_ckpt else None
+    probe_head = None
+    if cfg.analysis.probe_ckpt:
+        probe_head = load_probe_head(cfg, cfg.analysis.probe_ckpt, backbone.layout).to(device)
     collector = Collector(cfg, backbone, probe_head)
     with trace_blocks(backbone.model.blocks) as records:
         for images, targets in tqdm(loader, desc="attention statistics", unit="batch"):
@@ -162,41 +163,6 @@ class Collector:
             features = {name: torch.cat(values) for name, values in self.features.items()}
             paths.append(plot_embedding(features, labels, output_dir / "embedding.png"))
         return paths
-
-
-def load_probe_head(cfg: DictConfig, backbone: FrozenBackbone):
-    """The winning head of a finished probe run, with the weights held-out selected for it.
-
-    The checkpoint is read with ``weights_only=True`` (a crafted file cannot run code), and a
-    probe trained on other tokens (backbone arch, weights, block, norm or size) is refused.
-    """
-    checkpoint_path = Path(cfg.analysis.probe_ckpt)
-    run_dir = checkpoint_path.parent.parent
-    if not checkpoint_path.is_file() or not (run_dir / "metrics.json").is_file():
-        raise UserError(
-            f"analysis.probe_ckpt={str(checkpoint_path)!r} must be a finished probe run's "
-            "<run>/checkpoints/last.ckpt, beside that run's config.yaml and metrics.json."
-        )
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    keys = ("arch", "weights", "block", "final_norm", "img_size")
-    differing = [k for k in keys if run_cfg.backbone[k] != cfg.backbone[k]]
-    if differing:
-        shown = ", ".join(f"{k}: {run_cfg.backbone[k]} vs {cfg.backbone[k]}" for k in differing)
-        raise UserError(
-            f"The probe in {str(run_dir)!r} was trained on other tokens than these ({shown}); "
-            "analyse it with the backbone it was trained on."
-        )
-    name = json.loads((run_dir / "metrics.json").read_text())["winner"]
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    selected = checkpoint["head_selection"][name]["state"]
-    if selected is None:  # nothing was held out: the last epoch's weights are the selected ones
-        prefix = f"heads.{name}."
-        state = checkpoint["state_dict"]
-        selected = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    num_classes = selected["classifier.weight"].shape[0]
-    head = build_head(run_cfg.seed, backbone.layout, head_grid(run_cfg)[name][0], num_classes)
-    head.load_state_dict(selected)
-    return head.to(next(backbone.parameters()).device).eval()
 
 
 def log_to_wandb(cfg: DictConfig, output_dir: Path, result: dict, figures: list[Path]) -> None:

@@ -1,0 +1,20 @@
+"""DINO's weighted vote: neighbour ``i`` adds ``exp(sim_i / T)`` to its label's score."""
+
+from __future__ import annotations
+
+import torch
+
+
+def weighted_vote(
+    sims: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, temperature: float
+) -> torch.Tensor:
+    """Class scores ``[Q, C]`` from each query's ``k`` nearest neighbours (sorted, descending)."""
+    weights = (sims[:, :k] / temperature).exp()
+    scores = torch.zeros(len(sims), num_classes, device=sims.device)
+    return scores.scatter_add_(1, labels[:, :k], weights)
+
+
+def accuracy(scores: torch.Tensor, targets: torch.Tensor, top: int = 1) -> float:
+    top = min(top, scores.shape[1])
+    hits = (scores.topk(top, dim=1).indices == targets.to(scores.device)[:, None]).any(dim=1)
+    return hits.float().mean().item()

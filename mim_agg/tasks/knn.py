@@ -1,0 +1,188 @@
+"""The ``knn`` task: weighted k-NN on the aggregated features of frozen tokens (DINO's protocol).
+
+Every head (``aggregator`` plus ``heads``, parameter-free, or the winning head of a trained
+probe via ``knn.probe_ckpt``) is evaluated from one pass over the token cache: features are
+L2-normalised; a query's ``k`` most cosine-similar training images vote with weight
+``exp(sim / T)``. ``k`` and ``T`` are chosen per head on the held-out split (taken from train,
+as for probes) and the test split is scored once with the chosen pair. Training images are
+the bank and never all in memory: they stream through in chunks, merged into a running top-k.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, open_dict
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mim_agg.aggregators import aggregate, build_aggregator
+from mim_agg.builders import backbone_layout, build_datamodule, head_grid, load_probe_head
+from mim_agg.cache import CachedTokens, open_cache
+from mim_agg.cache.data import CachedSplit
+from mim_agg.errors import ConfigError
+from mim_agg.knn import NearestNeighbours, weighted_vote
+from mim_agg.knn.vote import accuracy
+from mim_agg.utils.files import write_json
+from mim_agg.utils.results import write_csv
+
+log = logging.getLogger(__name__)
+
+USES_RUN_FOLDER = True
+QUERY_SPLITS = ("heldout", "test")
+COLUMNS = ("head", "aggregator", "k", "temperature", "val/acc1_best", "test/acc1", "test/acc5")
+
+
+def run(cfg: DictConfig, watch=None) -> dict:
+    cfg = evaluation_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    bank_size = len(datamodule.splits["train"])
+    if max(cfg.knn.k) > bank_size:
+        raise ConfigError(
+            f"knn.k={list(cfg.knn.k)} asks for more neighbours than the {bank_size} training "
+            f"images; use k <= {bank_size}."
+        )
+    heads = knn_heads(cfg)
+    cache = open_cache(cfg, datamodule, watch, aggregators=list(heads.values()))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = CachedTokens.of(cache).to(device)
+    for aggregator in heads.values():
+        aggregator.to(device).eval()
+    features = {
+        split: split_features(cfg, cache, split, heads, source, device) for split in QUERY_SPLITS
+    }
+    neighbours = {
+        name: NearestNeighbours(
+            torch.cat([features[s][0][name] for s in QUERY_SPLITS]), max(cfg.knn.k)
+        )
+        for name in heads
+    }
+    for bank, labels in stream_features(cfg, cache, "train", heads, source, device, watch):
+        for name, found in neighbours.items():
+            found.add(bank[name], labels)
+    sizes = [len(features[s][1]) for s in QUERY_SPLITS]
+    results = {
+        name: evaluate(
+            cfg, found, sizes, [features[s][1] for s in QUERY_SPLITS], datamodule.num_classes
+        )
+        for name, found in neighbours.items()
+    }
+    winner = max(results, key=lambda n: results[n]["val/acc1_best"] or 0.0)
+    summary = {"winner": winner, **results[winner], "heads": results}
+    show(summary)
+    rows = [{"head": n, "aggregator": heads[n].name, **r} for n, r in results.items()]
+    write_csv(output_dir / "heads.csv", rows, COLUMNS)
+    write_json(output_dir / "metrics.json", summary)
+    return summary
+
+
+def finished(output_dir: Path) -> dict:
+    summary = json.loads((Path(output_dir) / "metrics.json").read_text())
+    show(summary)
+    return summary
+
+
+def evaluation_config(cfg: DictConfig) -> DictConfig:
+    """k-NN describes training images as they are tested: the centre crop, one view."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.dataset.augment = False
+        cfg.cache.views = 1
+    return cfg
+
+
+def knn_heads(cfg: DictConfig) -> dict:
+    """The aggregators to evaluate, by head name: the grid's (parameter-free: there is no
+    training here) and, with ``knn.probe_ckpt``, the trained probe's winning head."""
+    layout = backbone_layout(cfg)
+    heads = {}
+    for name, (options, _) in head_grid(cfg).items():
+        aggregator = build_aggregator(layout=layout, **options)
+        if not aggregator.parameter_free:
+            raise ConfigError(
+                f"aggregator {options['name']!r} has trainable parameters, and k-NN trains "
+                "nothing. Train it with task=probe, then pass knn.probe_ckpt=<that run>/"
+                "checkpoints/last.ckpt (with a parameter-free aggregator=, e.g. cls)."
+            )
+        heads[name.split("_blr")[0]] = aggregator
+    if cfg.knn.probe_ckpt:
+        probe = load_probe_head(cfg, cfg.knn.probe_ckpt, layout)
+        heads[f"probe_{probe.aggregator.name}"] = probe.aggregator.requires_grad_(False)
+    return heads
+
+
+def stream_features(cfg, cache, split: str, heads: dict, source, device: str, watch=None):
+    """``({head: features [b, D]}, labels [b])`` per batch of a cached split."""
+    loader = DataLoader(
+        CachedSplit(cache, split),
+        batch_size=cfg.knn.batch_size,
+        num_workers=cfg.dataset.num_workers,
+    )
+    for fields, labels in tqdm(loader, desc=f"k-NN {split}", unit="batch"):
+        if watch is not None:
+            watch.check()
+        tokens = source({k: v.to(device) for k, v in fields.items()})
+        tokens = tokens.map(lambda t: t.float())
+        with torch.no_grad():
+            yield {name: aggregate(a, tokens) for name, a in heads.items()}, labels.to(device)
+
+
+def split_features(cfg, cache, split: str, heads: dict, source, device: str):
+    """All features of a query split: ``({head: [N, D]}, labels [N])``."""
+    batches = list(stream_features(cfg, cache, split, heads, source, device))
+    if not batches:
+        return {name: torch.empty(0, 1, device=device) for name in heads}, torch.empty(
+            0, dtype=torch.int64
+        )
+    features = {name: torch.cat([b[0][name] for b in batches]) for name in heads}
+    return features, torch.cat([b[1] for b in batches])
+
+
+def evaluate(cfg, found: NearestNeighbours, sizes, targets, num_classes: int) -> dict:
+    """Held-out accuracy of every (k, T); the best pair scores the test split once."""
+    heldout, test = [slice(0, sizes[0]), slice(sizes[0], sizes[0] + sizes[1])]
+    grid = [(k, t) for k in cfg.knn.k for t in cfg.knn.temperatures]
+    if sizes[0] == 0 and len(grid) > 1:
+        raise ConfigError(
+            f"Choosing among knn.k={list(cfg.knn.k)} x knn.temperatures="
+            f"{list(cfg.knn.temperatures)} needs held-out data; set dataset.heldout_fraction > 0."
+        )
+    scores = {}
+    if sizes[0]:
+        for k, t in grid:
+            votes = weighted_vote(found.sims[heldout], found.labels[heldout], num_classes, k, t)
+            scores[(k, t)] = accuracy(votes, targets[0])
+    k, t = max(scores, key=scores.get) if scores else grid[0]
+    votes = weighted_vote(found.sims[test], found.labels[test], num_classes, k, t)
+    return {
+        "k": k,
+        "temperature": t,
+        "val/acc1_best": scores.get((k, t)),
+        "test/acc1": accuracy(votes, targets[1]),
+        "test/acc5": accuracy(votes, targets[1], top=5),
+        "heldout": {f"k={kk},T={tt}": acc for (kk, tt), acc in scores.items()},
+    }
+
+
+def show(summary: dict) -> None:
+    table = Table(title="mim_agg k-NN (test accuracy with the held-out-chosen k and T)")
+    for column in ("head", "test acc1", "test acc5", "held-out acc1", "k", "T"):
+        table.add_column(column, justify="left" if column == "head" else "right")
+    for name, result in summary["heads"].items():
+        heldout = result["val/acc1_best"]
+        table.add_row(
+            name + (" *" if name == summary["winner"] and len(summary["heads"]) > 1 else ""),
+            f"{100 * result['test/acc1']:.2f}",
+            f"{100 * result['test/acc5']:.2f}",
+            "-" if heldout is None else f"{100 * heldout:.2f}",
+            str(result["k"]),
+            f"{result['temperature']:g}",
+        )
+    Console().print(table)

@@ -1,0 +1,98 @@
+"""k-NN: the streamed top-k and DINO's weighted vote equal scikit-learn's neighbour search with
+the same weighting, and the task's accuracy equals that computation on the cached features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors as SklearnNeighbours
+
+from mim_agg.cache import TokenCache
+from mim_agg.cache.data import CachedSplit
+from mim_agg.errors import ConfigError
+from mim_agg.knn import NearestNeighbours, weighted_vote
+from mim_agg.runs.runner import run_task
+from tests.helpers import FAST, compose_config
+
+
+def independent_predictions(bank, bank_labels, queries, k, temperature, num_classes):
+    """scikit-learn's exact cosine neighbours, then exp(sim / T) votes, in NumPy."""
+    search = SklearnNeighbours(n_neighbors=k, metric="cosine", algorithm="brute").fit(bank)
+    distances, indices = search.kneighbors(queries)
+    votes = np.zeros((len(queries), num_classes))
+    for row, (dist, idx) in enumerate(zip(distances, indices, strict=True)):
+        np.add.at(votes[row], bank_labels[idx], np.exp((1.0 - dist) / temperature))
+    return votes.argmax(1)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])  # the bank arrives in chunks of any size
+def test_streamed_vote_equals_scikit_learn(chunk):
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 16, generator=generator, dtype=torch.float64).float()
+    labels = torch.randint(5, (300,), generator=generator)
+    queries = torch.randn(40, 16, generator=generator)
+    found = NearestNeighbours(queries, k=20, query_block=16)
+    for start in range(0, len(bank), chunk):
+        found.add(bank[start : start + chunk], labels[start : start + chunk])
+    for k, temperature in [(1, 0.07), (10, 0.07), (20, 0.5)]:
+        ours = weighted_vote(found.sims, found.labels, 5, k, temperature).argmax(1)
+        expected = independent_predictions(
+            bank.numpy(), labels.numpy(), queries.numpy(), k, temperature, 5
+        )
+        np.testing.assert_array_equal(ours.numpy(), expected)
+
+
+def cached_features(cache: TokenCache, split: str, key: str):
+    items = [CachedSplit(cache, split)[i] for i in range(len(CachedSplit(cache, split)))]
+    features = torch.stack([fields[f"pooled/{key}"] for fields, _ in items]).float().numpy()
+    return features, np.array([label for _, label in items])
+
+
+def test_knn_task_accuracy_equals_an_independent_computation(tmp_path):
+    overrides = [*FAST, "task=knn", "aggregator=mean", "+aggregator@heads.cls=cls"]
+    overrides += ["knn.k=[3,10]", "knn.temperatures=[0.07,1.0]", "cache.dtype=float32"]
+    summary = run_task(compose_config(overrides, tmp_path))
+    (folder,) = (tmp_path / "cache").iterdir()
+    cache = TokenCache(folder)
+    assert (
+        cache.manifest["identity"]["views"]["train"] == 1
+    )  # the centre crop, whatever augment says
+    for name, key in (("mean", "mean()"), ("cls", "cls()")):
+        result = summary["heads"][name]
+        heldout = {}
+        bank, bank_labels = cached_features(cache, "train", key)
+        for k in (3, 10):
+            for temperature in (0.07, 1.0):
+                queries, targets = cached_features(cache, "heldout", key)
+                predicted = independent_predictions(bank, bank_labels, queries, k, temperature, 4)
+                heldout[(k, temperature)] = (predicted == targets).mean()
+        assert result["val/acc1_best"] == pytest.approx(max(heldout.values()), abs=1e-6)
+        assert heldout[(result["k"], result["temperature"])] == max(heldout.values())
+        queries, targets = cached_features(cache, "test", key)
+        predicted = independent_predictions(
+            bank, bank_labels, queries, result["k"], result["temperature"], 4
+        )
+        assert result["test/acc1"] == pytest.approx((predicted == targets).mean(), abs=1e-6)
+    assert (tmp_path / "run" / "heads.csv").read_text().startswith("head,aggregator,k,temperature")
+
+
+def test_learned_aggregators_need_a_trained_probe_and_k_fits_the_bank(tmp_path):
+    cfg = compose_config([*FAST, "task=knn", "aggregator=abmilp", "knn.k=[5]"], tmp_path)
+    with pytest.raises(ConfigError, match="knn.probe_ckpt=<that run>"):
+        run_task(cfg)
+    cfg = compose_config([*FAST, "task=knn", "aggregator=cls", "knn.k=[10,500]"], tmp_path / "k")
+    with pytest.raises(ConfigError, match=r"knn.k=\[10, 500\] asks for more neighbours"):
+        run_task(cfg)
+
+
+def test_a_trained_probes_head_is_evaluated_beside_the_grid(tmp_path):
+    run_task(compose_config([*FAST, "aggregator=abmilp"], tmp_path / "probe"))
+    ckpt = tmp_path / "probe" / "run" / "checkpoints" / "last.ckpt"
+    summary = run_task(
+        compose_config(
+            [*FAST, "task=knn", "aggregator=cls", "knn.k=[5]", f"knn.probe_ckpt={ckpt}"], tmp_path
+        )
+    )
+    assert set(summary["heads"]) == {"cls", "probe_abmilp"}
+    assert 0 < summary["heads"]["probe_abmilp"]["test/acc1"] <= 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, options_schema
 from mim_agg.runs.identity import run_name
@@ -43,6 +43,9 @@ class DatasetConfig:
     num_workers: int = 8
     verify: bool = False  # decode every image before training, naming each broken file
     augment: bool = True  # false: train on the eval transform (centre crop), as a cache can
+    shots: int | None = None  # low-shot: this many training images per class
+    fraction: float | None = None  # low-shot: this fraction of each class (ImageNet 1%: 0.01)
+    subset_seed: int = II("seed")  # draws the low-shot subset; fix it to hold one subset
 
 
 @dataclass

@@ -34,6 +34,8 @@ RULES = {
     "dataset.num_workers": (lambda v, c: v >= 0, ">= 0"),
     "dataset.train_size": (lambda v, c: v is None or v >= 1, "null or >= 1"),
     "dataset.test_size": (lambda v, c: v is None or v >= 1, "null or >= 1"),
+    "dataset.shots": (lambda v, c: v is None or v >= 1, "null or >= 1"),
+    "dataset.fraction": (lambda v, c: v is None or 0 < v <= 1, "null or in (0, 1]"),
     "backbone.img_size": (lambda v, c: v >= 1, ">= 1"),
     "probe.features": (lambda v, c: v in ("online", "cached"), "online or cached"),
     "cache.dtype": (

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from mim_agg.data.sampling import EpochSampler, seeded_random
 from mim_agg.data.sources import DataError, build_source, classes_of, load_image, targets_of
 from mim_agg.data.transforms import build_transform
+from mim_agg.errors import ConfigError
 
 
 class TransformedSubset(Dataset):
@@ -143,6 +144,9 @@ class ProbeDataModule(SplitLoaders):
         num_workers: int = 0,
         verify: bool = False,
         augment: bool = True,
+        shots: int | None = None,
+        fraction: float | None = None,
+        subset_seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= heldout_fraction < 1.0:
@@ -153,6 +157,12 @@ class ProbeDataModule(SplitLoaders):
         self.heldout_fraction = heldout_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
         self.verify = verify
+        if shots is not None and fraction is not None:
+            raise ConfigError(
+                f"dataset.shots={shots} and dataset.fraction={fraction} both choose a low-shot "
+                "subset; set one of them (the other null)."
+            )
+        self.shots, self.fraction, self.subset_seed = shots, fraction, subset_seed
         self.augment = augment  # false: train on the eval transform (centre crop), as a cache can
         self.train_transform = build_transform(augment, img_size, mean, std)
         self.eval_transform = build_transform(False, img_size, mean, std)
@@ -168,15 +178,11 @@ class ProbeDataModule(SplitLoaders):
             if self.verify:
                 verify_images(source, split, self.num_workers)
         train_idx = self._subsample(targets_of(train), self.train_size)
+        train_idx = self._low_shot(targets_of(train), train_idx)
         test_idx = self._subsample(targets_of(test), self.test_size)
         heldout_idx = np.array([], dtype=np.int64)
         if self.heldout_fraction > 0:
-            train_idx, heldout_idx = train_test_split(
-                train_idx,
-                test_size=self.heldout_fraction,
-                random_state=self.seed,
-                stratify=targets_of(train)[train_idx],
-            )
+            train_idx, heldout_idx = self._hold_out(targets_of(train), train_idx)
         self.splits = {
             "train": TransformedSubset(
                 train, np.sort(train_idx), self.train_transform, seed=self.seed
@@ -194,6 +200,57 @@ class ProbeDataModule(SplitLoaders):
             indices, train_size=size, random_state=self.seed, stratify=targets
         )
         return np.sort(kept)
+
+    def _low_shot(self, targets: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """``shots`` images of every class, or ``fraction`` of each class (at least one),
+        drawn from ``subset_seed`` alone: the same subset for every head and protocol."""
+        if self.shots is None and self.fraction is None:
+            return indices
+        generator = np.random.default_rng(self.subset_seed)
+        chosen = []
+        for label in np.unique(targets[indices]):
+            members = indices[targets[indices] == label]
+            if self.shots is not None and len(members) < self.shots:
+                raise DataError(
+                    f"dataset.shots={self.shots}, but class {label} of dataset {self.name!r} "
+                    f"has only {len(members)} training images; use dataset.shots<={len(members)}."
+                )
+            wanted = self.shots or max(1, round(self.fraction * len(members)))
+            chosen.append(generator.choice(members, size=wanted, replace=False))
+        return np.sort(np.concatenate(chosen))
+
+    def _hold_out(self, targets: np.ndarray, indices: np.ndarray):
+        """A stratified, seeded ``heldout_fraction`` of the (possibly low-shot) train indices."""
+        try:
+            return train_test_split(
+                indices,
+                test_size=self.heldout_fraction,
+                random_state=self.seed,
+                stratify=targets[indices],
+            )
+        except ValueError as error:  # fewer images per class than a stratified split needs
+            raise DataError(
+                f"Cannot hold out dataset.heldout_fraction={self.heldout_fraction} of "
+                f"{len(indices)} training images stratified by class ({error}). Use more images "
+                "per class (dataset.shots), a larger heldout_fraction, or heldout_fraction=0 "
+                "(a single head, last epoch)."
+            ) from None
+
+    def subset_listing(self) -> str:
+        """The train and held-out images of a low-shot subset, one per line: split, index in
+        the source, label and file (where the source has files)."""
+        lines = ["split\tindex\tlabel\tfile"]
+        for split in ("train", "heldout"):
+            subset = self.splits[split]
+            samples = getattr(subset.base, "samples", None)
+            for index, label in zip(subset.indices, subset.targets, strict=True):
+                path = samples[index][0] if samples is not None else ""
+                lines.append(f"{split}\t{index}\t{label}\t{path}")
+        return "\n".join(lines) + "\n"
+
+    @property
+    def low_shot(self) -> bool:
+        return self.shots is not None or self.fraction is not None
 
     def _resolve_num_classes(self, declared: int | None) -> int:
         """The configured count, the source's own (class folders, torchvision), or both agreeing."""

@@ -28,7 +28,7 @@ from mim_agg.cache.data import CachedSplit
 from mim_agg.errors import ConfigError
 from mim_agg.knn import NearestNeighbours, weighted_vote
 from mim_agg.knn.vote import accuracy
-from mim_agg.utils.files import write_json
+from mim_agg.utils.files import write_atomic, write_json
 from mim_agg.utils.results import write_csv
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def run(cfg: DictConfig, watch=None) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
+    if datamodule.low_shot:
+        write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
     bank_size = len(datamodule.splits["train"])
     if max(cfg.knn.k) > bank_size:
         raise ConfigError(

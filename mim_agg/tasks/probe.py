@@ -18,6 +18,7 @@ from mim_agg.cache import CachedDataModule, CachedTokens, open_cache
 from mim_agg.probe import LinearProbe
 from mim_agg.probe.flops import added_gflops
 from mim_agg.runs.preemption import SignalWatch, StopOnSignal
+from mim_agg.utils.files import write_atomic
 from mim_agg.utils.loggers import build_loggers, finish_loggers
 from mim_agg.utils.results import print_table, select_winner, write_csv, write_metrics
 
@@ -39,6 +40,8 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
 
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")  # bad data fails before any weights are fetched
+    if datamodule.low_shot:
+        write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
     source = None
     if cfg.probe.features == "cached":
         cache = open_cache(cfg, datamodule, watch)

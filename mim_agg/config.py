@@ -46,6 +46,8 @@ class DatasetConfig:
     shots: int | None = None  # low-shot: this many training images per class
     fraction: float | None = None  # low-shot: this fraction of each class (ImageNet 1%: 0.01)
     subset_seed: int = II("seed")  # draws the low-shot subset; fix it to hold one subset
+    test_split: str | None = None  # image_folder: the test folder (null: val)
+    split_file: str | None = None  # image_folder: lists/{split}.txt of "<path> <label>" lines
 
 
 @dataclass

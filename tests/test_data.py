@@ -189,3 +189,36 @@ def test_verify_names_every_broken_image_before_training(tmp_path):
     (tmp_path / "train" / "a" / "0.png").unlink()
     with pytest.raises(DataError, match=r"1 of 6 test images cannot be read:\n  .*b/2\.png"):
         datamodule(name="image_folder", root=str(tmp_path), num_classes=None, verify=True).setup()
+
+
+def test_split_files_list_images_with_labels(tmp_path):
+    for split, count in (("train", 4), ("val", 2)):
+        lines = []
+        for index in range(count):
+            path = tmp_path / "pictures" / f"{split} {index}.png"  # a space in the name
+            path.parent.mkdir(exist_ok=True)
+            Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(path)
+            lines.append(f"pictures/{split} {index}.png {index % 2}")
+        (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    train, test = build_source(
+        "image_folder", tmp_path, False, 2, 0, split_file=str(tmp_path / "{split}.txt")
+    )
+    assert len(train) == 4 and len(test) == 2 and train.targets == [0, 1, 0, 1]
+    image, label = test[1]
+    assert image.size == (8, 8) and label == 1
+
+    (tmp_path / "val.txt").write_text("pictures/val 0.png zero\n")
+    with pytest.raises(DataError, match=r"val.txt:1: expected '<path> <integer label>'"):
+        build_source(
+            "image_folder", tmp_path, False, 2, 0, split_file=str(tmp_path / "{split}.txt")
+        )
+    (tmp_path / "val.txt").write_text("pictures/gone.png 0\n")
+    with pytest.raises(DataError, match="1 images listed in .*val.txt do not exist"):
+        build_source(
+            "image_folder", tmp_path, False, 2, 0, split_file=str(tmp_path / "{split}.txt")
+        )
+
+
+def test_a_source_option_for_another_source_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="dataset.split_file does not apply to dataset 'digits'"):
+        build_source("digits", tmp_path, False, 10, 0, split_file="x/{split}.txt")

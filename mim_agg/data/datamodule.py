@@ -147,6 +147,8 @@ class ProbeDataModule(SplitLoaders):
         shots: int | None = None,
         fraction: float | None = None,
         subset_seed: int = 0,
+        test_split: str | None = None,
+        split_file: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= heldout_fraction < 1.0:
@@ -163,6 +165,7 @@ class ProbeDataModule(SplitLoaders):
                 "subset; set one of them (the other null)."
             )
         self.shots, self.fraction, self.subset_seed = shots, fraction, subset_seed
+        self.source_options = {"test_split": test_split, "split_file": split_file}
         self.augment = augment  # false: train on the eval transform (centre crop), as a cache can
         self.train_transform = build_transform(augment, img_size, mean, std)
         self.eval_transform = build_transform(False, img_size, mean, std)
@@ -171,7 +174,9 @@ class ProbeDataModule(SplitLoaders):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        train, test = build_source(self.name, self.root, self.download, self.num_classes, self.seed)
+        train, test = build_source(
+            self.name, self.root, self.download, self.num_classes, self.seed, **self.source_options
+        )
         self.num_classes = self._resolve_num_classes(classes_of(train))
         for split, source in (("train", train), ("test", test)):
             self._check_labels(split, targets_of(source))

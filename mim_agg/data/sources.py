@@ -7,6 +7,7 @@ module applies train or eval transforms per split.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mim_agg.errors import UserError
+from mim_agg.errors import ConfigError, UserError
 
 SOURCES: dict[str, Callable] = {}
 
@@ -32,10 +33,22 @@ def source(name: str):
     return add
 
 
-def build_source(name: str, root, download: bool, num_classes: int, seed: int):
+def build_source(name: str, root, download: bool, num_classes: int, seed: int, **options):
+    """``(train, test)`` of source ``name``. ``options`` (e.g. ``split_file``) go to the sources
+    that take them; one set for a source that does not is refused, never ignored."""
     if name not in SOURCES:
         raise ValueError(f"Unknown dataset {name!r}; available: {', '.join(sorted(SOURCES))}.")
-    return SOURCES[name](root, download, num_classes, seed)
+    builder = SOURCES[name]
+    accepted = inspect.signature(builder).parameters
+    ignored = [k for k, v in options.items() if k not in accepted and v is not None]
+    if ignored:
+        raise ConfigError(
+            f"dataset.{ignored[0]} does not apply to dataset {name!r}; it is an option of "
+            "image_folder / imagenet. Remove it."
+        )
+    return builder(
+        root, download, num_classes, seed, **{k: v for k, v in options.items() if k in accepted}
+    )
 
 
 def classes_of(dataset: Dataset) -> int | None:
@@ -104,12 +117,16 @@ def synthetic(root, download, num_classes, seed, per_class=(50, 20), image_size:
 
 
 @source("image_folder")
-def image_folder(root, download, num_classes, seed, test_split: str = "val"):
-    """``root/train/<class>/<image>`` and ``root/<test_split>/<class>/<image>`` (ImageNet).
+def image_folder(root, download, num_classes, seed, test_split=None, split_file=None):
+    """``root/train/<class>/<image>`` and ``root/<test_split>/<class>/<image>`` (ImageNet), or
+    the images listed by ``split_file``.
 
     Both splits must hold the same class folders: labels are indices into their sorted names,
     so a class missing from one split would shift every later label of that split."""
     root = Path(root)
+    test_split = test_split or "val"
+    if split_file is not None:
+        return tuple(listed_images(root, split_file, split) for split in ("train", test_split))
     for split in ("train", test_split):
         if not (root / split).is_dir():
             raise DataError(
@@ -149,6 +166,51 @@ def _names(names: list[str], limit: int = 10) -> str:
 
 
 SOURCES["imagenet"] = image_folder
+
+
+class FileList(Dataset):
+    """Labeled image files, decoded by ``load_image`` (8-bit RGB, the file named on error)."""
+
+    def __init__(self, root: Path | str, samples: list[tuple[str, int]], classes) -> None:
+        self.root = str(root)
+        self.samples = [(str(path), int(label)) for path, label in samples]
+        self.targets = [label for _, label in self.samples]
+        self.classes = None if classes is None else list(classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return load_image(path), label
+
+
+def listed_images(root: Path, split_file: str, split: str) -> FileList:
+    """``split_file`` with ``{split}`` replaced (``lists/{split}.txt``): one ``path label``
+    line per image, the path relative to ``root`` (or absolute), the label an integer."""
+    listing = Path(split_file.format(split=split))
+    if "{split}" not in split_file:
+        raise ConfigError(
+            f"dataset.split_file={split_file!r} must contain {{split}}, e.g. lists/{{split}}.txt: "
+            f"it names one file per split (train and {split})."
+        )
+    if not listing.is_file():
+        raise DataError(f"dataset.split_file: {listing} does not exist (the {split} split).")
+    samples = []
+    for number, line in enumerate(listing.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        path, _, label = line.strip().rpartition(" ")
+        if not path or not label.lstrip("-").isdigit():
+            raise DataError(f"{listing}:{number}: expected '<path> <integer label>', got {line!r}.")
+        samples.append((root / path, int(label)))
+    missing = [str(path) for path, _ in samples if not Path(path).is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} images listed in {listing} do not exist, e.g. {missing[0]}; paths "
+            "are taken relative to dataset.root."
+        )
+    return FileList(root, samples, classes=None)
 
 
 def load_image(path: str) -> Image.Image:

@@ -12,6 +12,7 @@ from tests.helpers import PROJECT_ROOT
 README = (PROJECT_ROOT / "README.md").read_text()
 GROUPS = (
     "backbone", "heads", "dataset", "probe", "trainer", "logger", "experiment", "report", "cache",
+    "knn",
 )  # fmt: skip
 
 
@@ -39,11 +40,12 @@ def test_every_launcher_is_listed():
         assert f"`{option}`" in row
 
 
-def test_every_cache_option_is_in_its_row():
+@pytest.mark.parametrize("group", ["cache", "knn"])
+def test_every_option_of_a_single_config_group_is_in_its_row(group):
     from omegaconf import OmegaConf
 
-    row = table_row("cache")
-    options = OmegaConf.load(CONFIG_DIR / "cache" / "default.yaml")
+    row = table_row(group)
+    options = OmegaConf.load(CONFIG_DIR / group / "default.yaml")
     for key in options:
         if key != "defaults":
-            assert f"`{key}`" in row, f"cache.{key} is missing from README.md"
+            assert f"`{key}`" in row, f"{group}.{key} is missing from README.md"

@@ -57,6 +57,7 @@ def test_quick_sweep_ends_with_the_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "multirun").iterdir()
     text = (sweep_dir / "results.md").read_text()
-    assert "| head | backbone.block=-1 | backbone.block=6 |" in text
+    assert "| head | backbone.block=5 | backbone.block=11 |" in text
     assert text.count("(2) |") >= 4  # two seeds in every cell of the four heads
     assert (sweep_dir / "results.png").is_file() and (sweep_dir / "results.csv").is_file()
+    assert (sweep_dir / "results_blocks.png").is_file()  # backbone.block varies

@@ -2,5 +2,6 @@
 
 from mim_agg.data.datamodule import ProbeDataModule
 from mim_agg.data.sources import SOURCES, build_source
+from mim_agg.data.transfer import TRANSFER
 
-__all__ = ["SOURCES", "ProbeDataModule", "build_source"]
+__all__ = ["SOURCES", "TRANSFER", "ProbeDataModule", "build_source"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from mim_agg.errors import UserError
-from mim_agg.report.figure import plot_results
+from mim_agg.report.figure import BLOCK, plot_blocks, plot_results
 from mim_agg.report.runs import read_sweeps
 from mim_agg.report.table import cells, constant_context, head_rows, markdown, varying_keys
 from mim_agg.utils.files import write_atomic
@@ -61,6 +61,8 @@ def report(sweeps: list[Path], out: Path) -> dict:
     write_atomic(out / "results.md", text)
     if table:
         plot_results(table, keys, title, out / "results.png")
+        if BLOCK in keys:
+            plot_blocks(table, keys, title, out / "results_blocks.png")
     counts = {s: sum(job.status == s for job in jobs) for s in sorted({j.status for j in jobs})}
     log.info("Report of %d jobs (%s) -> %s/results.{csv,md,png}", len(jobs), counts, out)
     return {"jobs": counts, "out_dir": str(out)}

@@ -29,7 +29,10 @@ class _Flowers102(tv.Flowers102):
     here (a damaged file fails when it is parsed)."""
 
     def _check_integrity(self) -> bool:
-        return all((self._base_folder / name).is_file() for name, _ in self._file_dict.values())
+        annotations = [self._file_dict[key][0] for key in ("label", "setid")]
+        return self._images_folder.is_dir() and all(
+            (self._base_folder / name).is_file() for name in annotations
+        )
 
 
 class _Places365(tv.Places365):
@@ -145,6 +148,8 @@ def _registered(name: str, read: Callable) -> Callable:
     def build(root, download, num_classes, seed):
         try:
             return read(root, download)
+        except DataError:
+            raise
         except (RuntimeError, FileNotFoundError, ValueError) as error:
             raise DataError(
                 f"dataset={name} was not found under dataset.root={str(root)!r} ({error}). "

@@ -31,6 +31,8 @@ def test_benchmark_writes_its_report(tmp_path):
         "1",
         "--extract-images",
         "8",
+        "--read-images",
+        "64",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,6 +45,7 @@ def test_benchmark_writes_its_report(tmp_path):
         report["cached_train_images_per_s"] / report["online_train_images_per_s"]
     )
     assert report["cache_bytes_per_image"] == pytest.approx(17 * 192 * 2, rel=0.1)  # bf16 tokens
+    assert report["cached_train_images_per_s"] > report["online_train_images_per_s"]
     assert report["cache_read_ratio"] > 0
     assert set(report["extract_overhead"]) == {"fp32", "bf16"}
     assert "ratio" in result.stdout and "extraction overhead" in result.stdout

@@ -38,12 +38,8 @@ def backbone_layout(cfg: DictConfig) -> TokenLayout:
     return skeleton(**cfg.backbone).layout
 
 
-def head_grid(cfg: DictConfig) -> dict[str, tuple[dict, float]]:
-    """Every (aggregator options, base learning rate) pair of the run, by head name.
-
-    The aggregators are ``aggregator`` plus the named entries of ``heads``; the rates are
-    ``probe.blrs`` (or ``probe.blr`` alone). One rate keeps plain aggregator names.
-    """
+def aggregator_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """``aggregator`` plus the named entries of ``heads``, by head name."""
     aggregators = {cfg.aggregator.name: cfg.aggregator}
     for key, options in cfg.heads.items():
         if key in aggregators and options != aggregators[key]:
@@ -52,6 +48,21 @@ def head_grid(cfg: DictConfig) -> dict[str, tuple[dict, float]]:
                 f"+aggregator@heads.{key}_2={options.name}"
             )
         aggregators[key] = options
+    return aggregators
+
+
+def grid_aggregators(cfg: DictConfig) -> list[dict]:
+    """The options of every distinct aggregator of the run (learning rates aside)."""
+    return [OmegaConf.to_container(o) for o in aggregator_configs(cfg).values()]
+
+
+def head_grid(cfg: DictConfig) -> dict[str, tuple[dict, float]]:
+    """Every (aggregator options, base learning rate) pair of the run, by head name.
+
+    The aggregators are those of ``aggregator_configs``; the rates are ``probe.blrs`` (or
+    ``probe.blr`` alone). One rate keeps plain aggregator names.
+    """
+    aggregators = aggregator_configs(cfg)
     blrs = list(cfg.probe.blrs or [cfg.probe.blr])
     if len(aggregators) * len(blrs) > 1 and cfg.dataset.heldout_fraction == 0:
         raise ConfigError(

@@ -70,8 +70,14 @@ def test_knn_task_accuracy_equals_an_independent_computation(tmp_path):
         assert result["val/acc1_best"] == pytest.approx(max(heldout.values()), abs=1e-6)
         assert heldout[(result["k"], result["temperature"])] == max(heldout.values())
         queries, targets = cached_features(cache, "test", key)
-        predicted = independent_predictions(
-            bank, bank_labels, queries, result["k"], result["temperature"], 4
+        heldout_bank, heldout_labels = cached_features(cache, "heldout", key)
+        predicted = independent_predictions(  # test neighbours: among all training images
+            np.concatenate([bank, heldout_bank]),
+            np.concatenate([bank_labels, heldout_labels]),
+            queries,
+            result["k"],
+            result["temperature"],
+            4,
         )
         assert result["test/acc1"] == pytest.approx((predicted == targets).mean(), abs=1e-6)
     assert (tmp_path / "run" / "heads.csv").read_text().startswith("head,aggregator,k,temperature")
@@ -96,3 +102,11 @@ def test_a_trained_probes_head_is_evaluated_beside_the_grid(tmp_path):
     )
     assert set(summary["heads"]) == {"cls", "probe_abmilp"}
     assert 0 < summary["heads"]["probe_abmilp"]["test/acc1"] <= 1
+
+
+def test_knn_without_heldout_needs_a_single_k_and_t(tmp_path):
+    overrides = [*FAST, "task=knn", "dataset.heldout_fraction=0"]
+    with pytest.raises(ConfigError, match="needs held-out data"):
+        run_task(compose_config(overrides, tmp_path / "grid"))
+    summary = run_task(compose_config([*overrides, "knn.k=[5]"], tmp_path / "one"))
+    assert summary["heads"]["cls"]["val/acc1_best"] is None and summary["heads"]["cls"]["k"] == 5

@@ -30,7 +30,10 @@ def labels(datamodule) -> np.ndarray:
 def test_shots_take_exactly_n_per_class_and_hold_out_from_inside(tmp_path):
     datamodule = subset(["dataset.shots=10", "dataset.heldout_fraction=0.2"], tmp_path)
     assert np.bincount(labels(datamodule)).tolist() == [10] * 10
-    assert len(datamodule.splits["heldout"]) == 20 and len(datamodule.splits["train"]) == 80
+    assert np.bincount(datamodule.splits["heldout"].targets).tolist() == [2] * 10
+    assert len(datamodule.splits["train"]) == 80
+    few = subset(["dataset.shots=2"], tmp_path)  # one held out per class even at 10 %
+    assert np.bincount(few.splits["heldout"].targets).tolist() == [1] * 10
     assert len(datamodule.splits["test"]) == 540  # the test split is never subsampled
 
 
@@ -53,7 +56,7 @@ def test_the_subset_depends_on_subset_seed_only(tmp_path):
 def test_impossible_subsets_are_refused_with_the_fix(tmp_path):
     with pytest.raises(DataError, match="dataset.shots=500, but class 0 .* has only"):
         subset(["dataset.shots=500"], tmp_path)
-    with pytest.raises(DataError, match="Cannot hold out dataset.heldout_fraction=0.1"):
+    with pytest.raises(DataError, match="of class 0's 1 low-shot images leaves none to train on"):
         subset(["dataset.shots=1"], tmp_path)
     with pytest.raises(ConfigError, match="both choose a low-shot subset"):
         subset(["dataset.shots=1", "dataset.fraction=0.1"], tmp_path)

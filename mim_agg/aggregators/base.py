@@ -76,8 +76,9 @@ class WeightedPatchPool(Aggregator):
 def aggregate(aggregator: Aggregator, tokens: Tokens) -> torch.Tensor:
     """The aggregator's representation of ``tokens``: served by the token source when it holds
     it (a cache of a parameter-free aggregator), else computed."""
-    if aggregator.cache_key in tokens.pooled:
-        return tokens.pooled[aggregator.cache_key]
+    key = getattr(aggregator, "cache_key", None)  # absent when built without build_aggregator
+    if key in tokens.pooled:
+        return tokens.pooled[key]
     return aggregator(tokens)
 
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -53,6 +53,15 @@ class TokenRequest:
     cls_blocks: int = 1
     oracle: tuple[str, str | None] | None = None
     pooled: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        """Plain JSON values (a cache's manifest); ``TokenRequest.of`` reads them back."""
+        return {**asdict(self), "oracle": list(self.oracle) if self.oracle else None}
+
+    @classmethod
+    def of(cls, values: dict) -> TokenRequest:
+        oracle = tuple(values["oracle"]) if values.get("oracle") else None
+        return cls(**{**values, "oracle": oracle, "pooled": tuple(values["pooled"])})
 
     def __or__(self, other: TokenRequest) -> TokenRequest:
         if self.oracle and other.oracle and self.oracle != other.oracle:
@@ -105,7 +114,8 @@ class Tokens:
         value = getattr(self, name)
         if value is None:
             raise ValueError(
-                f"The token source did not provide {name!r}: no head's request() asked for it."
+                f"The token source did not provide {name!r}: no head's request() asked for it, "
+                "or the token cache holds other fields (see its manifest.json)."
             )
         return value
 

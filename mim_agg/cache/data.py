@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mim_agg.backbones import TokenLayout, TokenRequest, Tokens, TokenSource
+from mim_agg.backbones.tokens import TENSOR_FIELDS
 from mim_agg.cache.extract import POOLED
 from mim_agg.cache.store import SplitPlan, TokenCache, dequantize
 from mim_agg.data.datamodule import SplitLoaders
@@ -71,25 +72,13 @@ class CachedTokens(TokenSource):
     def of(cls, cache: TokenCache) -> CachedTokens:
         manifest = cache.manifest
         layout = manifest["layout"]
-        request = manifest["request"]
         return cls(
             TokenLayout(**{**layout, "grid": tuple(layout["grid"])}),
-            TokenRequest(
-                tokens=request["tokens"],
-                cls_attn=request["cls_attn"],
-                cls_blocks=request["cls_blocks"],
-                pooled=tuple(request["pooled"]),
-            ),
+            TokenRequest.of(manifest["request"]),
         )
 
     def forward(self, fields: dict[str, torch.Tensor]) -> Tokens:
         values = dequantize(fields)
         pooled = {n[len(POOLED) :]: v for n, v in values.items() if n.startswith(POOLED)}
-        return Tokens(
-            self.layout,
-            all=values.get("all"),
-            cls_attn=values.get("cls_attn"),
-            block_cls=values.get("block_cls"),
-            oracle_attn=values.get("oracle_attn"),
-            pooled=pooled,
-        )
+        fields = {name: values[name] for name in TENSOR_FIELDS if name in values}
+        return Tokens(self.layout, **fields, pooled=pooled)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mim_agg.aggregators import Aggregator
 from mim_agg.backbones import LiveTokens, TokenLayout, TokenRequest, Tokens
+from mim_agg.backbones.tokens import TENSOR_FIELDS
 from mim_agg.cache.store import DTYPES, CacheError, SplitPlan, TokenCache, quantize
 
 log = logging.getLogger(__name__)
@@ -26,19 +27,18 @@ POOLED = "pooled/"
 
 
 def field_shapes(layout: TokenLayout, request: TokenRequest, out_dims: dict) -> dict:
-    """Per image and view, the shape of every field a cache for ``request`` stores."""
-    shapes = {}
-    if request.tokens:
-        shapes["all"] = (layout.num_tokens, layout.dim)
-    if request.cls_attn:
-        shapes["cls_attn"] = (layout.num_heads, layout.num_patches)
-    if request.cls_blocks > 1:
-        shapes["block_cls"] = (request.cls_blocks, layout.dim)
-    if request.oracle:
-        shapes["oracle_attn"] = (layout.num_patches,)
+    """Per image and view, the shape of every field a cache for ``request`` stores: the
+    requested ``Tokens`` fields (shaped as ``Tokens.example`` makes them) and one pooled vector
+    per parameter-free aggregator key."""
+    example = Tokens.example(layout, request)
+    shapes = {name: tuple(getattr(example, name).shape[1:]) for name in stored_names(example)}
     for key in request.pooled:
         shapes[POOLED + key] = (out_dims[key],)
     return shapes
+
+
+def stored_names(tokens: Tokens) -> list[str]:
+    return [name for name in TENSOR_FIELDS if getattr(tokens, name) is not None]
 
 
 def bytes_per_view(shapes: dict, dtype: str) -> int:

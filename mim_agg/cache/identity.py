@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.backbones import TokenRequest
 from mim_agg.backbones.frozen import is_timm_tag, resolve_normalization
+from mim_agg.utils.files import sha256_of
 
 
 def weights_identity(weights: str | None, seed: int) -> dict:
@@ -26,40 +28,46 @@ def weights_identity(weights: str | None, seed: int) -> dict:
         return {"random": True, "seed": seed}
     if is_timm_tag(weights):
         return {"tag": weights}
-    with open(weights, "rb") as file:
-        return {
-            "file": Path(weights).name,
-            "sha256": hashlib.file_digest(file, "sha256").hexdigest(),
-        }
+    return {"file": Path(weights).name, "sha256": sha256_of(weights)}
 
 
 def split_identity(split) -> str:
     """SHA-256 of a split (a ``TransformedSubset``): its source's images, the chosen indices
-    in order, their labels and the transform (its ``repr`` lists every parameter)."""
+    in order, their labels, the transform (its ``repr`` lists every parameter) and the seed
+    its augmentations are drawn from."""
     digest = hashlib.sha256()
     base = split.base
     samples = getattr(base, "samples", None)
-    if samples is not None:  # image files: their paths below the root (image content is not read)
-        root = str(getattr(base, "root", ""))
+    if samples is not None:  # image files: where they are, their size and modification time
+        root = os.path.realpath(os.path.expanduser(str(getattr(base, "root", "") or "/")))
+        digest.update(root.encode())
         for path, label in samples:
-            digest.update(f"{Path(path).relative_to(root) if root else path}:{label}\n".encode())
+            status = os.stat(path)
+            relative = os.path.relpath(os.path.realpath(path), root)
+            digest.update(f"{relative}:{label}:{status.st_size}:{status.st_mtime_ns}\n".encode())
     else:  # in-memory sets: the pixels themselves
         pixels = getattr(base, "data", getattr(base, "images", None))
         digest.update(np.ascontiguousarray(np.asarray(pixels)).tobytes())
     digest.update(np.asarray(split.indices, dtype=np.int64).tobytes())
     digest.update(np.asarray(split.targets, dtype=np.int64).tobytes())
     digest.update(repr(split.transform).encode())
+    digest.update(f"seed={split.seed}".encode())
     return digest.hexdigest()
 
 
 def cache_identity(
-    cfg: DictConfig, request: TokenRequest, splits: dict, views: dict[str, int]
+    cfg: DictConfig,
+    request: TokenRequest,
+    splits: dict,
+    views: dict[str, int],
+    oracle: tuple[str, str | None] | None = None,
 ) -> dict:
+    """``request``: what is stored; ``oracle``: the attention oracle the extraction runs (also
+    when only an oracle head's pooled output is stored)."""
     backbone = cfg.backbone
     mean, std = resolve_normalization(backbone.weights, backbone.mean, backbone.std)
-    oracle = None
-    if request.oracle is not None:
-        arch, weights = request.oracle
+    if oracle is not None:
+        arch, weights = oracle
         oracle = {"arch": arch, "weights": weights_identity(weights, cfg.seed)}
     return {
         "arch": backbone.arch,
@@ -72,12 +80,7 @@ def cache_identity(
         "oracle": oracle,
         "precision": str(OmegaConf.select(cfg, "trainer.precision", default="32-true")),
         "dtype": cfg.cache.dtype,
-        "request": {
-            "tokens": request.tokens,
-            "cls_attn": request.cls_attn,
-            "cls_blocks": request.cls_blocks,
-            "pooled": list(request.pooled),
-        },
+        "request": request.as_dict(),
         "dataset": cfg.dataset.name,
         "splits": {name: split_identity(split) for name, split in splits.items()},
         "views": views,

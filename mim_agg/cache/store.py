@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from mim_agg.errors import UserError
-from mim_agg.utils.files import read_json, write_atomic, write_json
+from mim_agg.utils.files import read_json, sha256_of, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,17 @@ class TokenCache:
             temporary.unlink()
 
     @contextlib.contextmanager
-    def locked(self):
-        """One extracting process per cache; another one waits (a sweep's jobs share one)."""
+    def locked(self, shared: bool = False):
+        """One extracting process per cache, readers side by side (``shared``); whoever
+        cannot have the lock waits for it (a sweep's jobs share one cache)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         with open(self.root / ".lock", "a+") as lock:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("Another process is writing %s; waiting for it.", self.root)
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                log.info("Another process is writing or reading %s; waiting for it.", self.root)
+                fcntl.flock(lock, mode)
             try:
                 yield
             finally:
@@ -196,11 +198,8 @@ class TokenCache:
                 pass
         except (SafetensorError, OSError) as error:
             raise CacheError(damaged % f"unreadable ({error})") from None
-        if deep:
-            with open(path, "rb") as file:
-                digest = hashlib.file_digest(file, "sha256").hexdigest()
-            if digest != shard["sha256"]:
-                raise CacheError(damaged % "damaged (its SHA-256 differs from the manifest's)")
+        if deep and sha256_of(path) != shard["sha256"]:
+            raise CacheError(damaged % "damaged (its SHA-256 differs from the manifest's)")
 
     def open_shard(self, split: str, shard: int) -> dict[str, torch.Tensor]:
         """A shard's tensors, memory-mapped (nothing is read until it is indexed)."""

@@ -225,7 +225,11 @@ class ProbeDataModule(SplitLoaders):
         return np.sort(np.concatenate(chosen))
 
     def _hold_out(self, targets: np.ndarray, indices: np.ndarray):
-        """A stratified, seeded ``heldout_fraction`` of the (possibly low-shot) train indices."""
+        """A stratified, seeded ``heldout_fraction`` of the train indices; of a low-shot subset,
+        ``max(1, round(fraction x n))`` images of each class (stratified splitting needs as many
+        held-out images as classes, which few shots do not give)."""
+        if self.low_shot:
+            return self._hold_out_per_class(targets, indices)
         try:
             return train_test_split(
                 indices,
@@ -236,10 +240,25 @@ class ProbeDataModule(SplitLoaders):
         except ValueError as error:  # fewer images per class than a stratified split needs
             raise DataError(
                 f"Cannot hold out dataset.heldout_fraction={self.heldout_fraction} of "
-                f"{len(indices)} training images stratified by class ({error}). Use more images "
-                "per class (dataset.shots), a larger heldout_fraction, or heldout_fraction=0 "
-                "(a single head, last epoch)."
+                f"{len(indices)} training images stratified by class ({error}). Use a larger "
+                "heldout_fraction, or heldout_fraction=0 (a single head, its last epoch)."
             ) from None
+
+    def _hold_out_per_class(self, targets: np.ndarray, indices: np.ndarray):
+        generator = np.random.default_rng(self.seed)
+        kept, held = [], []
+        for label in np.unique(targets[indices]):
+            members = generator.permutation(indices[targets[indices] == label])
+            count = max(1, round(self.heldout_fraction * len(members)))
+            if count >= len(members):
+                raise DataError(
+                    f"Holding out dataset.heldout_fraction={self.heldout_fraction} of class "
+                    f"{label}'s {len(members)} low-shot images leaves none to train on; use "
+                    "more shots, or dataset.heldout_fraction=0 (a single head, its last epoch)."
+                )
+            held.append(members[:count])
+            kept.append(members[count:])
+        return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
     def subset_listing(self) -> str:
         """The train and held-out images of a low-shot subset, one per line: split, index in

@@ -22,6 +22,9 @@ NOT_RESULTS = (
     "dataset.num_workers",
     "probe.checkpoint_every_n_steps",
     "cache.verify",
+    "cache.shard_size",
+    "knn.batch_size",
+    "dataset.download",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
     "trainer.enable_model_summary",
@@ -29,7 +32,10 @@ NOT_RESULTS = (
 # Groups a task never reads.
 UNUSED_BY_TASK = {
     "probe": ("analysis", "report", "knn"),
-    "knn": ("probe", "analysis", "report", "callbacks", "dataset.augment", "cache.views"),
+    "knn": (
+        *("probe", "analysis", "report", "callbacks"),
+        *("dataset.augment", "cache.views", "trainer.max_epochs"),  # fixed / unused by k-NN
+    ),
     "analyze": ("probe", "heads", "aggregator", "report", "callbacks", "knn", "cache"),
 }
 

@@ -15,14 +15,14 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mim_agg.aggregators import aggregate, build_aggregator
-from mim_agg.builders import backbone_layout, build_datamodule, head_grid, load_probe_head
+from mim_agg.builders import aggregator_configs, backbone_layout, build_datamodule, load_probe_head
 from mim_agg.cache import CachedTokens, open_cache
 from mim_agg.cache.data import CachedSplit
 from mim_agg.errors import ConfigError
@@ -45,36 +45,32 @@ def run(cfg: DictConfig, watch=None) -> dict:
     datamodule.setup()
     if datamodule.low_shot:
         write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
-    bank_size = len(datamodule.splits["train"])
-    if max(cfg.knn.k) > bank_size:
-        raise ConfigError(
-            f"knn.k={list(cfg.knn.k)} asks for more neighbours than the {bank_size} training "
-            f"images; use k <= {bank_size}."
-        )
+    check_grid(cfg, datamodule)
     heads = knn_heads(cfg)
     cache = open_cache(cfg, datamodule, watch, aggregators=list(heads.values()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = CachedTokens.of(cache).to(device)
     for aggregator in heads.values():
         aggregator.to(device).eval()
-    features = {
-        split: split_features(cfg, cache, split, heads, source, device) for split in QUERY_SPLITS
-    }
-    neighbours = {
-        name: NearestNeighbours(
-            torch.cat([features[s][0][name] for s in QUERY_SPLITS]), max(cfg.knn.k)
-        )
-        for name in heads
-    }
+    features = {s: split_features(cfg, cache, s, heads, source, device) for s in QUERY_SPLITS}
+    k = max(cfg.knn.k)
+    found = {s: {n: NearestNeighbours(features[s][0][n], k) for n in heads} for s in QUERY_SPLITS}
     for bank, labels in stream_features(cfg, cache, "train", heads, source, device, watch):
-        for name, found in neighbours.items():
-            found.add(bank[name], labels)
-    sizes = [len(features[s][1]) for s in QUERY_SPLITS]
+        for split in QUERY_SPLITS:
+            for name, neighbours in found[split].items():
+                neighbours.add(bank[name], labels)
+    heldout, heldout_labels = features["heldout"]
+    for name, neighbours in found["test"].items():  # the test bank: all training images
+        neighbours.add(heldout[name], heldout_labels)
     results = {
         name: evaluate(
-            cfg, found, sizes, [features[s][1] for s in QUERY_SPLITS], datamodule.num_classes
+            cfg,
+            found["heldout"][name],
+            found["test"][name],
+            [features[s][1] for s in QUERY_SPLITS],
+            datamodule.num_classes,
         )
-        for name, found in neighbours.items()
+        for name in heads
     }
     winner = max(results, key=lambda n: results[n]["val/acc1_best"] or 0.0)
     summary = {"winner": winner, **results[winner], "heads": results}
@@ -83,6 +79,22 @@ def run(cfg: DictConfig, watch=None) -> dict:
     write_csv(output_dir / "heads.csv", rows, COLUMNS)
     write_json(output_dir / "metrics.json", summary)
     return summary
+
+
+def check_grid(cfg: DictConfig, datamodule) -> None:
+    """Before any work: k fits the training images, and a grid of (k, T) has held-out data."""
+    bank_size = len(datamodule.splits["train"])
+    if max(cfg.knn.k) > bank_size:
+        raise ConfigError(
+            f"knn.k={list(cfg.knn.k)} asks for more neighbours than the {bank_size} training "
+            f"images; use k <= {bank_size}."
+        )
+    if not datamodule.has_heldout and len(cfg.knn.k) * len(cfg.knn.temperatures) > 1:
+        raise ConfigError(
+            f"Choosing among knn.k={list(cfg.knn.k)} x knn.temperatures="
+            f"{list(cfg.knn.temperatures)} needs held-out data; set dataset.heldout_fraction > 0 "
+            "or give one k and one temperature."
+        )
 
 
 def finished(output_dir: Path) -> dict:
@@ -105,15 +117,15 @@ def knn_heads(cfg: DictConfig) -> dict:
     training here) and, with ``knn.probe_ckpt``, the trained probe's winning head."""
     layout = backbone_layout(cfg)
     heads = {}
-    for name, (options, _) in head_grid(cfg).items():
-        aggregator = build_aggregator(layout=layout, **options)
+    for name, options in aggregator_configs(cfg).items():
+        aggregator = build_aggregator(layout=layout, **OmegaConf.to_container(options))
         if not aggregator.parameter_free:
             raise ConfigError(
                 f"aggregator {options['name']!r} has trainable parameters, and k-NN trains "
                 "nothing. Train it with task=probe, then pass knn.probe_ckpt=<that run>/"
                 "checkpoints/last.ckpt (with a parameter-free aggregator=, e.g. cls)."
             )
-        heads[name.split("_blr")[0]] = aggregator
+        heads[name] = aggregator
     if cfg.knn.probe_ckpt:
         probe = load_probe_head(cfg, cfg.knn.probe_ckpt, layout)
         heads[f"probe_{probe.aggregator.name}"] = probe.aggregator.requires_grad_(False)
@@ -139,30 +151,24 @@ def stream_features(cfg, cache, split: str, heads: dict, source, device: str, wa
 def split_features(cfg, cache, split: str, heads: dict, source, device: str):
     """All features of a query split: ``({head: [N, D]}, labels [N])``."""
     batches = list(stream_features(cfg, cache, split, heads, source, device))
-    if not batches:
-        return {name: torch.empty(0, 1, device=device) for name in heads}, torch.empty(
-            0, dtype=torch.int64
-        )
+    if not batches:  # no held-out split
+        empty = {name: torch.empty(0, a.out_dim, device=device) for name, a in heads.items()}
+        return empty, torch.empty(0, dtype=torch.int64, device=device)
     features = {name: torch.cat([b[0][name] for b in batches]) for name in heads}
     return features, torch.cat([b[1] for b in batches])
 
 
-def evaluate(cfg, found: NearestNeighbours, sizes, targets, num_classes: int) -> dict:
-    """Held-out accuracy of every (k, T); the best pair scores the test split once."""
-    heldout, test = [slice(0, sizes[0]), slice(sizes[0], sizes[0] + sizes[1])]
+def evaluate(cfg, heldout: NearestNeighbours, test: NearestNeighbours, targets, classes) -> dict:
+    """Held-out accuracy of every (k, T); the best pair scores the test split once, its
+    neighbours found among all training images (held-out ones included, as in DINO)."""
     grid = [(k, t) for k in cfg.knn.k for t in cfg.knn.temperatures]
-    if sizes[0] == 0 and len(grid) > 1:
-        raise ConfigError(
-            f"Choosing among knn.k={list(cfg.knn.k)} x knn.temperatures="
-            f"{list(cfg.knn.temperatures)} needs held-out data; set dataset.heldout_fraction > 0."
-        )
     scores = {}
-    if sizes[0]:
+    if len(targets[0]):
         for k, t in grid:
-            votes = weighted_vote(found.sims[heldout], found.labels[heldout], num_classes, k, t)
+            votes = weighted_vote(heldout.sims, heldout.labels, classes, k, t)
             scores[(k, t)] = accuracy(votes, targets[0])
     k, t = max(scores, key=scores.get) if scores else grid[0]
-    votes = weighted_vote(found.sims[test], found.labels[test], num_classes, k, t)
+    votes = weighted_vote(test.sims, test.labels, classes, k, t)
     return {
         "k": k,
         "temperature": t,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,3 +55,12 @@ def write_json(path: Path, value) -> Path:
 def read_json(path: Path, default=None):
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+def sha256_of(path: Path | str, chunk: int = 1 << 24) -> str:
+    """The file's SHA-256, read in 16 MB chunks (no whole-file copy in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

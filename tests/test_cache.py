@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import default_collate
 
 from mim_agg.aggregators import aggregate
@@ -214,3 +216,56 @@ def test_killed_extraction_resumes_to_byte_identical_shards(tmp_path):
     assert not list(right.glob("*/.*.tmp"))
     for shard in shards:
         assert (left / shard).read_bytes() == (right / shard).read_bytes(), shard
+
+
+class StopAfter:
+    """A signal watch that 'receives a signal' after ``batches`` batches."""
+
+    def __init__(self, batches: int) -> None:
+        self.left = batches
+
+    def check(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_extraction_keeps_its_first_shard_size(tmp_path):
+    overrides = ["aggregator=mean", "cache.batch_size=8", "cache.dtype=float32"]
+    with pytest.raises(KeyboardInterrupt):
+        cache_for([*overrides, "cache.shard_size=16"], tmp_path, watch=StopAfter(5))
+    cfg, _, cache = cache_for([*overrides, "cache.shard_size=50"], tmp_path)
+    assert cache.manifest_entry("train")["plan"]["shard_size"] == 16
+    _, reference = cache_for(overrides + ["cache.shard_size=16"], tmp_path / "ref")[1:]
+    for split in ("train", "heldout", "test"):
+        ours, expected = CachedSplit(cache, split), CachedSplit(reference, split)
+        for index in (0, len(ours) - 1):
+            torch.testing.assert_close(ours[index][0], expected[index][0], rtol=0, atol=0)
+
+
+def image_folder(root: Path, shade: int = 0) -> Path:
+    for split, count in (("train", 6), ("val", 2)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                colour = (shade, 100 * (label == "a"), index * 20)
+                Image.new("RGB", (16, 16), colour).save(root / split / label / f"{index}.png")
+    return root
+
+
+def test_the_augmentation_seed_and_the_image_files_are_part_of_the_key(tmp_path):
+    _, _, first = cache_for(["aggregator=mean", "dataset.heldout_fraction=0"], tmp_path)
+    _, _, other_seed = cache_for(
+        ["aggregator=mean", "dataset.heldout_fraction=0", "dataset.seed=1"], tmp_path
+    )
+    assert first.root != other_seed.root
+
+    def folder_cache(root):
+        overrides = ["aggregator=mean", "dataset=image_folder", f"dataset.root={root}"]
+        return cache_for([*overrides, "dataset.heldout_fraction=0.5"], tmp_path)[2].root
+
+    clean = folder_cache(image_folder(tmp_path / "clean"))
+    noisy = folder_cache(image_folder(tmp_path / "noisy", shade=200))  # same names elsewhere
+    assert clean != noisy
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "clean" / "val" / "a" / "0.png")
+    assert folder_cache(tmp_path / "clean") != clean  # an image rewritten in place

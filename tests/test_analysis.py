@@ -203,10 +203,11 @@ def test_probe_checkpoint_adds_its_pooling_weights(tmp_path):
     cfg = compose_config(
         [*ANALYZE, "backbone.img_size=64", f"analysis.probe_ckpt={ckpt}"], tmp_path / "analysis"
     )
-    from mim_agg.tasks.analyze import Collector, load_probe_head
+    from mim_agg.builders import load_probe_head
+    from mim_agg.tasks.analyze import Collector
 
     backbone = FrozenBackbone(**cfg.backbone)
-    head = load_probe_head(cfg, backbone)
+    head = load_probe_head(cfg, cfg.analysis.probe_ckpt, backbone.layout)
     selected = torch.load(ckpt, weights_only=True)["head_selection"]["abmilp"]["state"]
     torch.testing.assert_close(
         head.aggregator.scorer[0].weight, selected["aggregator.scorer.0.weight"]
@@ -221,8 +222,8 @@ def test_probe_checkpoint_adds_its_pooling_weights(tmp_path):
 
 
 def test_probe_checkpoint_of_other_tokens_or_crafted_is_refused(tmp_path):
+    from mim_agg.builders import load_probe_head
     from mim_agg.errors import UserError
-    from mim_agg.tasks.analyze import load_probe_head
 
     run_probe(compose_config([*FAST, "aggregator=abmilp", "probe.epochs=1"], tmp_path / "probe"))
     ckpt = tmp_path / "probe" / "run" / "checkpoints" / "last.ckpt"
@@ -230,7 +231,7 @@ def test_probe_checkpoint_of_other_tokens_or_crafted_is_refused(tmp_path):
         [*ANALYZE, "backbone.block=5", f"analysis.probe_ckpt={ckpt}"], tmp_path / "analysis"
     )
     with pytest.raises(UserError, match=r"trained on other tokens than these \(block: -1 vs 5\)"):
-        load_probe_head(other_block, FrozenBackbone(**other_block.backbone))
+        load_probe_head(other_block, str(ckpt), FrozenBackbone(**other_block.backbone).layout)
 
     marker = tmp_path / "code_ran"
 
@@ -241,7 +242,7 @@ def test_probe_checkpoint_of_other_tokens_or_crafted_is_refused(tmp_path):
     torch.save({"state_dict": Crafted()}, ckpt)  # pickles a call that would create `marker`
     cfg = compose_config([*ANALYZE, f"analysis.probe_ckpt={ckpt}"], tmp_path / "analysis")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        load_probe_head(cfg, FrozenBackbone(**cfg.backbone))
+        load_probe_head(cfg, str(ckpt), FrozenBackbone(**cfg.backbone).layout)
     assert not marker.exists()
 
 

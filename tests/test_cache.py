@@ -262,6 +262,7 @@ def test_the_augmentation_seed_and_the_image_files_are_part_of_the_key(tmp_path)
 
     def folder_cache(root):
         overrides = ["aggregator=mean", "dataset=image_folder", f"dataset.root={root}"]
+        overrides.append("dataset.num_workers=0")
         return cache_for([*overrides, "dataset.heldout_fraction=0.5"], tmp_path)[2].root
 
     clean = folder_cache(image_folder(tmp_path / "clean"))

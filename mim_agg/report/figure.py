@@ -9,13 +9,13 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from mim_agg.report.table import Cell, column_label
+from mim_agg.report.table import Cell, column_label, natural
 
 
 def plot_results(table: dict[tuple, Cell], keys: list[str], title: str, path: Path) -> Path:
     """One group per head, one bar per column of the table; error bars are the standard
     deviation over seeds, and each bar says how many seeds it averages."""
-    columns = sorted({key[:-1] for key in table})
+    columns = sorted({key[:-1] for key in table}, key=natural)
     heads = sorted({key[-1] for key in table})
     width = 0.8 / len(columns)
     fig = Figure(figsize=(max(6.4, 0.55 * len(heads) * len(columns) + 2), 4.8))
@@ -65,8 +65,10 @@ def plot_blocks(table: dict[tuple, Cell], keys: list[str], title: str, path: Pat
         errors = [100 * statistics.stdev(c.values) if len(c.values) > 1 else 0 for _, c in points]
         label = ", ".join([column_label(tuple(rest), others), head] if others else [head])
         ax.errorbar(blocks, means, yerr=errors, marker="o", markersize=3, capsize=2, label=label)
+    ax.set_xticks(sorted({int(key[at]) + 1 for key in table}))
     ax.set_xlabel("probed block (1 = first)")
-    ax.set_ylabel("test top-1 accuracy (%)")
+    seeds = sorted({len(cell.values) for cell in table.values()})
+    ax.set_ylabel(f"test top-1 accuracy (%), mean ± std of {'/'.join(map(str, seeds))} seeds")
     wrapped = "\n".join(textwrap.fill(line, 80) for line in title.split("\n"))
     ax.set_title(wrapped, fontsize=9)
     ax.grid(alpha=0.3)

@@ -13,9 +13,17 @@ from dataclasses import dataclass
 
 from mim_agg.report.runs import Job
 
-# Not columns: the seed is averaged over, learning rates are chosen on held-out, the head
-# (``aggregator.name`` and the extra ``heads``) is the row.
-SELECTED_OVER = ("seed", "probe.blr", "probe.blrs", "aggregator.name", "heads")
+# Not columns: seeds (the training seed, and the low-shot subset's, which follows it unless
+# set) are averaged over, learning rates are chosen on held-out, the head (``aggregator.name``
+# and the extra ``heads``) is the row.
+SELECTED_OVER = (
+    "seed",
+    "dataset.subset_seed",
+    "probe.blr",
+    "probe.blrs",
+    "aggregator.name",
+    "heads",
+)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -64,6 +72,7 @@ def head_rows(jobs: list[Job], keys: list[str]) -> list[dict]:
                 {
                     **{k: flat.get(k) for k in keys},
                     "seed": flat.get("seed"),
+                    "subset_seed": flat.get("dataset.subset_seed"),
                     "head_key": head_key(head),
                     "run": job.path.name,
                     **head,
@@ -93,9 +102,10 @@ def cells(rows: list[dict], keys: list[str], metric: str = "test/acc1") -> dict[
     for row in rows:
         key = (*(str(row[k]) for k in keys), row["head_key"])
         best = chosen.setdefault(key, {})
-        current = best.get(row["seed"])
+        replicate = (row["seed"], row.get("subset_seed"))
+        current = best.get(replicate)
         if current is None or _heldout(row) > _heldout(current):
-            best[row["seed"]] = row
+            best[replicate] = row
     return {
         key: Cell([float(r[metric]) for r in by_seed.values()], list(by_seed.values()))
         for key, by_seed in chosen.items()
@@ -107,6 +117,17 @@ def _heldout(row: dict) -> float:
     return float(value) if value not in (None, "") else float("-inf")
 
 
+def natural(values: tuple) -> tuple:
+    """Sort key of a column: numbers by value (block 5 before block 11), then text."""
+    order = []
+    for value in values:
+        try:
+            order.append((0, float(value), ""))
+        except ValueError:
+            order.append((1, 0.0, str(value)))
+    return tuple(order)
+
+
 def column_label(values: tuple, keys: list[str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "all jobs"
 
@@ -114,7 +135,7 @@ def column_label(values: tuple, keys: list[str]) -> str:
 def markdown(table: dict[tuple, Cell], keys: list[str], jobs: list[Job], title: str) -> str:
     """Heads as rows, the varying config values as columns; then every job that did not
     finish, by name, with its error's last line."""
-    columns = sorted({key[:-1] for key in table})
+    columns = sorted({key[:-1] for key in table}, key=natural)
     heads = sorted({key[-1] for key in table})
     lines = [f"# {title}", ""]
     lines.append("| head | " + " | ".join(column_label(c, keys) for c in columns) + " |")

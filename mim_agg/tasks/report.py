@@ -56,7 +56,7 @@ def report(sweeps: list[Path], out: Path) -> dict:
     table = cells(rows, keys)
     text = markdown(table, keys, jobs, title.replace("\n", "; "))
     print(text)
-    columns = [*keys, "seed", "head_key", "run", *(rows[0] if rows else {})]
+    columns = [*keys, "seed", "subset_seed", "head_key", "run", *(rows[0] if rows else {})]
     write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
     write_atomic(out / "results.md", text)
     if table:

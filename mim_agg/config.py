@@ -22,12 +22,16 @@ from mim_agg.runs.identity import run_name
 @dataclass
 class BackboneConfig:
     arch: str
+    family: str = MISSING  # mim | jea | vlm | none (random weights): figures and reports read it
     weights: str | None = None
     block: int = -1
     final_norm: bool = False
     img_size: int = 224
     mean: list[float] | None = None
     std: list[float] | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. MoCo v3 ViT-S: num_heads=12
+    url: str | None = None  # the official checkpoint, for scripts/download_weights.py
+    sha256: str | None = None  # its checksum, when published
 
 
 @dataclass

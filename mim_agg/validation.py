@@ -10,6 +10,8 @@ from omegaconf import DictConfig
 
 from mim_agg.errors import ConfigError
 
+FAMILIES = ("mim", "jea", "vlm", "none")  # none: random weights
+
 RULES = {
     # key: (test(value, cfg), what is valid)
     "probe.epochs": (lambda v, c: v >= 1, "an integer >= 1"),
@@ -37,6 +39,7 @@ RULES = {
     "dataset.shots": (lambda v, c: v is None or v >= 1, "null or >= 1"),
     "dataset.fraction": (lambda v, c: v is None or 0 < v <= 1, "null or in (0, 1]"),
     "backbone.img_size": (lambda v, c: v >= 1, ">= 1"),
+    "backbone.family": (lambda v, c: v in FAMILIES, "one of " + ", ".join(FAMILIES)),
     "probe.features": (lambda v, c: v in ("online", "cached"), "online or cached"),
     "cache.dtype": (
         lambda v, c: v in ("bfloat16", "float16", "float32", "int8"),

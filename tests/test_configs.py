@@ -43,7 +43,12 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("name", options("backbone"))
 def test_backbone_options(name, tmp_path):
     cfg = compose_config([f"backbone={name}"], tmp_path).backbone
-    assert cfg.weights is None or is_timm_tag(cfg.weights), f"{cfg.weights} is no timm tag"
+    if cfg.url is not None:  # a file that scripts/download_weights.py fetches
+        assert cfg.weights.startswith(str(tmp_path / "weights")), cfg.weights
+        assert cfg.url.startswith("https://")
+    else:
+        assert cfg.weights is None or is_timm_tag(cfg.weights), f"{cfg.weights} is no timm tag"
+    assert cfg.family in ("mim", "jea", "vlm", "none")
     with torch.device("meta"):  # real modules, no memory, no download
         backbone = FrozenBackbone(**{**cfg, "weights": None})
     patch = backbone.model.patch_embed.patch_size[0]

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.manifold import TSNE
 
-MIM_MARKERS = ("mae", "simmim", "beit", "ijepa", "mim", "capi", "data2vec")
+LINE_STYLES = {"mim": "-", "jea": "--", "vlm": "-.", "none": ":"}  # by backbone.family
 TITLES = {
     "cls_self_attn": "[cls] -> [cls]",
     "cls_self_attn_rel": "[cls] -> [cls] (rel.)",
@@ -30,13 +30,9 @@ TITLES = {
 }
 
 
-def family(label: str) -> str:
-    """MIM or JEA, read off a backbone name such as ``vit_base_patch16_224.mae``."""
-    return "MIM" if any(marker in label.lower() for marker in MIM_MARKERS) else "JEA"
-
-
 def plot_statistics(results: dict[str, dict], path: Path) -> Path:
-    """One panel per statistic, value per block, one line per backbone (MIM solid, JEA dashed)."""
+    """One panel per statistic, value per block, one line per backbone, styled by its
+    ``family`` from config (MIM solid, JEA dashed, VLM dash-dotted, random dotted)."""
     names = [n for n in TITLES if any(n in r["stats"] for r in results.values())]
     cols = min(5, len(names))
     rows = math.ceil(len(names) / cols)
@@ -46,8 +42,15 @@ def plot_statistics(results: dict[str, dict], path: Path) -> Path:
         for label, result in results.items():
             if name in result["stats"]:
                 values = result["stats"][name]
-                style = "-" if family(label) == "MIM" else "--"
-                ax.plot(range(1, len(values) + 1), values, style, marker=".", label=label)
+                family = result.get("family") or "none"
+                style = LINE_STYLES.get(family, ":")
+                ax.plot(
+                    range(1, len(values) + 1),
+                    values,
+                    style,
+                    marker=".",
+                    label=f"{label} ({family.upper() if family != 'none' else 'random'})",
+                )
         if name.endswith("entropy"):
             for max_entropy in {r["max_entropy"] for r in results.values()}:
                 ax.axhline(

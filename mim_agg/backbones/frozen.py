@@ -35,9 +35,16 @@ class FrozenBackbone(nn.Module):
         img_size: int = 224,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        family: str | None = None,
+        arch_kwargs: dict | None = None,
+        url: str | None = None,
+        sha256: str | None = None,
     ) -> None:
+        """``family`` is recorded for figures and reports; ``url`` and ``sha256`` say where a
+        ``weights`` file comes from (``scripts/download_weights.py``), and play no part here."""
         super().__init__()
-        self.model = create_model(arch, weights, img_size)
+        self.family = family
+        self.model = create_model(arch, weights, img_size, **(arch_kwargs or {}))
         patch = self.model.patch_embed.patch_size[0]
         if img_size % patch:
             raise UserError(
@@ -143,13 +150,14 @@ def skeleton(**backbone_config) -> FrozenBackbone:
         return FrozenBackbone(**{**backbone_config, "weights": None})
 
 
-def create_model(arch: str, weights: str | None, img_size: int) -> nn.Module:
-    """Build ``arch`` with random, timm-pretrained (tag) or file weights."""
+def create_model(arch: str, weights: str | None, img_size: int, **arch_kwargs) -> nn.Module:
+    """Build ``arch`` (with ``arch_kwargs``, e.g. ``num_heads``) with random, timm-pretrained
+    (tag) or file weights."""
     if arch not in timm.list_models():
         raise ConfigError(
             f"backbone.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*')."
         )
-    kwargs = dict(num_classes=0, img_size=img_size)
+    kwargs = dict(num_classes=0, img_size=img_size, **arch_kwargs)
     if weights is None:
         return timm.create_model(arch, pretrained=False, **kwargs)
     if is_timm_tag(weights):

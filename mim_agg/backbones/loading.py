@@ -7,6 +7,7 @@ and mask-token weights a frozen encoder never uses.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -14,22 +15,45 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from mim_agg.backbones.formats import recognise
+
 WRAPPER_KEYS = ("model", "state_dict", "teacher", "module")
 KEY_PREFIXES = ("module.", "encoder.", "backbone.", "model.")
-UNUSED_KEY_STARTS = ("decoder", "mask_token", "head.", "fc_norm.", "lm_head")
+UNUSED_KEY_STARTS = ("decoder", "mask_token", "masked_embed", "head.", "fc_norm.", "lm_head")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or torch checkpoint and unwrap it to a flat state dict."""
+# Objects the field's checkpoints pickle beside their weights, allowed by name: iBOT / BEiT v2
+# store their argparse arguments. Nothing else is ever imported while reading a checkpoint.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def read_checkpoint(path: str | Path):
+    """A ``.safetensors`` or torch checkpoint, read without running code (``weights_only``
+    with an allow-list of the plain objects checkpoints of the field carry)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"backbone.weights={str(path)!r} is neither an existing checkpoint file nor a timm "
-            "pretrained tag like 'vit_base_patch16_224.mae'; check the path."
+            "pretrained tag like 'vit_base_patch16_224.mae'; check the path (or fetch it: "
+            "python scripts/download_weights.py backbone=<name>)."
         )
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The checkpoint's encoder weights and the name of the format they were found in."""
+    checkpoint = read_checkpoint(path)
+    known = recognise(checkpoint)
+    if known is not None:
+        return known.convert(checkpoint), known.name
+    return unwrap(checkpoint), "generic"
+
+
+def unwrap(checkpoint) -> dict[str, torch.Tensor]:
+    """Generic layouts: ``{"model" | "state_dict" | "teacher" | "module": weights}`` or plain."""
     for key in WRAPPER_KEYS:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -54,7 +78,8 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
     The architecture's own timm filter function runs first, so position embeddings are
     resampled to the model's image size and timm's format conversions apply.
     """
-    state_dict = normalize_keys(read_state_dict(path))
+    state_dict, source_format = read_state_dict(path)
+    state_dict = normalize_keys(state_dict)
     timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if timm_filter is not None:
         state_dict = timm_filter(state_dict, model)
@@ -68,12 +93,13 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
     )
     if missing or unexpected or misshaped:
         raise ValueError(
-            f"Checkpoint {str(path)!r} does not fit backbone.arch={_arch(model)} "
-            f"({_describe(model)}).\n"
+            f"Checkpoint {str(path)!r} ({source_format} format) does not fit "
+            f"backbone.arch={_arch(model)} ({_describe(model)}).\n"
             f"  missing keys: {_abbrev(missing)}\n"
             f"  unexpected keys: {_abbrev(unexpected)}\n"
             f"  misshaped keys: {_abbrev(misshaped)}\n"
-            "Pick the backbone.arch the checkpoint was trained with."
+            "Pick the backbone.arch (and backbone.arch_kwargs, e.g. num_heads) the checkpoint "
+            "was trained with."
         )
     model.load_state_dict(state_dict, strict=False)
 

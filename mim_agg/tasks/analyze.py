@@ -52,6 +52,7 @@ def run(cfg: DictConfig, watch=None) -> dict:
             collector.add(images, targets, tokens, records)
     result = {
         "backbone": cfg.backbone.weights or cfg.backbone.arch,
+        "family": cfg.backbone.family,
         **collector.statistics.result(backbone.layout.num_patches),
     }
     write_json(output_dir / "attention_stats.json", result)

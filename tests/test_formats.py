@@ -176,6 +176,6 @@ def test_a_misfit_names_the_format_and_the_keys(tmp_path):
         tmp_path / "m.pth",
     )
     with pytest.raises(
-        ValueError, match=r"\(mocov3 format\) does not fit.*missing keys: blocks.1.mlp.fc2.bias"
+        ValueError, match=r"(?s)\(mocov3 format\) does not fit.*missing keys: blocks.1.mlp.fc2.bias"
     ):
         backbone(tmp_path / "m.pth", heads=12)

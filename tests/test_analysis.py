@@ -171,7 +171,8 @@ def test_analyze_writes_stats_and_figures(analysis_run):
     result, output_dir = analysis_run
     saved = json.loads((output_dir / "attention_stats.json").read_text())
     assert saved["backbone"] == "vit_tiny_patch16_224" and saved["num_images"] == 24
-    assert set(saved) == {"backbone", "num_images", "max_entropy", "stats", "per_head"}
+    assert set(saved) == {"backbone", "family", "num_images", "max_entropy", "stats", "per_head"}
+    assert saved["family"] == "none"  # from backbone.family, never guessed from a name
     assert all(len(values) == 12 for values in saved["stats"].values())
     for name in ("attention_stats.png", "attention_maps.png", "embedding.png"):
         data = (output_dir / name).read_bytes()

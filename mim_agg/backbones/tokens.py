@@ -134,10 +134,6 @@ class Tokens:
         pooled = {key: function(value) for key, value in self.pooled.items()}
         return replace(self, **tensors, pooled=pooled)
 
-    def detach(self) -> Tokens:
-        """A copy usable with autograd: inference-mode tensors cannot be saved for backward."""
-        return self.map(torch.Tensor.clone)
-
     def __len__(self) -> int:
         return len(self.tensors()[0])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -17,11 +16,11 @@ from mim_agg.errors import UserError
 from mim_agg.report.runs import job_label, launched_overrides
 from mim_agg.runs.folder import RunContext
 from mim_agg.runs.runner import run_task
+from mim_agg.utils.console import quiet_third_party
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
-# The frozen backbone stays in eval mode on purpose (FrozenBackbone.train).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+quiet_third_party()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

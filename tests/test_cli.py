@@ -6,14 +6,32 @@ import time
 
 import pytest
 
-from tests.helpers import FAST, popen_cli, run_cli
+from mim_agg.cli import CONFIG_DIR
+from mim_agg.tasks import TASKS
+from tests.helpers import FAST, PROJECT_ROOT, popen_cli, run_cli
 
 
-def test_help_lists_groups_and_options(tmp_path):
+def test_help_lists_tasks_every_group_and_option_and_the_scripts(tmp_path):
     result = run_cli("--help", root=tmp_path)
     assert result.returncode == 0, result.stderr
-    for expected in ("backbone: ", "aggregator: ", "abmilp", "topk_attn", "mae_vitb", "digits"):
-        assert expected in result.stdout
+    text = result.stdout
+    rows: dict[str, str] = {}
+    for line in text.split("== Config groups ==")[1].split("== Scripts ==")[0].splitlines():
+        if line.strip():
+            if not line.startswith(" "):
+                name, _, line = line.partition(" ")
+            rows[name] = rows.get(name, "") + " " + line
+    for folder in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        if folder.name == "local":  # optional and git-ignored: nothing to choose
+            continue
+        for option in sorted(f.stem for f in folder.glob("*.yaml")):
+            assert option in rows[folder.name], f"--help does not list {folder.name}={option}"
+    for task in TASKS:
+        assert f"\n  {task} " in text, f"--help does not describe task={task}"
+    for script in (PROJECT_ROOT / "scripts").glob("*.py"):
+        if script.name != "gpu_check.py":  # run through gpu_check.sh
+            assert f"scripts/{script.name}" in text, f"--help does not mention {script.name}"
+    assert "schema" not in text.split("== Config ==")[0]  # the config schemas are no options
 
 
 def test_cfg_job_shows_the_composed_config(tmp_path):

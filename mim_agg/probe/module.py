@@ -121,7 +121,9 @@ class LinearProbe(L.LightningModule):
             else:
                 self._diverge(name)
         self.timing["train_images"] += len(targets)
-        return sum(loss for loss, ok in zip(losses, finite, strict=True) if ok)
+        total = sum(loss for loss, ok in zip(losses, finite, strict=True) if ok)
+        self.log("loss", total / max(1, sum(finite)), prog_bar=True, batch_size=len(targets))
+        return total
 
     def _diverge(self, name: str) -> None:
         """Stop a head whose loss became non-finite: it trains no further and never wins."""
@@ -177,6 +179,8 @@ class LinearProbe(L.LightningModule):
                 state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
                 chosen.update(acc1=values["acc1"], epoch=self.current_epoch, state=state)
         if not self.trainer.sanity_checking:
+            best = max(chosen["acc1"] for chosen in self.selection.values())
+            self.log("heldout_acc1", best, prog_bar=True)  # the best head so far
             self._log_epoch()
 
     def _log_epoch(self) -> None:

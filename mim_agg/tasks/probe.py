@@ -17,6 +17,7 @@ from mim_agg.builders import build_datamodule, build_probe, head_grid
 from mim_agg.cache import CachedDataModule, CachedTokens, open_cache
 from mim_agg.probe import LinearProbe
 from mim_agg.probe.flops import added_gflops
+from mim_agg.probe.progress import ProbeProgressBar
 from mim_agg.runs.preemption import SignalWatch, StopOnSignal
 from mim_agg.utils.files import write_atomic
 from mim_agg.utils.loggers import build_loggers, finish_loggers
@@ -109,6 +110,8 @@ def build_trainer(
     if watch is not None:
         callbacks.append(StopOnSignal(watch, checkpoints / "last.ckpt"))
     callbacks += [instantiate(callback) for callback in cfg.callbacks.values()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(ProbeProgressBar())
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer = instantiate(
         cfg.trainer,

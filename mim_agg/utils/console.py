@@ -1,0 +1,31 @@
+"""What the console shows: our own messages, not third-party advertising or internal noise.
+
+Lightning advertises a cloud logger when a trainer starts, warns that our frozen modules are
+in eval mode (on purpose: ``FrozenBackbone.train``) and passes on a deprecation from its own
+use of torch's pytree; none of it is about the user's run.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+ADVERTS = ("💡 Tip:",)
+NOISE = (
+    r".*module\(s\) in eval mode.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(ADVERTS)
+
+
+def quiet_third_party() -> None:
+    for message in NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdverts) for f in logger.filters):
+            logger.addFilter(_DropAdverts())

@@ -127,10 +127,15 @@ def end_to_end(args: argparse.Namespace, device: str) -> dict:
         "probe=sgd", "probe.blr=1.0", f"probe.epochs={1 if args.smoke else 5}",
         "probe.warmup_epochs=0", "probe.batch_size=64", "logger=csv",
     ]  # fmt: skip
+    if args.smoke:
+        probe += ["dataset.train_size=300", "dataset.test_size=150"]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        results["quickstart"] = cli(root / "quickstart", "experiment=quickstart", trainer)["winner"]
+        if not args.smoke:  # the CPU suite runs the quickstart already
+            results["quickstart"] = cli(root / "quickstart", "experiment=quickstart", trainer)[
+                "winner"
+            ]
         reference = cli(root / "cpu", *probe, "trainer=cpu")
         for features in ("online", "cached"):
             run = cli(root / features, *probe, trainer, f"probe.features={features}")

@@ -159,10 +159,12 @@ def load_probe_head(cfg: DictConfig, checkpoint: str, layout: TokenLayout) -> Pr
             "<run>/checkpoints/last.ckpt, beside that run's config.yaml and metrics.json."
         )
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    keys = ("arch", "weights", "block", "final_norm", "img_size")
-    differing = [k for k in keys if run_cfg.backbone[k] != cfg.backbone[k]]
+    keys = ("arch", "arch_kwargs", "weights", "block", "final_norm", "img_size", "mean", "std")
+    trained = {k: OmegaConf.select(run_cfg.backbone, k) for k in keys}
+    current = {k: OmegaConf.select(cfg.backbone, k) for k in keys}
+    differing = [k for k in keys if trained[k] != current[k]]
     if differing:
-        shown = ", ".join(f"{k}: {run_cfg.backbone[k]} vs {cfg.backbone[k]}" for k in differing)
+        shown = ", ".join(f"{k}: {trained[k]} vs {current[k]}" for k in differing)
         raise UserError(
             f"The probe in {str(run_dir)!r} was trained on other tokens than these ({shown}); "
             "use it with the backbone it was trained on."

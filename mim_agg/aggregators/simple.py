@@ -25,7 +25,9 @@ class MeanPatches(Aggregator):
         return tokens.patches.mean(dim=1)
 
     def pooling_weights(self, tokens):
-        return torch.full((len(tokens), self.num_patches), 1.0 / self.num_patches)
+        patches = tokens.patches
+        shape = (len(patches), self.num_patches)
+        return torch.full(shape, 1.0 / self.num_patches, dtype=patches.dtype, device=patches.device)
 
 
 @register("cls_mean")

@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.manifold import TSNE
 
 LINE_STYLES = {"mim": "-", "jea": "--", "vlm": "-.", "none": ":"}  # by backbone.family
+FAMILY_LABELS = {"mim": "MIM", "jea": "JEA", "vlm": "VLM", "none": "random"}
 TITLES = {
     "cls_self_attn": "[cls] -> [cls]",
     "cls_self_attn_rel": "[cls] -> [cls] (rel.)",
@@ -42,14 +43,14 @@ def plot_statistics(results: dict[str, dict], path: Path) -> Path:
         for label, result in results.items():
             if name in result["stats"]:
                 values = result["stats"][name]
-                family = result.get("family") or "none"
-                style = LINE_STYLES.get(family, ":")
+                family = result.get("family") or "unknown"  # files from before backbone.family
+                style = LINE_STYLES.get(family, (0, (1, 3)))
                 ax.plot(
                     range(1, len(values) + 1),
                     values,
-                    style,
+                    linestyle=style,
                     marker=".",
-                    label=f"{label} ({family.upper() if family != 'none' else 'random'})",
+                    label=f"{label} ({FAMILY_LABELS.get(family, family)})",
                 )
         if name.endswith("entropy"):
             for max_entropy in {r["max_entropy"] for r in results.values()}:

@@ -120,6 +120,25 @@ def check_disk(cache: TokenCache, plans: dict[str, SplitPlan], per_view: int) ->
         )
 
 
+def extract_batch(source, images, shapes, poolers, dtype: str, batch_size: int, bf16: bool):
+    """The stored fields of ``images`` (every view of a batch of images), at most
+    ``batch_size`` images per backbone pass (many views would not fit in one); under bf16
+    autocast on a GPU when the trainer's precision says so."""
+    device = next(source.parameters()).device
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and bf16
+        else nullcontext()
+    )
+    parts: dict[str, list[torch.Tensor]] = {}
+    for chunk in images.split(batch_size):
+        with torch.inference_mode(), autocast:
+            fields = stored_fields(source(chunk.to(device)), shapes, poolers, dtype)
+        for name, tensor in fields.items():
+            parts.setdefault(name, []).append(tensor)
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
 def extract(
     cache: TokenCache,
     source: LiveTokens,
@@ -138,13 +157,9 @@ def extract(
     under bf16 autocast when ``precision`` (the trainer's) says so."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source.to(device)
+    bf16 = precision.startswith("bf16")
     for aggregator in poolers.values():
         aggregator.to(device)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device == "cuda" and precision.startswith("bf16")
-        else nullcontext()
-    )
     for name, plan in plans.items():
         done = cache.shards_done(name)
         views = Views(splits[name], plan.views, name in augmented)
@@ -161,9 +176,10 @@ def extract(
             for images, labels in loader:
                 if watch is not None:
                     watch.check()
-                with torch.inference_mode(), autocast:
-                    tokens = source(images.flatten(0, 1).to(device))
-                    fields = stored_fields(tokens, shapes, poolers, dtype)
+                views_of_batch = images.flatten(0, 1)  # [images x views, 3, H, W]
+                fields = extract_batch(
+                    source, views_of_batch, shapes, poolers, dtype, batch_size, bf16
+                )
                 for field, tensor in fields.items():
                     parts.setdefault(field, []).append(
                         tensor.unflatten(0, (len(labels), plan.views))

@@ -9,7 +9,6 @@ finds its cache by this key and a cache never serves a run whose key differs.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.backbones import TokenRequest
 from mim_agg.backbones.frozen import is_timm_tag, resolve_normalization
+from mim_agg.runs.identity import config_hash
 from mim_agg.utils.files import sha256_of
 
 
@@ -71,6 +71,7 @@ def cache_identity(
         oracle = {"arch": arch, "weights": weights_identity(weights, cfg.seed)}
     return {
         "arch": backbone.arch,
+        "arch_kwargs": OmegaConf.to_container(backbone.arch_kwargs),
         "weights": weights_identity(backbone.weights, cfg.seed),
         "block": backbone.block,
         "final_norm": backbone.final_norm,
@@ -88,5 +89,4 @@ def cache_identity(
 
 
 def cache_key(identity: dict) -> str:
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return config_hash(identity, digits=12)

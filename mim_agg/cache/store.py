@@ -37,6 +37,7 @@ DTYPES = {
     "int8": torch.int8,
 }
 SCALE = ".scale"  # int8 fields carry a float32 scale per row of their last dimension
+VERIFIED = "verified.json"  # shards whose SHA-256 was checked, with their size and mtime then
 
 
 class CacheError(UserError):
@@ -97,9 +98,6 @@ class TokenCache:
     @property
     def manifest(self) -> dict:
         return read_json(self.manifest_path) or {}
-
-    def exists(self) -> bool:
-        return self.manifest_path.is_file()
 
     @property
     def complete(self) -> bool:
@@ -180,11 +178,19 @@ class TokenCache:
             )
         if not self.complete:
             raise CacheError(f"The cache at {self.root} is incomplete. Resume it: {rebuild}")
+        verified = read_json(self.root / VERIFIED, {}) if deep else {}
         for split in manifest["splits"].values():
             for shard in split["shards"]:
-                self._check_shard(shard, rebuild, deep)
+                stamp = self._check_shard(shard, rebuild, deep and shard["file"] not in verified)
+                if deep and verified.get(shard["file"], stamp) != stamp:  # changed since
+                    self._check_shard(shard, rebuild, deep=True)
+                verified[shard["file"]] = stamp
+        if deep:
+            write_json(self.root / VERIFIED, verified)
 
-    def _check_shard(self, shard: dict, rebuild: str, deep: bool) -> None:
+    def _check_shard(self, shard: dict, rebuild: str, deep: bool) -> list[int]:
+        """Check one shard; its (size, modification time), under which a hashed shard need
+        not be hashed again."""
         path = self.root / shard["file"]
         damaged = f"Cache shard {path} is %s. Remove {self.root} and rebuild it: {rebuild}"
         if not path.is_file():
@@ -200,6 +206,8 @@ class TokenCache:
             raise CacheError(damaged % f"unreadable ({error})") from None
         if deep and sha256_of(path) != shard["sha256"]:
             raise CacheError(damaged % "damaged (its SHA-256 differs from the manifest's)")
+        status = path.stat()
+        return [status.st_size, status.st_mtime_ns]
 
     def open_shard(self, split: str, shard: int) -> dict[str, torch.Tensor]:
         """A shard's tensors, memory-mapped (nothing is read until it is indexed)."""

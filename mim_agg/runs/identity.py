@@ -22,6 +22,9 @@ NOT_RESULTS = (
     "dataset.num_workers",
     "probe.checkpoint_every_n_steps",
     "cache.verify",
+    "backbone.family",  # a label for figures and reports
+    "backbone.url",
+    "backbone.sha256",
     "cache.shard_size",
     "knn.batch_size",
     "dataset.download",
@@ -67,10 +70,10 @@ def _drop(config: dict, dotted_keys: list[str]) -> dict:
     return config
 
 
-def config_hash(config: dict) -> str:
-    """Ten hex digits of the SHA-256 of the canonical JSON of ``result_config``."""
+def config_hash(config: dict, digits: int = 10) -> str:
+    """The first ``digits`` hex digits of the SHA-256 of the canonical JSON of ``config``."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    return hashlib.sha256(text.encode()).hexdigest()[:digits]
 
 
 def differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:

@@ -96,7 +96,7 @@ class Collector:
             else {}
         )
         for name, aggregator in self.aggregators.items():
-            if any(p.requires_grad for p in aggregator.parameters()):
+            if not aggregator.parameter_free:
                 raise ValueError(
                     f"analysis.embedding lists {name!r}, which has trainable parameters; "
                     "list parameter-free aggregators such as cls, mean or attn_mean."

@@ -45,8 +45,8 @@ def run(cfg: DictConfig, watch=None) -> dict:
     datamodule.setup()
     if datamodule.low_shot:
         write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
-    check_grid(cfg, datamodule)
     heads = knn_heads(cfg)
+    check_grid(cfg, datamodule, len(heads))
     cache = open_cache(cfg, datamodule, watch, aggregators=list(heads.values()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = CachedTokens.of(cache).to(device)
@@ -81,19 +81,20 @@ def run(cfg: DictConfig, watch=None) -> dict:
     return summary
 
 
-def check_grid(cfg: DictConfig, datamodule) -> None:
-    """Before any work: k fits the training images, and a grid of (k, T) has held-out data."""
+def check_grid(cfg: DictConfig, datamodule, num_heads: int) -> None:
+    """Before any work: k fits the training images, and a choice among heads and (k, T) has
+    held-out data (the winner is chosen there, never on test)."""
     bank_size = len(datamodule.splits["train"])
     if max(cfg.knn.k) > bank_size:
         raise ConfigError(
             f"knn.k={list(cfg.knn.k)} asks for more neighbours than the {bank_size} training "
             f"images; use k <= {bank_size}."
         )
-    if not datamodule.has_heldout and len(cfg.knn.k) * len(cfg.knn.temperatures) > 1:
+    if not datamodule.has_heldout and num_heads * len(cfg.knn.k) * len(cfg.knn.temperatures) > 1:
         raise ConfigError(
-            f"Choosing among knn.k={list(cfg.knn.k)} x knn.temperatures="
+            f"Choosing among {num_heads} head(s) x knn.k={list(cfg.knn.k)} x knn.temperatures="
             f"{list(cfg.knn.temperatures)} needs held-out data; set dataset.heldout_fraction > 0 "
-            "or give one k and one temperature."
+            "or evaluate one head with one k and one temperature."
         )
 
 

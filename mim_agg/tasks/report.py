@@ -42,6 +42,20 @@ def run(cfg: DictConfig) -> dict:
     return report(sweep_dirs(cfg), output_dir(cfg))
 
 
+def blocks_are_absolute(table: dict, keys: list[str]) -> bool:
+    """``backbone.block=-1`` means the last block, whose number the report cannot know: the
+    per-block figure needs blocks counted from the first (0, 1, ...)."""
+    blocks = {int(key[keys.index(BLOCK)]) for key in table}
+    if min(blocks) < 0:
+        log.warning(
+            "No results_blocks.png: the sweep gives blocks counted from the end (%s); sweep "
+            "backbone.block over 0, 1, ... for the per-block figure.",
+            sorted(b for b in blocks if b < 0),
+        )
+        return False
+    return True
+
+
 def report(sweeps: list[Path], out: Path) -> dict:
     """Read the sweeps, print the table, write results.{csv,md,png} into ``out``."""
     jobs = read_sweeps(sweeps)
@@ -61,7 +75,7 @@ def report(sweeps: list[Path], out: Path) -> dict:
     write_atomic(out / "results.md", text)
     if table:
         plot_results(table, keys, title, out / "results.png")
-        if BLOCK in keys:
+        if BLOCK in keys and blocks_are_absolute(table, keys):
             plot_blocks(table, keys, title, out / "results_blocks.png")
     counts = {s: sum(job.status == s for job in jobs) for s in sorted({j.status for j in jobs})}
     log.info("Report of %d jobs (%s) -> %s/results.{csv,md,png}", len(jobs), counts, out)

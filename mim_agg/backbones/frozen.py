@@ -91,11 +91,8 @@ class FrozenBackbone(nn.Module):
             )
         if request.cls_attn and not self.request.cls_attn:
             watch_attention(self.model.blocks[self.block].attn, self._keep_cls_row)
-        self.request = TokenRequest(
-            tokens=True,
-            cls_attn=self.request.cls_attn or request.cls_attn,
-            cls_blocks=max(self.request.cls_blocks, request.cls_blocks),
-        )
+        own_part = TokenRequest(cls_attn=request.cls_attn, cls_blocks=request.cls_blocks)
+        self.request = self.request | own_part  # the oracle and pooled parts are others' work
 
     def _keep_cls_row(self, attn: torch.Tensor) -> None:
         """The ``[cls]`` -> patch row, copied, so the full ``[B, H, T, T]`` map is freed."""

@@ -7,6 +7,7 @@ they need is then merged into one ``TokenRequest`` for the token source.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,7 +15,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.aggregators import build_aggregator
-from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, TokenSource
+from mim_agg.backbones import (
+    FrozenBackbone,
+    LiveBlocks,
+    LiveTokens,
+    TokenLayout,
+    TokenRequest,
+    TokenSource,
+)
 from mim_agg.backbones.frozen import resolve_normalization, skeleton
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError, UserError
@@ -121,6 +129,25 @@ def build_live_source(cfg: DictConfig, request: TokenRequest) -> LiveTokens:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # a random oracle, too, is the seed's
         return LiveTokens(build_backbone(cfg), request)
+
+
+def build_live_blocks(cfg: DictConfig, requests: dict[int, TokenRequest]) -> LiveBlocks:
+    """The frozen backbone kept up to the deepest of ``requests``' blocks (``0 .. depth-1``),
+    serving each block its request from one pass; checked on the architecture first."""
+    deepest = cfg_at_block(cfg, max(requests))
+    check = skeleton(**deepest.backbone)
+    for block, request in requests.items():
+        check.provide(request, block)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return LiveBlocks(build_backbone(deepest), requests)
+
+
+def cfg_at_block(cfg: DictConfig, block: int) -> DictConfig:
+    """This run's config probing block ``block`` instead (random weights stay the seed's)."""
+    moved = copy.deepcopy(cfg)
+    moved.backbone.block = block
+    return moved
 
 
 def build_probe(

@@ -76,6 +76,7 @@ class CacheConfig:  # values and their meaning: conf/cache/default.yaml
     shard_size: int = MISSING
     batch_size: int = MISSING
     verify: bool = MISSING
+    blocks: list[int] | None = MISSING
 
 
 @dataclass

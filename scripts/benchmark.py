@@ -27,11 +27,11 @@ from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
-from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, Tokens
+from mim_agg.backbones import FrozenBackbone, LiveBlocks, TokenLayout, TokenRequest, Tokens
 from mim_agg.backbones.frozen import skeleton
 from mim_agg.cache import TokenCache
 from mim_agg.cache.data import CachedSplit
-from mim_agg.cache.extract import extract
+from mim_agg.cache.extract import Target, extract
 from mim_agg.cache.store import SplitPlan
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.data.sampling import EpochSampler
@@ -194,7 +194,8 @@ def extract_overhead(args: argparse.Namespace) -> dict:
     images = torch.randn(args.extract_images, 3, args.img_size, args.img_size, generator=generator)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = timm.create_model(args.arch, img_size=args.img_size, num_classes=0).to(device).eval()
-    source = LiveTokens(FrozenBackbone(args.arch, img_size=args.img_size), TokenRequest())
+    backbone = FrozenBackbone(args.arch, img_size=args.img_size)
+    source = LiveBlocks(backbone, {backbone.block: TokenRequest()})
     rates = {}
     for name, dtype, precision in (
         ("fp32", "float32", "32-true"),
@@ -227,17 +228,16 @@ def _extraction(source, images: torch.Tensor, batch_size: int, dtype: str, preci
     """One shard of every image through ``mim_agg.cache.extract``, into a temporary cache."""
     split = TensorDataset(images, torch.zeros(len(images), dtype=torch.int64))
     plan = SplitPlan(len(images), views=1, shard_size=len(images))
-    layout = source.layout
+    layout = source.backbone.layout
     with tempfile.TemporaryDirectory() as root:
         cache = TokenCache(root)
         cache.start({"key": "benchmark", "splits": {"train": {"plan": asdict(plan), "shards": []}}})
+        target = Target(cache, layout.depth - 1, {"all": (layout.num_tokens, layout.dim)}, {})
         extract(
-            cache,
+            [target],
             source,
             {"train": split},
             {"train": plan},
-            poolers={},
-            shapes={"all": (layout.num_tokens, layout.dim)},
             dtype=dtype,
             batch_size=batch_size,
             num_workers=0,

@@ -16,10 +16,12 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from mim_agg.aggregators import aggregate
+from mim_agg.backbones import FrozenBackbone
 from mim_agg.builders import build_datamodule, build_probe
 from mim_agg.cache import CachedTokens, CacheError, TokenCache, open_cache
 from mim_agg.cache.data import CachedSplit
 from mim_agg.cache.store import dequantize, quantize
+from mim_agg.errors import ConfigError
 from mim_agg.runs.identity import result_config
 from mim_agg.runs.runner import run_task
 from tests.helpers import FAST, compose_config, popen_cli, run_cli
@@ -155,6 +157,38 @@ def test_a_cache_never_serves_another_request_or_other_data(tmp_path):
     assert len({mean.root, cls.root, fewer.root}) == 3 and again.root == mean.root
 
 
+def test_one_backbone_pass_fills_every_listed_blocks_cache(tmp_path, monkeypatch):
+    """``cache.blocks``: the caches of blocks 0 and 2 (a learned head's tokens and a
+    parameter-free head's pooled vector each) come from one pass, under the keys and with the
+    contents that separate extractions give them."""
+    passes = []
+    forward_blocks = FrozenBackbone.forward_blocks
+
+    def counted(self, images):
+        passes.append(len(images))
+        return forward_blocks(self, images)
+
+    monkeypatch.setattr(FrozenBackbone, "forward_blocks", counted)
+    heads = ["aggregator=abmilp", "+aggregator@heads.attn=attn_mean", "cache.dtype=float32"]
+    cache_for([*heads, "backbone.block=2", "cache.blocks=[0,2]"], tmp_path / "together")
+    together_passes, passes[:] = len(passes), []
+    apart = {b: cache_for([*heads, f"backbone.block={b}"], tmp_path / "apart")[2] for b in (0, 2)}
+    assert together_passes == len(passes) / 2  # two blocks for the price of one pass
+    for block, cache in apart.items():
+        joint = TokenCache(tmp_path / "together" / "cache" / cache.root.name)
+        assert joint.complete and joint.manifest["identity"]["block"] == block
+        for split in ("train", "heldout", "test"):
+            ours, theirs = joint.open_shard(split, 0), cache.open_shard(split, 0)
+            assert ours.keys() == theirs.keys() == {"all", "pooled/attn_mean()", "targets"}
+            for field in ours:  # block 0's explicit attention may round block 2 differently
+                torch.testing.assert_close(ours[field], theirs[field], rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_outside_the_backbone_are_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"cache.blocks=\[0, 12\] holds \[12\]"):
+        cache_for(["aggregator=abmilp", "cache.blocks=[0,12]"], tmp_path)
+
+
 def test_not_enough_disk_refuses_before_writing(tmp_path, monkeypatch):
     import mim_agg.cache.extract as extract
 
@@ -173,9 +207,8 @@ def test_cache_options_count_only_for_runs_trained_from_it(tmp_path):
     assert identity("probe.features=cached", "cache.dtype=int8") != identity(
         "probe.features=cached"
     )
-    assert identity("probe.features=cached", "cache.verify=false") == identity(
-        "probe.features=cached"
-    )
+    for other in ("cache.verify=false", "cache.blocks=[0,1]"):
+        assert identity("probe.features=cached", other) == identity("probe.features=cached")
 
 
 @pytest.mark.slow

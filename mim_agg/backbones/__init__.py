@@ -1,7 +1,16 @@
 """Frozen ViT backbones from timm, the token sources built on them, and the token contract."""
 
+from mim_agg.backbones import capi  # noqa: F401  (registers capi_vitl14 with timm)
 from mim_agg.backbones.frozen import FrozenBackbone
-from mim_agg.backbones.source import LiveTokens, TokenSource
+from mim_agg.backbones.source import LiveBlocks, LiveTokens, TokenSource
 from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
 
-__all__ = ["FrozenBackbone", "LiveTokens", "TokenLayout", "TokenRequest", "TokenSource", "Tokens"]
+__all__ = [
+    "FrozenBackbone",
+    "LiveBlocks",
+    "LiveTokens",
+    "TokenLayout",
+    "TokenRequest",
+    "TokenSource",
+    "Tokens",
+]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mim_agg.backbones.capi import convert_capi, is_capi
+
 State = dict[str, torch.Tensor]
 
 
@@ -57,6 +59,7 @@ def _ibot(checkpoint: dict) -> State:
 FORMATS = (
     Format("mocov3", _is_mocov3, _mocov3),
     Format("ibot", _is_ibot, _ibot),
+    Format("capi", is_capi, convert_capi),
 )
 
 

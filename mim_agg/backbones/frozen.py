@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import timm
@@ -23,7 +24,8 @@ class FrozenBackbone(nn.Module):
     under ``torch.inference_mode``. What it returns besides the block's tokens is set by
     ``provide(request)``: the ``[cls]`` row of the block's attention (only that block computes
     explicit attention, every other keeps timm's fused kernel, and only the row is kept), and
-    the ``[cls]`` of the last blocks (DINOv2's linear probe).
+    the ``[cls]`` of the last blocks (DINOv2's linear probe). Earlier blocks can be tapped in
+    the same pass (``provide(request, block)``, ``forward_blocks``).
     """
 
     def __init__(
@@ -63,40 +65,57 @@ class FrozenBackbone(nn.Module):
         self.final_norm = final_norm
         self.img_size = img_size
         self.mean, self.std = resolve_normalization(weights, mean, std)
-        self.layout = TokenLayout(
+        self.layout = self.layout_at(self.block)
+        self.requests = {self.block: TokenRequest(tokens=True)}
+        self._cls_attn: dict[int, torch.Tensor] = {}
+        self.requires_grad_(False)
+        self.eval()
+
+    def layout_at(self, block: int) -> TokenLayout:
+        """The layout of block ``block``'s tokens (any block up to the deepest kept one)."""
+        return TokenLayout(
             dim=self.model.embed_dim,
             num_prefix_tokens=self.model.num_prefix_tokens,
             has_cls=getattr(self.model, "cls_token", None) is not None,
             grid=tuple(self.model.patch_embed.grid_size),
-            num_heads=self.model.blocks[self.block].attn.num_heads,
-            depth=self.block + 1,
+            num_heads=self.model.blocks[block].attn.num_heads,
+            depth=block + 1,
         )
-        self.requires_grad_(False)
-        self.eval()
-        self._cls_attn: torch.Tensor | None = None
-        self.request = TokenRequest(tokens=True)
 
-    def provide(self, request: TokenRequest) -> None:
-        """Also return what ``request`` asks of this model (its oracle part excepted)."""
-        layout = self.layout
+    @property
+    def request(self) -> TokenRequest:
+        return self.requests[self.block]
+
+    def provide(self, request: TokenRequest, block: int | None = None) -> None:
+        """Also return what ``request`` asks of block ``block`` (default: the probed one; any
+        earlier block is tapped in the same pass, see ``forward_blocks``), its oracle part
+        excepted."""
+        block = self.block if block is None else block
+        if not 0 <= block <= self.block:
+            raise ConfigError(
+                f"Block {block} is not among the blocks 0..{self.block} this backbone keeps."
+            )
+        layout = self.layout_at(block)
         if request.cls_blocks > layout.depth:
             raise ConfigError(
                 f"{request.cls_blocks} blocks' [cls] tokens were asked for, but backbone.block="
-                f"{self.block} leaves only {layout.depth}."
+                f"{block} leaves only {layout.depth}."
             )
         if (request.cls_blocks > 1 or request.cls_attn) and not layout.has_cls:
             raise ConfigError(
                 "The heads read the [cls] token's attention or several blocks' [cls]; this "
                 "backbone has no [cls] token."
             )
-        if request.cls_attn and not self.request.cls_attn:
-            watch_attention(self.model.blocks[self.block].attn, self._keep_cls_row)
+        previous = self.requests.get(block, TokenRequest(tokens=True))
+        if request.cls_attn and not (block in self.requests and previous.cls_attn):
+            keep = functools.partial(self._keep_cls_row, block)
+            watch_attention(self.model.blocks[block].attn, keep)
         own_part = TokenRequest(cls_attn=request.cls_attn, cls_blocks=request.cls_blocks)
-        self.request = self.request | own_part  # the oracle and pooled parts are others' work
+        self.requests[block] = previous | own_part  # the oracle and pooled parts are others'
 
-    def _keep_cls_row(self, attn: torch.Tensor) -> None:
+    def _keep_cls_row(self, block: int, attn: torch.Tensor) -> None:
         """The ``[cls]`` -> patch row, copied, so the full ``[B, H, T, T]`` map is freed."""
-        self._cls_attn = attn[:, :, 0, self.layout.num_prefix_tokens :].clone()
+        self._cls_attn[block] = attn[:, :, 0, self.layout.num_prefix_tokens :].clone()
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         """Stay in eval mode: dropout, drop-path and batch statistics must never change."""
@@ -104,25 +123,45 @@ class FrozenBackbone(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> Tokens:
-        cls_blocks = self.request.cls_blocks
+        """The probed block's ``Tokens``."""
+        return self.forward_blocks(images)[self.block]
+
+    @torch.inference_mode()
+    def forward_blocks(self, images: torch.Tensor) -> dict[int, Tokens]:
+        """``Tokens`` of every block ``provide`` was asked for, from one pass of the model
+        (a layer-wise sweep pays for the deepest block only)."""
+        wanted = {
+            index
+            for block, request in self.requests.items()
+            for index in range(block - request.cls_blocks + 1, block + 1)
+        }
+        indices = sorted(wanted)
         outputs = self.model.forward_intermediates(
             images,
-            indices=list(range(self.block - cls_blocks + 1, self.block + 1)),
+            indices=indices,
             return_prefix_tokens=True,
             norm=self.final_norm,
             stop_early=True,
             output_fmt="NLC",
             intermediates_only=True,
         )
-        if isinstance(outputs[-1], tuple):  # (patches, prefix) when the model has prefix tokens
-            block_out = torch.cat(outputs[-1][::-1], dim=1)
-        else:
-            block_out = outputs[-1]
+        by_index = dict(zip(indices, outputs, strict=True))
+        cls_attn, self._cls_attn = self._cls_attn, {}
+        return {
+            block: self._tokens_of(block, by_index, cls_attn.get(block)) for block in self.requests
+        }
+
+    def _tokens_of(self, block: int, by_index: dict, cls_attn) -> Tokens:
+        """``forward_intermediates`` gives ``(patches, prefix)`` when the model has prefix
+        tokens; ``Tokens.all`` is prefix first."""
+        output = by_index[block]
+        block_out = torch.cat(output[::-1], dim=1) if isinstance(output, tuple) else output
+        cls_blocks = self.requests[block].cls_blocks
         block_cls = None
         if cls_blocks > 1:
-            block_cls = torch.stack([prefix[:, 0] for _, prefix in outputs], dim=1)
-        cls_attn, self._cls_attn = self._cls_attn, None
-        return Tokens(self.layout, block_out, cls_attn=cls_attn, block_cls=block_cls)
+            taken = range(block - cls_blocks + 1, block + 1)
+            block_cls = torch.stack([by_index[i][1][:, 0] for i in taken], dim=1)
+        return Tokens(self.layout_at(block), block_out, cls_attn=cls_attn, block_cls=block_cls)
 
 
 def watch_attention(attn_module: nn.Module, keep) -> torch.utils.hooks.RemovableHandle:

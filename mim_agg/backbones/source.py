@@ -6,6 +6,9 @@ know whether a live backbone or a cache on disk (``mim_agg.cache``) made them.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 from torch import nn
 
@@ -34,12 +37,7 @@ class LiveTokens(TokenSource):
         self.backbone = backbone
         self.layout = backbone.layout
         self.request = request
-        self.oracle = None
-        if request.oracle is not None:
-            arch, weights = request.oracle
-            self.oracle = AttentionOracle(
-                arch, weights, backbone.img_size, self.layout.grid, backbone.mean, backbone.std
-            )
+        self.oracle = build_oracle(backbone, request)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> Tokens:
@@ -47,3 +45,36 @@ class LiveTokens(TokenSource):
         if self.oracle is not None:
             tokens.oracle_attn = self.oracle(images)
         return tokens
+
+
+class LiveBlocks(nn.Module):
+    """Several blocks' ``Tokens`` from one pass of a frozen backbone, each for its own
+    request: a layer-wise sweep extracts every block's cache for the cost of the deepest."""
+
+    def __init__(self, backbone: FrozenBackbone, requests: dict[int, TokenRequest]) -> None:
+        super().__init__()
+        for block, request in requests.items():
+            backbone.provide(request, block)
+        merged = functools.reduce(operator.or_, requests.values())
+        self.backbone = backbone
+        self.oracle = build_oracle(backbone, merged)
+        self.oracle_blocks = {b for b, r in requests.items() if r.oracle is not None}
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> dict[int, Tokens]:
+        tokens = self.backbone.forward_blocks(images)
+        if self.oracle is not None:
+            oracle_attn = self.oracle(images)  # one oracle pass serves every block
+            for block in self.oracle_blocks:
+                tokens[block].oracle_attn = oracle_attn
+        return tokens
+
+
+def build_oracle(backbone: FrozenBackbone, request: TokenRequest) -> AttentionOracle | None:
+    """The attention oracle ``request`` names, on ``backbone``'s images and patch grid."""
+    if request.oracle is None:
+        return None
+    arch, weights = request.oracle
+    return AttentionOracle(
+        arch, weights, backbone.img_size, backbone.layout.grid, backbone.mean, backbone.std
+    )

@@ -8,8 +8,9 @@ is the backbone loaded and run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
@@ -18,9 +19,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mim_agg.aggregators import Aggregator, build_aggregator
-from mim_agg.builders import backbone_layout, build_live_source, grid_aggregators, head_request
-from mim_agg.cache.extract import bytes_per_view, check_disk, extract, field_shapes, human
-from mim_agg.cache.identity import cache_identity, cache_key
+from mim_agg.backbones import TokenLayout, TokenRequest
+from mim_agg.backbones.frozen import skeleton
+from mim_agg.builders import (
+    backbone_layout,
+    build_live_blocks,
+    cfg_at_block,
+    grid_aggregators,
+    head_request,
+)
+from mim_agg.cache.extract import Target, bytes_per_view, check_disk, extract, field_shapes, human
+from mim_agg.cache.identity import cache_identity, cache_key, split_identity
 from mim_agg.cache.store import FORMAT, CacheError, SplitPlan, TokenCache
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError
@@ -28,6 +37,54 @@ from mim_agg.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "heldout", "test")
+
+
+@dataclass
+class PlannedCache:
+    """One cache as config and data define it, before anything is read or run: where it
+    lives, its key and identity, the heads it serves, what it stores and what the backbone
+    must provide for that."""
+
+    cache: TokenCache
+    key: str
+    identity: dict
+    layout: TokenLayout
+    aggregators: dict[str, Aggregator]
+    request: TokenRequest
+    live_request: TokenRequest
+    shapes: dict
+
+
+def plan_cache(
+    cfg: DictConfig,
+    datamodule: ProbeDataModule,
+    split_ids: dict[str, str],
+    aggregators: list[Aggregator] | None = None,
+) -> PlannedCache:
+    """The cache of ``aggregators`` (default: the config's heads) on this backbone block and
+    data; needs no weights."""
+    layout = backbone_layout(cfg)
+    if aggregators is None:
+        with torch.random.fork_rng(devices=[]):  # learned heads are built for their request only
+            aggregators = [build_aggregator(layout=layout, **o) for o in grid_aggregators(cfg)]
+    by_key = {a.cache_key: a for a in aggregators}
+    request = head_request(by_key.values(), cached=True)
+    live_request = head_request(by_key.values())
+    views = split_views(cfg, datamodule)
+    identity = cache_identity(cfg, request, split_ids, views, live_request.oracle)
+    key = cache_key(identity)
+    folder = f"{cfg.backbone.arch}-{cfg.dataset.name}-{key}"
+    out_dims = {k: a.out_dim for k, a in by_key.items()}
+    return PlannedCache(
+        cache=TokenCache(Path(cfg.paths.cache_dir).absolute() / folder),
+        key=key,
+        identity=identity,
+        layout=layout,
+        aggregators=by_key,
+        request=request,
+        live_request=live_request,
+        shapes=field_shapes(layout, request, out_dims),
+    )
 
 
 def open_cache(
@@ -39,72 +96,106 @@ def open_cache(
 ) -> TokenCache:
     """The complete, checked cache for ``aggregators`` (default: this run's heads) on this
     data; missing shards are extracted first when ``build`` (else refused with the command
-    that builds them). A complete cache is checked under a shared lock, so many jobs read one
-    at once; extraction holds it alone."""
+    that builds them), together with the caches of the blocks ``cache.blocks`` lists (the
+    config's heads at those blocks) in the same backbone pass. A complete cache is checked
+    under a shared lock, so many jobs read one at once; extraction holds it alone."""
     datamodule.setup()
-    layout = backbone_layout(cfg)
-    if aggregators is None:
-        with torch.random.fork_rng(devices=[]):  # learned heads are built for their request only
-            aggregators = [build_aggregator(layout=layout, **o) for o in grid_aggregators(cfg)]
-    aggregators = {a.cache_key: a for a in aggregators}
-    request = head_request(aggregators.values(), cached=True)
-    live_request = head_request(aggregators.values())
-    views = split_views(cfg, datamodule)
-    identity = cache_identity(cfg, request, datamodule.splits, views, live_request.oracle)
-    key = cache_key(identity)
-    folder = f"{cfg.backbone.arch}-{cfg.dataset.name}-{key}"
-    cache = TokenCache(Path(cfg.paths.cache_dir).absolute() / folder)
-    rebuild = rebuild_command(cfg)
+    split_ids = {name: split_identity(split) for name, split in datamodule.splits.items()}
+    planned = plan_cache(cfg, datamodule, split_ids, aggregators)
+    blocks = other_blocks(cfg)
+    cache, rebuild = planned.cache, rebuild_command(cfg)
     with cache.locked(shared=True):
         if cache.complete:
             log.info("Checking the token cache %s", cache.root)
-            cache.check(key, rebuild, deep=cfg.cache.verify)
+            cache.check(planned.key, rebuild, deep=cfg.cache.verify)
             return cache
     if not build:
         raise CacheError(f"No complete token cache at {cache.root}. Build it: {rebuild}")
-    out_dims = {k: a.out_dim for k, a in aggregators.items()}
-    shapes = field_shapes(layout, request, out_dims)
-    with cache.locked():
-        if not cache.complete:  # another process may have finished it meanwhile
-            plans = {
-                split: SplitPlan(len(datamodule.splits[split]), views[split], cfg.cache.shard_size)
-                for split in SPLITS
-            }
-            cache.start(
-                {
-                    "format": FORMAT,
-                    "key": key,
-                    "identity": identity,
-                    "layout": asdict(layout),
-                    "request": identity["request"],
-                    "fields": {name: list(shape) for name, shape in shapes.items()},
-                    "dtype": cfg.cache.dtype,
-                    "num_classes": datamodule.num_classes,
-                    "versions": {"torch": torch.__version__, "timm": timm.__version__},
-                    "splits": {s: {"plan": asdict(p), "shards": []} for s, p in plans.items()},
-                }
-            )
-            # Resuming keeps the plan the first attempt wrote (its shard size, say).
-            plans = {s: SplitPlan(**cache.manifest_entry(s)["plan"]) for s in SPLITS}
-            describe(cache, plans, shapes, aggregators, cfg, datamodule.augment)
-            check_disk(cache, plans, bytes_per_view(shapes, cfg.cache.dtype))
-            extract(
-                cache,
-                build_live_source(cfg, live_request),
-                datamodule.splits,
-                plans,
-                {k: a for k, a in aggregators.items() if k in request.pooled},
-                shapes,
-                cfg.cache.dtype,
-                cfg.cache.batch_size,
-                cfg.dataset.num_workers,
-                augmented={"train"} if datamodule.augment else set(),
-                precision=identity["precision"],
-                watch=watch,
-            )
+    others = [plan_cache(cfg_at_block(cfg, block), datamodule, split_ids) for block in blocks]
+    fill([planned, *(p for p in others if not p.cache.complete)], cfg, datamodule, watch)
+    with cache.locked(shared=True):
         log.info("Checking the token cache %s", cache.root)
-        cache.check(key, rebuild, deep=cfg.cache.verify)
+        cache.check(planned.key, rebuild, deep=cfg.cache.verify)
     return cache
+
+
+def other_blocks(cfg: DictConfig) -> list[int]:
+    """``cache.blocks`` without this run's own block, each checked against the backbone."""
+    depth = skeleton(**{**cfg.backbone, "block": -1}).layout.depth
+    wanted = list(cfg.cache.blocks or [])
+    outside = [b for b in wanted if not -depth <= b < depth]
+    if outside:
+        raise ConfigError(
+            f"cache.blocks={wanted} holds {outside}, outside {cfg.backbone.arch}'s blocks "
+            f"0..{depth - 1} (or -{depth}..-1 from the end)."
+        )
+    return [b for b in dict.fromkeys(wanted) if b != cfg.backbone.block]
+
+
+def fill(planned: list[PlannedCache], cfg: DictConfig, datamodule, watch) -> None:
+    """Extract every cache of ``planned`` that is still incomplete, all from one backbone
+    pass (one per distinct shard plan, should a resumed cache keep an older one). Locks are
+    taken in path order, so jobs of one sweep wait for each other instead of deadlocking."""
+    with contextlib.ExitStack() as stack:
+        for entry in sorted(planned, key=lambda p: str(p.cache.root)):
+            stack.enter_context(entry.cache.locked())
+        pending = [p for p in planned if not p.cache.complete]  # others may have finished some
+        groups: dict[tuple, list[PlannedCache]] = {}
+        for entry in pending:
+            plans = start(entry, cfg, datamodule)
+            groups.setdefault(tuple(sorted(plans.items())), []).append(entry)
+        for plan_items, entries in groups.items():
+            extract_together(entries, dict(plan_items), cfg, datamodule, watch)
+
+
+def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, watch) -> None:
+    """One backbone pass, kept up to the deepest block of ``entries``, fills them all."""
+    targets, requests = [], {}
+    for entry in entries:
+        describe(entry, plans, cfg, datamodule.augment)
+        block = entry.layout.depth - 1
+        pooled = entry.request.pooled
+        poolers = {k: a for k, a in entry.aggregators.items() if k in pooled}
+        targets.append(Target(entry.cache, block, entry.shapes, poolers))
+        requests[block] = requests.get(block, TokenRequest()) | entry.live_request
+    check_disk(targets, plans, cfg.cache.dtype)
+    extract(
+        targets,
+        build_live_blocks(cfg, requests),
+        datamodule.splits,
+        plans,
+        cfg.cache.dtype,
+        cfg.cache.batch_size,
+        cfg.dataset.num_workers,
+        augmented={"train"} if datamodule.augment else set(),
+        precision=entries[0].identity["precision"],
+        watch=watch,
+    )
+
+
+def start(entry: PlannedCache, cfg: DictConfig, datamodule) -> dict[str, SplitPlan]:
+    """Write the manifest of a new cache; a resumed one keeps the plan its first attempt wrote
+    (its shard size, say)."""
+    views = entry.identity["views"]
+    plans = {
+        split: SplitPlan(len(datamodule.splits[split]), views[split], cfg.cache.shard_size)
+        for split in SPLITS
+    }
+    entry.cache.start(
+        {
+            "format": FORMAT,
+            "key": entry.key,
+            "identity": entry.identity,
+            "layout": asdict(entry.layout),
+            "request": entry.identity["request"],
+            "fields": {name: list(shape) for name, shape in entry.shapes.items()},
+            "dtype": cfg.cache.dtype,
+            "num_classes": datamodule.num_classes,
+            "versions": {"torch": torch.__version__, "timm": timm.__version__},
+            "splits": {s: {"plan": asdict(p), "shards": []} for s, p in plans.items()},
+        }
+    )
+    return {s: SplitPlan(**entry.cache.manifest_entry(s)["plan"]) for s in SPLITS}
 
 
 def split_views(cfg: DictConfig, datamodule: ProbeDataModule) -> dict[str, int]:
@@ -117,11 +208,11 @@ def split_views(cfg: DictConfig, datamodule: ProbeDataModule) -> dict[str, int]:
     return {"train": cfg.cache.views, "heldout": 1, "test": 1}
 
 
-def describe(cache, plans: dict, shapes: dict, aggregators: dict, cfg, augment: bool) -> None:
+def describe(entry: PlannedCache, plans: dict, cfg, augment: bool) -> None:
     """Say what will be stored and why, before anything is written."""
-    dtype = cfg.cache.dtype
-    log.info("Token cache %s (%s):", cache.root, dtype)
-    learned = sorted({a.name for a in aggregators.values() if not a.parameter_free})
+    dtype, shapes = cfg.cache.dtype, entry.shapes
+    log.info("Token cache %s (%s, block %d):", entry.cache.root, dtype, entry.layout.depth - 1)
+    learned = sorted({a.name for a in entry.aggregators.values() if not a.parameter_free})
     if "all" in shapes:
         log.info(
             "Full tokens are stored (%s per view) because learned heads read them: %s.",

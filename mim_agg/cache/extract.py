@@ -1,4 +1,5 @@
-"""Fill a token cache from a live source: split by split, shard by shard, resumable.
+"""Fill token caches from a live source: split by split, shard by shard, resumable; the
+caches of several blocks of one backbone from one pass of it.
 
 Each shard is computed from the same images in the same batches whatever happened before
 (shards start on batch boundaries; training views are augmented under the random state of
@@ -11,13 +12,14 @@ from __future__ import annotations
 import logging
 import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mim_agg.aggregators import Aggregator
-from mim_agg.backbones import LiveTokens, TokenLayout, TokenRequest, Tokens
+from mim_agg.backbones import LiveBlocks, TokenLayout, TokenRequest, Tokens
 from mim_agg.backbones.tokens import TENSOR_FIELDS
 from mim_agg.cache.store import DTYPES, CacheError, SplitPlan, TokenCache, quantize
 
@@ -95,33 +97,49 @@ def stored_fields(
     return stored
 
 
-def check_disk(cache: TokenCache, plans: dict[str, SplitPlan], per_view: int) -> None:
+@dataclass
+class Target:
+    """One cache an extraction pass fills: the (non-negative) block whose tokens it stores,
+    the fields it keeps and the parameter-free aggregators whose outputs it stores."""
+
+    cache: TokenCache
+    block: int
+    shapes: dict
+    poolers: dict[str, Aggregator]
+
+
+def check_disk(targets: list[Target], plans: dict[str, SplitPlan], dtype: str) -> None:
     """Print what will be written; refuse when the free space cannot hold what is left."""
     remaining = 0
-    for split, plan in plans.items():
-        size = plan.count * plan.views * per_view
-        log.info(
-            "  %-8s %9d images x %d view(s) x %s = %s",
-            split,
-            plan.count,
-            plan.views,
-            human(per_view),
-            human(size),
-        )
-        done = cache.shards_done(split) * plan.shard_size
-        remaining += max(0, plan.count - done) * plan.views * per_view
-    free = shutil.disk_usage(cache.root).free
+    for target in targets:
+        per_view = bytes_per_view(target.shapes, dtype)
+        if len(targets) > 1:
+            log.info("Block %d -> %s:", target.block, target.cache.root)
+        for split, plan in plans.items():
+            size = plan.count * plan.views * per_view
+            log.info(
+                "  %-8s %9d images x %d view(s) x %s = %s",
+                split,
+                plan.count,
+                plan.views,
+                human(per_view),
+                human(size),
+            )
+            done = target.cache.shards_done(split) * plan.shard_size
+            remaining += max(0, plan.count - done) * plan.views * per_view
+    root = targets[0].cache.root
+    free = shutil.disk_usage(root).free
     log.info("Still to write: %s; free on that disk: %s.", human(remaining), human(free))
     if remaining > free:
         raise CacheError(
             f"The token cache needs {human(remaining)} more, but only {human(free)} are free "
-            f"under {cache.root}. Free space, move it (paths.cache_dir=...), store fewer bytes "
+            f"under {root}. Free space, move it (paths.cache_dir=...), store fewer bytes "
             "(cache.dtype=int8, fewer cache.views) or cache only parameter-free heads."
         )
 
 
-def extract_batch(source, images, shapes, poolers, dtype: str, batch_size: int, bf16: bool):
-    """The stored fields of ``images`` (every view of a batch of images), at most
+def extract_batch(source, images, targets: list[Target], dtype: str, batch_size: int, bf16: bool):
+    """Per target, the stored fields of ``images`` (every view of a batch of images), at most
     ``batch_size`` images per backbone pass (many views would not fit in one); under bf16
     autocast on a GPU when the trainer's precision says so."""
     device = next(source.parameters()).device
@@ -130,22 +148,23 @@ def extract_batch(source, images, shapes, poolers, dtype: str, batch_size: int, 
         if device.type == "cuda" and bf16
         else nullcontext()
     )
-    parts: dict[str, list[torch.Tensor]] = {}
+    parts: list[dict[str, list[torch.Tensor]]] = [{} for _ in targets]
     for chunk in images.split(batch_size):
         with torch.inference_mode(), autocast:
-            fields = stored_fields(source(chunk.to(device)), shapes, poolers, dtype)
-        for name, tensor in fields.items():
-            parts.setdefault(name, []).append(tensor)
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+            blocks = source(chunk.to(device))
+            for target, target_parts in zip(targets, parts, strict=True):
+                tokens = blocks[target.block]
+                fields = stored_fields(tokens, target.shapes, target.poolers, dtype)
+                for name, tensor in fields.items():
+                    target_parts.setdefault(name, []).append(tensor)
+    return [{name: torch.cat(chunks) for name, chunks in p.items()} for p in parts]
 
 
 def extract(
-    cache: TokenCache,
-    source: LiveTokens,
+    targets: list[Target],
+    source: LiveBlocks,
     splits: dict[str, Dataset],
     plans: dict[str, SplitPlan],
-    poolers: dict[str, Aggregator],
-    shapes: dict,
     dtype: str,
     batch_size: int,
     num_workers: int,
@@ -153,40 +172,42 @@ def extract(
     precision: str = "32-true",
     watch=None,
 ) -> None:
-    """Write every missing shard of every split, with a progress bar per split; on a GPU
-    under bf16 autocast when ``precision`` (the trainer's) says so."""
+    """Write every missing shard of every split of every target in one pass of ``source``,
+    with a progress bar per split; on a GPU under bf16 autocast when ``precision`` (the
+    trainer's) says so. A shard that some targets hold already is written to the others."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source.to(device)
     bf16 = precision.startswith("bf16")
-    for aggregator in poolers.values():
-        aggregator.to(device)
+    for target in targets:
+        for aggregator in target.poolers.values():
+            aggregator.to(device)
     for name, plan in plans.items():
-        done = cache.shards_done(name)
+        done = [target.cache.shards_done(name) for target in targets]
         views = Views(splits[name], plan.views, name in augmented)
         bar = tqdm(
-            total=plan.count, initial=min(plan.count, done * plan.shard_size), unit="img",
+            total=plan.count, initial=min(plan.count, min(done) * plan.shard_size), unit="img",
             desc=f"extract {name}",
         )  # fmt: skip
-        for shard in range(done, plan.num_shards):
-            items = plan.shard_range(shard)
-            subset = torch.utils.data.Subset(views, list(items))
+        for shard in range(min(done), plan.num_shards):
+            pending = [t for t, d in zip(targets, done, strict=True) if d <= shard]
+            subset = torch.utils.data.Subset(views, list(plan.shard_range(shard)))
             loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
-            parts: dict[str, list[torch.Tensor]] = {}
-            targets = []
+            parts: list[dict[str, list[torch.Tensor]]] = [{} for _ in pending]
+            label_chunks = []
             for images, labels in loader:
                 if watch is not None:
                     watch.check()
                 views_of_batch = images.flatten(0, 1)  # [images x views, 3, H, W]
-                fields = extract_batch(
-                    source, views_of_batch, shapes, poolers, dtype, batch_size, bf16
-                )
-                for field, tensor in fields.items():
-                    parts.setdefault(field, []).append(
-                        tensor.unflatten(0, (len(labels), plan.views))
-                    )
-                targets.append(labels)
+                fields = extract_batch(source, views_of_batch, pending, dtype, batch_size, bf16)
+                for target_fields, target_parts in zip(fields, parts, strict=True):
+                    for field, tensor in target_fields.items():
+                        target_parts.setdefault(field, []).append(
+                            tensor.unflatten(0, (len(labels), plan.views))
+                        )
+                label_chunks.append(labels)
                 bar.update(len(labels))
-            tensors = {field: torch.cat(chunks) for field, chunks in parts.items()}
-            tensors["targets"] = torch.cat(targets).to(torch.int64)
-            cache.write_shard(name, shard, tensors)
+            labels = torch.cat(label_chunks).to(torch.int64)
+            for target, target_parts in zip(pending, parts, strict=True):
+                tensors = {field: torch.cat(chunks) for field, chunks in target_parts.items()}
+                target.cache.write_shard(name, shard, {**tensors, "targets": labels})
         bar.close()

@@ -8,6 +8,7 @@ finds its cache by this key and a cache never serves a run whose key differs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -28,7 +29,16 @@ def weights_identity(weights: str | None, seed: int) -> dict:
         return {"random": True, "seed": seed}
     if is_timm_tag(weights):
         return {"tag": weights}
-    return {"file": Path(weights).name, "sha256": sha256_of(weights)}
+    status = os.stat(weights)
+    digest = file_digest(os.path.realpath(weights), status.st_size, status.st_mtime_ns)
+    return {"file": Path(weights).name, "sha256": digest}
+
+
+@functools.lru_cache(maxsize=16)
+def file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A weights file is hashed once per process while its size and time stay the same (a
+    layer-wise sweep keys a cache per block with the same file)."""
+    return sha256_of(path)
 
 
 def split_identity(split) -> str:
@@ -58,12 +68,13 @@ def split_identity(split) -> str:
 def cache_identity(
     cfg: DictConfig,
     request: TokenRequest,
-    splits: dict,
+    split_ids: dict[str, str],
     views: dict[str, int],
     oracle: tuple[str, str | None] | None = None,
 ) -> dict:
-    """``request``: what is stored; ``oracle``: the attention oracle the extraction runs (also
-    when only an oracle head's pooled output is stored)."""
+    """``request``: what is stored; ``split_ids``: ``split_identity`` of every split;
+    ``oracle``: the attention oracle the extraction runs (also when only an oracle head's
+    pooled output is stored)."""
     backbone = cfg.backbone
     mean, std = resolve_normalization(backbone.weights, backbone.mean, backbone.std)
     if oracle is not None:
@@ -83,7 +94,7 @@ def cache_identity(
         "dtype": cfg.cache.dtype,
         "request": request.as_dict(),
         "dataset": cfg.dataset.name,
-        "splits": {name: split_identity(split) for name, split in splits.items()},
+        "splits": split_ids,
         "views": views,
     }
 

@@ -26,6 +26,7 @@ NOT_RESULTS = (
     "backbone.url",
     "backbone.sha256",
     "cache.shard_size",
+    "cache.blocks",  # which other blocks' caches the same extraction fills
     "knn.batch_size",
     "dataset.download",
     "trainer.enable_progress_bar",

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -108,12 +109,21 @@ class SplitLoaders(L.LightningDataModule):
         return len(self.splits["heldout"]) > 0
 
     def val_dataloader(self) -> DataLoader | list:
-        return (
-            DataLoader(self.splits["heldout"], **self._loader_options()) if self.has_heldout else []
-        )
+        return self._evaluation_loader("heldout") if self.has_heldout else []
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["test"], **self._loader_options())
+        return self._evaluation_loader("test")
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        """Every image exactly once over all ranks: Lightning's default distributed sampler
+        pads the split with repeated images, which would count them twice in the accuracy."""
+        dataset, trainer = self.splits[split], self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, trainer.world_size, trainer.global_rank, shuffle=False
+            )
+        return DataLoader(dataset, sampler=sampler, **self._loader_options())
 
     def _loader_options(self) -> dict:
         return dict(

@@ -181,7 +181,8 @@ class LinearProbe(L.LightningModule):
         if not self.trainer.sanity_checking:
             best = max(chosen["acc1"] for chosen in self.selection.values())
             self.log("heldout_acc1", best, prog_bar=True)  # the best head so far
-            self._log_epoch()
+            if self.trainer.is_global_zero:  # DDP: one line, not one per process
+                self._log_epoch()
 
     def _log_epoch(self) -> None:
         """One text-log line per epoch: the head leading on held-out so far."""

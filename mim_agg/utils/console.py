@@ -1,8 +1,10 @@
 """What the console shows: our own messages, not third-party advertising or internal noise.
 
 Lightning advertises a cloud logger when a trainer starts, warns that our frozen modules are
-in eval mode (on purpose: ``FrozenBackbone.train``) and passes on a deprecation from its own
-use of torch's pytree; none of it is about the user's run.
+in eval mode (on purpose: ``FrozenBackbone.train``), passes on a deprecation from its own
+use of torch's pytree, and under DDP asks for ``sync_dist`` on every epoch-level value (ours
+come from torchmetrics, which already reduce over all processes; the training loss is a
+per-process monitor); none of it is about the user's run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ ADVERTS = ("💡 Tip:",)
 NOISE = (
     r".*module\(s\) in eval mode.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*It is recommended to use `self\.log\(.*sync_dist=True.*",
 )
 
 

@@ -1,0 +1,51 @@
+"""``trainer=ddp_sim``: two CPU processes over gloo run the distributed code paths for real."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mim_agg.builders import build_datamodule, build_probe
+from tests.helpers import FAST, compose_config, run_cli
+
+# 75 test and about 37 held-out images: odd counts, which a padding sampler would repeat.
+DATA = ["dataset.train_size=150", "dataset.test_size=75", "+aggregator@heads.mean=mean"]
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_test_image_exactly_once(tmp_path):
+    result = run_cli(*FAST, *DATA, "trainer=ddp_sim", root=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
+
+    # The last and the held-out-selected heads of the checkpoint, evaluated again in one
+    # process on the whole test split.
+    cfg = compose_config([*FAST, *DATA], tmp_path)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    probe = build_probe(cfg, datamodule.num_classes)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    missing = probe.load_state_dict(checkpoint["state_dict"], strict=False).missing_keys
+    assert not [k for k in missing if k.startswith("heads.")]
+    heads = {}
+    for name, head in probe.heads.items():
+        heads[(name, "test/acc1_last")] = head.eval()
+        selected = copy.deepcopy(head)
+        selected.load_state_dict(checkpoint["head_selection"][name]["state"])
+        heads[(name, "test/acc1")] = selected.eval()
+    correct = dict.fromkeys(heads, 0)
+    test = datamodule.splits["test"]
+    with torch.no_grad():
+        for images, targets in DataLoader(test, batch_size=32):
+            tokens = probe.source(images)
+            for key, head in heads.items():
+                correct[key] += int((head(tokens).argmax(-1) == targets).sum())
+    assert {name for name, _ in correct} == {"cls", "mean"}
+    for (name, metric), count in correct.items():
+        assert metrics["heads"][name][metric] == pytest.approx(count / len(test), abs=1e-6)

@@ -2,26 +2,31 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# A stamp: the environment was made from this pyproject.toml (`make test` on a fresh clone makes it).
+INSTALLED := $(VENV)/.installed
 
 .PHONY: help install quickstart test test-fast lint clean wandb-sync
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install mim_agg with its dev tools
+install: $(INSTALLED)  ## create .venv and install mim_agg with its dev tools (once)
+
+$(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e ".[dev]"
+	touch $@
 
-quickstart:  ## random ViT-Ti on scikit-learn digits, CPU, offline, about a minute
+quickstart: $(INSTALLED)  ## random ViT-Ti on scikit-learn digits, CPU, offline, about a minute
 	$(BIN)/python run.py experiment=quickstart
 
-test:  ## the whole test suite (CPU, offline)
+test: $(INSTALLED)  ## the whole test suite (CPU, offline)
 	$(BIN)/python -m pytest
 
-test-fast:  ## the tests without subprocess runs and real-data runs
+test-fast: $(INSTALLED)  ## the tests without subprocess runs and real-data runs
 	$(BIN)/python -m pytest -m "not slow and not data"
 
-lint:  ## ruff
+lint: $(INSTALLED)  ## ruff
 	$(BIN)/ruff check mim_agg tests scripts run.py
 
 clean:  ## remove run outputs and caches (keeps .venv)

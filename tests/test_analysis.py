@@ -1,5 +1,6 @@
 """The paper's attention diagnostics: exact statistics, streaming, figures, no-[cls] models."""
 
+import importlib.util
 import json
 import math
 import pickle
@@ -8,7 +9,13 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from mim_agg.analysis.figures import (
+    attention_maps_figure,
+    embedding_figure,
+    save_figure,
+)
 from mim_agg.analysis.statistics import (
     StatisticsAccumulator,
     attention_statistics,
@@ -163,12 +170,25 @@ def test_identity_attention_gives_self_attention_of_one():
 
 @pytest.fixture(scope="module")
 def analysis_run(tmp_path_factory):
+    """The analysis of ``ANALYZE``: its result, its run folder, and its figures as matplotlib
+    objects (``{file stem: Figure}``), caught on their way to their PNG files."""
+    from mim_agg.tasks import analyze
+
     tmp_path = tmp_path_factory.mktemp("analysis")
-    return run(compose_config(ANALYZE, tmp_path)), tmp_path / "run"
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.stem] = fig
+        return save_figure(fig, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(analyze, "save_figure", keep)
+        result = run(compose_config(ANALYZE, tmp_path))
+    return result, tmp_path / "run", figures
 
 
 def test_analyze_writes_stats_and_figures(analysis_run):
-    result, output_dir = analysis_run
+    result, output_dir, _ = analysis_run
     saved = json.loads((output_dir / "attention_stats.json").read_text())
     assert saved["backbone"] == "vit_tiny_patch16_224" and saved["num_images"] == 24
     assert set(saved) == {"backbone", "family", "num_images", "max_entropy", "stats", "per_head"}
@@ -177,6 +197,111 @@ def test_analyze_writes_stats_and_figures(analysis_run):
     for name in ("attention_stats.png", "attention_maps.png", "embedding.png"):
         data = (output_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+
+
+CONTEXT = (
+    "backbone.arch=vit_tiny_patch16_224",
+    "backbone.weights=random",
+    "dataset.name=digits",
+    "analysis.split=val",
+)
+
+
+def colorbar_axes(fig):
+    return [ax for ax in fig.axes if hasattr(ax, "_colorbar")]
+
+
+def test_every_figure_names_backbone_weights_dataset_split_and_count(analysis_run):
+    _, _, figures = analysis_run
+    assert set(figures) == {"attention_stats", "attention_maps", "embedding"}
+    counts = {"attention_stats": "24 images", "attention_maps": "4 images", "embedding": "24 im"}
+    for name, fig in figures.items():
+        title = fig.get_suptitle().replace("\n", " ")  # wrapped at the figure's width
+        assert all(part in title for part in CONTEXT) and counts[name] in title, (name, title)
+
+
+def test_statistics_panels_have_units_ticks_and_a_legend_with_ln_n(analysis_run):
+    fig = analysis_run[2]["attention_stats"]
+    fig.draw_without_rendering()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 10
+    for ax in panels:
+        assert ax.get_xlabel() == "block (backbone.block: 0 = first)" and ax.get_ylabel()
+        assert ax.get_ylim()[0] == 0, ax.get_title()  # a flat statistic looks flat
+        assert ax.yaxis.get_major_formatter().get_offset() == "", ax.get_title()
+        decimals = [len(t.get_text().partition(".")[2]) for t in ax.get_yticklabels()]
+        assert max(decimals) <= 3, (ax.get_title(), decimals)
+    entropy = {ax.get_title(): ax.get_ylabel() for ax in panels}["[cls] entropy over patches"]
+    assert entropy == "entropy (nats)"
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "vit_tiny_patch16_224 (random)",
+        f"uniform over N = 4 patches: ln N = {math.log(4):.3f} nats",
+    ]
+
+
+def test_attention_maps_share_one_scale_whose_colorbar_marks_uniform(analysis_run):
+    fig = analysis_run[2]["attention_maps"]
+    fig.draw_without_rendering()
+    (bar_ax,) = colorbar_axes(fig)
+    colorbar = bar_ax._colorbar
+    panels = [ax for ax in fig.axes if ax is not bar_ax]
+    maps = [ax for ax in panels if ax.images[0].get_array().ndim == 2]  # images are RGB
+    assert len(maps) == 4 * 2  # 4 images x (head mean, lowest-entropy head)
+    norms = {(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in maps}
+    assert norms == {(0, colorbar.norm.vmax)} and colorbar.norm.vmin == 0
+    assert all(ax.images[0].get_array().shape == (2, 2) for ax in maps)  # one cell per patch
+    assert "uniform 1/N = 0.25" in [t.get_text() for t in bar_ax.get_yticklabels()]
+    assert "N = 4" in bar_ax.get_ylabel()
+    assert all(ax.get_xlabel().startswith("H = ") for ax in maps)
+    pictures = [ax for ax in panels if ax not in maps]
+    assert all(ax.get_ylabel().startswith("class ") for ax in pictures)
+
+
+def test_a_map_column_equal_to_an_earlier_one_says_so():
+    torch.manual_seed(0)
+    mean = torch.rand(2, 3, 3).softmax(-1)
+    maps = {"head mean": mean, "sharpest head": mean.clone(), "probe": mean.flip(-1)}
+    fig = attention_maps_figure(torch.rand(2, 3, 12, 12), maps, [3, 7], "maps")
+    titles = [ax.get_title().replace("\n", " ") for ax in fig.axes[:4]]  # the first row
+    assert titles[0] == "image" and titles[1] == "head mean"
+    assert titles[2] == "sharpest head (identical to column 2)" and titles[3] == "probe"
+
+
+def test_embedding_legend_has_one_entry_per_class_shown(analysis_run):
+    fig = analysis_run[2]["embedding"]
+    (legend,) = fig.legends
+    entries = [t.get_text() for t in legend.get_texts()]
+    assert legend.get_title().get_text() == "class" and not colorbar_axes(fig)
+    for ax in fig.axes:  # one scatter per class, the legend's order
+        assert len(ax.collections) == len(entries)
+        assert sum(len(c.get_offsets()) for c in ax.collections) == 24
+        assert ax.get_title().endswith("features (24 points)") and "t-SNE" in ax.get_xlabel()
+    assert entries == sorted(entries, key=int) and len(set(entries)) == len(entries)
+    assert f"24 images of {len(entries)} classes" in fig.get_suptitle().replace("\n", " ")
+
+
+def test_many_classes_get_a_colorbar_of_class_ids():
+    labels = torch.arange(60).numpy() % 30
+    fig = embedding_figure({"cls": torch.randn(60, 4)}, labels, "t-SNE")
+    (bar_ax,) = colorbar_axes(fig)
+    assert not fig.legends and bar_ax.get_ylabel() == "class id"
+    assert (bar_ax._colorbar.norm.vmin, bar_ax._colorbar.norm.vmax) == (0, 29)
+
+
+def test_analysis_run_folder_is_not_named_after_an_aggregator():
+    """task=analyze reads no aggregator: neither its folder's name nor its hash names one."""
+    from mim_agg.runs.identity import run_name
+
+    names = {
+        run_name(
+            compose_config([*ANALYZE, f"aggregator={name}"]),
+            {"backbone": "vit_tiny", "aggregator": name, "dataset": "digits"},
+        )
+        for name in ("cls", "abmilp")
+    }
+    (name,) = names
+    assert name.startswith("analyze-vit_tiny-digits-")
 
 
 def test_backbone_without_cls_reports_patch_statistics(tmp_path):
@@ -247,22 +372,61 @@ def test_probe_checkpoint_of_other_tokens_or_crafted_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_compare_script_overlays_runs(tmp_path):
-    for name, arch in (("0_mae", "vit_tiny_patch16_224"), ("1_dino", "vit_small_patch16_224")):
-        folder = tmp_path / name
-        folder.mkdir()
+@pytest.fixture
+def analysis_sweep(tmp_path):
+    """A sweep folder linking to two analysis run folders, MAE (MIM) and DINO (JEA), each
+    with its resolved config.yaml and attention_stats.json."""
+    sweep_dir = tmp_path / "multirun" / "sweep"
+    sweep_dir.mkdir(parents=True)
+    for number, (backbone, family) in enumerate((("mae_vitb", "mim"), ("dino_vitb", "jea"))):
+        run_dir = tmp_path / "runs" / f"analyze-{backbone}-digits"
+        run_dir.mkdir(parents=True)
+        cfg = compose_config(["task=analyze", "dataset=digits", f"backbone={backbone}"], tmp_path)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         result = {
-            "backbone": f"{arch}.{name[2:]}",
-            "num_images": 1,
-            "max_entropy": 1.4,
-            "stats": {"cls_patch_entropy": [1.0, 1.2], "patch_self_attn": [0.3, 0.2]},
+            "backbone": cfg.backbone.weights,
+            "family": family,
+            "num_images": 540,
+            "max_entropy": math.log(196),
+            "stats": {"cls_patch_entropy": [5.0, 5.2 - number], "patch_self_attn": [0.3, 0.2]},
             "per_head": {},
         }
-        (folder / "attention_stats.json").write_text(json.dumps(result))
+        (run_dir / "attention_stats.json").write_text(json.dumps(result))
+        (sweep_dir / f"{number}-{run_dir.name}").symlink_to(run_dir)
+    return sweep_dir
+
+
+def test_compare_script_overlays_the_runs_of_a_sweep_folder(analysis_sweep):
     script = PROJECT_ROOT / "scripts" / "compare_attention.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=False
+        [sys.executable, str(script), str(analysis_sweep)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "attention_compare.png").stat().st_size > 5000
+    assert (analysis_sweep / "attention_compare.png").stat().st_size > 5000
     assert "2 runs" in done.stdout
+
+
+def test_compare_lines_are_labelled_by_the_config_values_that_differ(analysis_sweep, monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "compare_attention", PROJECT_ROOT / "scripts" / "compare_attention.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    figures = []
+    monkeypatch.setattr(script, "save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(sys, "argv", ["compare_attention.py", str(analysis_sweep)])
+    script.main()
+    (fig,) = figures
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "backbone.weights=vit_base_patch16_224.dino (JEA)",
+        "backbone.weights=vit_base_patch16_224.mae (MIM)",
+        f"uniform over N = 196 patches: ln N = {math.log(196):.3f} nats",
+    ]
+    title = fig.get_suptitle().replace("\n", " ")
+    for part in ("backbone.arch=vit_base_patch16_224", "dataset.name=digits", "analysis.split=val"):
+        assert part in title
+    assert "540 images" in title and "backbone.weights" not in title  # it differs: the legend

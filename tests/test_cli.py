@@ -67,7 +67,10 @@ def test_quickstart(tmp_path):
     (metrics_file,) = (tmp_path / "outputs" / "runs").glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["test/acc1"] > 0.4  # 10 classes: chance is 0.1
-    assert "test acc1" in result.stdout  # the result table
+    log = (metrics_file.parent / "cli.log").read_text()
+    for text in (result.stdout, log):  # the console's story is also the run's log
+        assert "test acc1" in text and "Winner cls_mean" in text and "Run folder:" in text
+    assert "epoch 14 of 15" in log
 
 
 @pytest.mark.slow

@@ -38,7 +38,9 @@ def test_offline_wandb_run_is_written_and_finished(no_wandb_login, tmp_path):
     assert wandb.run is None  # finished: the next multirun job gets its own run
 
 
-def test_analysis_logs_figures_and_table_to_offline_wandb(no_wandb_login, tmp_path):
+def test_analysis_logs_each_figure_under_its_own_key(no_wandb_login, tmp_path, caplog):
+    """``figures/<name>`` per PNG, and the statistics as a table; figures of different sizes
+    under one key made W&B warn that image sizes do not match."""
     cfg = compose_config(
         [
             *FAST,
@@ -52,10 +54,11 @@ def test_analysis_logs_figures_and_table_to_offline_wandb(no_wandb_login, tmp_pa
     )
     run_analysis(cfg)
     (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    media = list(run_dir.rglob("*.png")) + list(run_dir.rglob("*.table.json"))
-    assert any(p.suffix == ".png" for p in media) and any(
-        p.name.endswith(".table.json") for p in media
-    )
+    media = run_dir / "files" / "media"
+    figures = sorted(p.name.rsplit("_", 2)[0] for p in (media / "images" / "figures").iterdir())
+    assert figures == ["attention_maps", "attention_stats", "embedding"]
+    assert list((media / "table").glob("attention_stats_*.table.json"))
+    assert "sizes do not match" not in caplog.text
 
 
 @pytest.mark.slow

@@ -135,3 +135,21 @@ def test_every_differing_config_value_is_a_column(sweep):
     table = cells(head_rows(jobs, keys), keys)
     assert set(table) == {("0.25", "synthetic", "4", "cls"), ("0.1", "digits", "10", "cls")}
     assert HEAD_COLUMNS[0] == "head"
+
+
+def test_results_figure_names_what_the_jobs_share_and_labels_what_differs(sweep):
+    from mim_agg.report.figure import results_figure
+    from mim_agg.report.runs import read_sweeps
+    from mim_agg.tasks.report import report_title
+
+    jobs = [job for job in read_sweeps([sweep]) if job.status == "done"]
+    keys = varying_keys(jobs)
+    fig = results_figure(cells(head_rows(jobs, keys), keys), keys, report_title(jobs))
+    (ax,) = fig.axes
+    title = ax.get_title().replace("\n", " ")
+    assert "backbone.arch=vit_tiny_patch16_224, backbone.weights=random" in title
+    assert "dataset.name: per column" in title  # the datasets differ: the legend names them
+    (legend,) = fig.legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert [t for t in texts if "dataset.name=digits" in t] and len(texts) == 2
+    assert ax.get_ylabel() == "test top-1 accuracy (%)"

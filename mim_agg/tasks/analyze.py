@@ -3,12 +3,14 @@
 Streams ``analysis.num_images`` images of one split (eval transform) through the frozen
 backbone with every block traced, accumulates the statistics of ``mim_agg.analysis.statistics``
 and writes ``attention_stats.json``, ``attention_stats.png``, ``attention_maps.png`` and
-``embedding.png`` to the run folder (and to W&B).
+``embedding.png`` to the run folder (and to W&B: each figure under ``figures/<name>``, the
+statistics as a table).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +20,25 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from mim_agg.aggregators import build_aggregator
-from mim_agg.analysis.figures import plot_attention_maps, plot_embedding, plot_statistics
+from mim_agg.analysis.figures import (
+    attention_maps_figure,
+    context,
+    embedding_figure,
+    save_figure,
+    statistics_figure,
+)
 from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statistics, update_ratios
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone, Tokens
 from mim_agg.builders import build_backbone, build_datamodule, load_probe_head
+from mim_agg.runs.identity import result_config
 from mim_agg.utils.files import write_json
-from mim_agg.utils.loggers import build_loggers, finish_loggers
+from mim_agg.utils.loggers import build_loggers, finish_loggers, log_figures
 
 SPLITS = {"val": "test", "train": "train"}
 
+
+log = logging.getLogger(__name__)
 
 USES_RUN_FOLDER = True
 
@@ -58,6 +69,12 @@ def run(cfg: DictConfig, watch=None) -> dict:
     write_json(output_dir / "attention_stats.json", result)
     figures = collector.figures(result, output_dir)
     log_to_wandb(cfg, output_dir, result, figures)
+    log.info(
+        "Attention statistics of %d images -> %s, %s",
+        result["num_images"],
+        "attention_stats.json",
+        ", ".join(path.name for path in figures),
+    )
     return result
 
 
@@ -82,6 +99,8 @@ class Collector:
 
     def __init__(self, cfg: DictConfig, backbone: FrozenBackbone, probe_head) -> None:
         self.cfg = cfg.analysis
+        self.context = context([result_config(cfg)])  # the figures' title line
+        self.num_classes = cfg.dataset.num_classes
         self.backbone = backbone
         self.probe_head = probe_head
         self.statistics = StatisticsAccumulator(len(backbone.model.blocks))
@@ -103,6 +122,7 @@ class Collector:
                 )
         self.maps: dict[str, list[torch.Tensor]] = {}
         self.images: list[torch.Tensor] = []
+        self.map_labels: list[int] = []
         self.features: dict[str, list[torch.Tensor]] = {name: [] for name in self.aggregators}
         self.labels: list[torch.Tensor] = []
 
@@ -118,10 +138,10 @@ class Collector:
         self.statistics.count(len(images))
         if has_cls:  # what the [cls]-attention poolings drawn in the maps read
             tokens.cls_attn = records[-1].attn[:, :, 0, prefix:]
-        self._keep_maps(images, tokens)
+        self._keep_maps(images, targets, tokens)
         self._keep_features(targets, tokens)
 
-    def _keep_maps(self, images, tokens: Tokens) -> None:
+    def _keep_maps(self, images, targets, tokens: Tokens) -> None:
         wanted = self.cfg.map_images - sum(len(i) for i in self.images)
         if wanted <= 0 or not self.backbone.layout.has_cls:
             return
@@ -137,6 +157,7 @@ class Collector:
         for title, values in maps.items():
             self.maps.setdefault(title, []).append(values.unflatten(1, tokens.layout.grid).cpu())
         self.images.append(self._unnormalize(images[:wanted]))
+        self.map_labels += targets[:wanted].tolist()
 
     def _unnormalize(self, images: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
@@ -153,17 +174,33 @@ class Collector:
             self.features[name].append(features.float().cpu())
 
     def figures(self, result: dict, output_dir: Path) -> list[Path]:
-        paths = [plot_statistics({result["backbone"]: result}, output_dir / "attention_stats.png")]
+        """The PNGs, each titled with the run's backbone, weights, dataset and split."""
+        block = self.backbone.block  # as backbone.block counts: 0 = first
+        stats_title = (
+            f"Attention statistics per block, mean over {result['num_images']} images and "
+            f"all heads\n{self.context}"
+        )
+        figures = {"attention_stats": statistics_figure({result["backbone"]: result}, stats_title)}
         if self.images:
             maps = {title: torch.cat(values) for title, values in self.maps.items()}
-            paths.append(
-                plot_attention_maps(torch.cat(self.images), maps, output_dir / "attention_maps.png")
+            title = (
+                f"[cls] -> patch attention, block {block} (the probed one), "
+                f"{len(self.map_labels)} images\n{self.context}"
+            )
+            figures["attention_maps"] = attention_maps_figure(
+                torch.cat(self.images), maps, self.map_labels, title
             )
         labels = torch.cat(self.labels).numpy() if self.labels else np.array([])
         if len(labels) > 5:
             features = {name: torch.cat(values) for name, values in self.features.items()}
-            paths.append(plot_embedding(features, labels, output_dir / "embedding.png"))
-        return paths
+            chosen = self.num_classes is None or self.num_classes > self.cfg.embedding_classes
+            which = f" (ids < analysis.embedding_classes={self.cfg.embedding_classes})"
+            title = (
+                f"t-SNE of block {block}'s pooled features, {len(labels)} images of "
+                f"{len(np.unique(labels))} classes{which if chosen else ''}\n{self.context}"
+            )
+            figures["embedding"] = embedding_figure(features, labels, title)
+        return [save_figure(fig, output_dir / f"{name}.png") for name, fig in figures.items()]
 
 
 def log_to_wandb(cfg: DictConfig, output_dir: Path, result: dict, figures: list[Path]) -> None:
@@ -172,14 +209,12 @@ def log_to_wandb(cfg: DictConfig, output_dir: Path, result: dict, figures: list[
     try:
         for logger in loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(
-                    "analysis", [str(p) for p in figures], caption=[p.stem for p in figures]
-                )
                 names = list(result["stats"])
                 rows = [
                     [block + 1, *(result["stats"][n][block] for n in names)]
                     for block in range(len(result["stats"][names[0]]))
                 ]
                 logger.log_table("attention_stats", columns=["block", *names], data=rows)
+        log_figures(loggers, figures)
     finally:
         finish_loggers(loggers)

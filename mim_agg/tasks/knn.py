@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -29,7 +28,7 @@ from mim_agg.errors import ConfigError
 from mim_agg.knn import NearestNeighbours, weighted_vote
 from mim_agg.knn.vote import accuracy
 from mim_agg.utils.files import write_atomic, write_json
-from mim_agg.utils.results import write_csv
+from mim_agg.utils.results import log_table, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -194,4 +193,12 @@ def show(summary: dict) -> None:
             str(result["k"]),
             f"{result['temperature']:g}",
         )
-    Console().print(table)
+    log_table(table)
+    best = summary["heads"][summary["winner"]]
+    log.info(
+        "Winner %s: test acc1 %.4f (k=%s, T=%g chosen on held-out)",
+        summary["winner"],
+        best["test/acc1"],
+        best["k"],
+        best["temperature"],
+    )

@@ -84,11 +84,12 @@ def finished(output_dir: Path) -> dict:
 def show(summary: dict) -> None:
     """The results table on the console, the winner's numbers in the text log."""
     print_table(summary["heads"], summary["winner"])
+    heldout = summary["val/acc1_best"]
     log.info(
         "Winner %s: test acc1 %.4f (held-out acc1 %s at epoch %s)",
         summary["winner"],
         summary["test/acc1"],
-        summary["val/acc1_best"],
+        "-" if heldout is None else f"{heldout:.4f}",
         summary["best_epoch"],
     )
 

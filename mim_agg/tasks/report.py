@@ -15,9 +15,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
+from mim_agg.analysis.figures import save_figure
 from mim_agg.errors import UserError
-from mim_agg.report.figure import BLOCK, plot_blocks, plot_results
-from mim_agg.report.runs import read_sweeps
+from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
+from mim_agg.report.runs import Job, read_sweeps
 from mim_agg.report.table import cells, constant_context, head_rows, markdown, varying_keys
 from mim_agg.utils.files import write_atomic
 from mim_agg.utils.results import write_csv
@@ -56,16 +57,28 @@ def blocks_are_absolute(table: dict, keys: list[str]) -> bool:
     return True
 
 
+CONTEXT_KEYS = ("backbone.arch", "backbone.weights", "dataset.name")
+
+
+def report_title(jobs: list[Job]) -> str:
+    """The table's and the figures' title: what they show, the backbone, weights and dataset
+    the jobs share, and which of these differ between jobs (the columns, and the figures'
+    legends, say how)."""
+    shared = constant_context(jobs, CONTEXT_KEYS)
+    differing = [key for key in CONTEXT_KEYS if key not in shared]
+    parts = [f"{key}={value}" for key, value in shared.items()]
+    if jobs and differing:
+        parts.append(f"{', '.join(differing)}: per column")
+    return "test top-1 (%) of the held-out-selected head\n" + ", ".join(parts)
+
+
 def report(sweeps: list[Path], out: Path) -> dict:
     """Read the sweeps, print the table, write results.{csv,md,png} into ``out``."""
     jobs = read_sweeps(sweeps)
     finished = [job for job in jobs if job.status == "done"]
     out.mkdir(parents=True, exist_ok=True)
     keys = varying_keys(finished)  # the table shows finished jobs; the others are listed
-    context = constant_context(finished)
-    title = "test top-1 (%) of the held-out-selected head\n" + (
-        ", ".join(f"{k}={v}" for k, v in context.items()) or "several backbones and datasets"
-    )
+    title = report_title(finished)
     rows = head_rows(finished, keys)
     table = cells(rows, keys)
     text = markdown(table, keys, jobs, title.replace("\n", "; "))
@@ -74,9 +87,9 @@ def report(sweeps: list[Path], out: Path) -> dict:
     write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
     write_atomic(out / "results.md", text)
     if table:
-        plot_results(table, keys, title, out / "results.png")
+        save_figure(results_figure(table, keys, title), out / "results.png")
         if BLOCK in keys and blocks_are_absolute(table, keys):
-            plot_blocks(table, keys, title, out / "results_blocks.png")
+            save_figure(blocks_figure(table, keys, title), out / "results_blocks.png")
     counts = {s: sum(job.status == s for job in jobs) for s in sorted({j.status for j in jobs})}
     log.info("Report of %d jobs (%s) -> %s/results.{csv,md,png}", len(jobs), counts, out)
     return {"jobs": counts, "out_dir": str(out)}

@@ -102,3 +102,16 @@ def finish_loggers(loggers: list[Logger]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
+
+
+def log_figures(loggers: list[Logger], paths: list[Path]) -> None:
+    """Each saved PNG as a W&B image under its own key, ``figures/<file stem>``, all in one
+    step: figures of different sizes under one key make W&B warn that their sizes do not
+    match, and show them distorted."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.log_metrics(
+                {f"figures/{p.stem}": wandb.Image(str(p), caption=p.name) for p in paths}
+            )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mim_agg.utils.files import write_atomic, write_json
+
+log = logging.getLogger(__name__)
 
 
 def select_winner(head_results: dict[str, dict]) -> str:
@@ -67,7 +70,15 @@ def print_table(head_results: dict[str, dict], winner: str) -> None:
             _pct(result["val/acc1_best"]),
             "diverged" if result["diverged_at_step"] is not None else str(result["best_epoch"]),
         )
-    Console().print(table)
+    log_table(table)
+
+
+def log_table(table: Table) -> None:
+    """A results table through the log, so the console and the run's ``cli.log`` both hold
+    it (rendered as plain text; a console of its own would reach the terminal only)."""
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(table)
+    log.info("%s\n%s", table.title, console.file.getvalue().rstrip())
 
 
 def _pct(value: float | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -23,8 +24,12 @@ UNUSED_KEY_STARTS = ("decoder", "mask_token", "masked_embed", "head.", "fc_norm.
 
 
 # Objects the field's checkpoints pickle beside their weights, allowed by name: iBOT / BEiT v2
-# store their argparse arguments. Nothing else is ever imported while reading a checkpoint.
-SAFE_GLOBALS = [argparse.Namespace]
+# store their argparse arguments, SimMIM its yacs config. A yacs ``CfgNode`` is a dict subclass,
+# pickled as its class, its items and its attributes; it is read as an ``OrderedDict`` holding
+# the same items and attributes (weights_only fills dict subclasses only of its own allowed
+# types), so yacs is never imported and nothing becomes constructible that torch did not allow.
+# Nothing else is ever imported while reading a checkpoint.
+SAFE_GLOBALS = [argparse.Namespace, (OrderedDict, "yacs.config.CfgNode")]
 
 
 def read_checkpoint(path: str | Path):

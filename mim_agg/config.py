@@ -1,14 +1,19 @@
 """Config schemas: every group is validated at composition, so a misspelled key fails early.
 
 Each YAML in ``conf/<group>/`` lists ``/schema/<group>@_here_`` first in its defaults;
-aggregators get one schema each (``/schema/aggregator/<name>@_here_``), derived from their
-constructor's keyword-only options. Schemas live outside the groups, so they are no options.
+schemas live outside the groups, so they are no options. Every default lives in one place:
+the backbone and dataset schemas are derived from ``FrozenBackbone``'s and
+``ProbeDataModule``'s signatures (their YAMLs say only what differs), aggregators get one
+schema each from their keyword-only options, and the groups whose values live in their YAML
+files (probe, analysis, report, cache, knn, W&B) declare types only (``MISSING``).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 import torch
@@ -16,54 +21,21 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, options_schema
+from mim_agg.backbones import FrozenBackbone
+from mim_agg.data import ProbeDataModule
 from mim_agg.runs.identity import run_name
 
 
 @dataclass
-class BackboneConfig:
-    arch: str
-    family: str = MISSING  # mim | jea | vlm | none (random weights): figures and reports read it
-    weights: str | None = None
-    block: int = -1
-    final_norm: bool = False
-    img_size: int = 224
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. MoCo v3 ViT-S: num_heads=12
-    url: str | None = None  # the official checkpoint, for scripts/download_weights.py
-    sha256: str | None = None  # its checksum, when published
-
-
-@dataclass
-class DatasetConfig:
-    name: str
-    num_classes: int | None = None  # null: the data's own count (class folders, torchvision)
-    root: str | None = None
-    download: bool = False
-    train_size: int | None = None
-    test_size: int | None = None
-    heldout_fraction: float = 0.1
-    seed: int = 0
-    num_workers: int = 8
-    verify: bool = False  # decode every image before training, naming each broken file
-    augment: bool = True  # false: train on the eval transform (centre crop), as a cache can
-    shots: int | None = None  # low-shot: this many training images per class
-    fraction: float | None = None  # low-shot: this fraction of each class (ImageNet 1%: 0.01)
-    subset_seed: int = II("seed")  # draws the low-shot subset; fix it to hold one subset
-    test_split: str | None = None  # image_folder: the test folder (null: val)
-    split_file: str | None = None  # image_folder: lists/{split}.txt of "<path> <label>" lines
-
-
-@dataclass
-class ProbeConfig:
-    optimizer: str = "lars"
-    blr: float = 0.1
-    blrs: list[float] | None = None
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    epochs: int = 90
-    warmup_epochs: float = 10
-    batch_size: int = 1024  # per device
+class ProbeConfig:  # each recipe's values: conf/probe/*.yaml; below, what they all share
+    optimizer: str = MISSING
+    blr: float = MISSING
+    blrs: list[float] | None = MISSING
+    weight_decay: float = MISSING
+    momentum: float = MISSING
+    epochs: int = MISSING
+    warmup_epochs: float = MISSING
+    batch_size: int = MISSING  # per device
     effective_batch: int | None = None  # per optimizer step; null: batch_size x devices
     checkpoint_every_n_steps: int = 500  # besides every epoch; 0: epochs only
     features: str = "online"  # online: a live backbone per batch | cached: from the token cache
@@ -80,15 +52,15 @@ class CacheConfig:  # values and their meaning: conf/cache/default.yaml
 
 
 @dataclass
-class AnalysisConfig:
-    split: str = "val"
-    num_images: int = 5000
-    batch_size: int = 64
-    map_images: int = 4
-    probe_ckpt: str | None = None
-    embedding: list[str] = field(default_factory=lambda: ["cls", "mean"])
-    embedding_images: int = 1000
-    embedding_classes: int = 10
+class AnalysisConfig:  # values and their meaning: conf/analysis/default.yaml
+    split: str = MISSING
+    num_images: int = MISSING
+    batch_size: int = MISSING
+    map_images: int = MISSING
+    probe_ckpt: str | None = MISSING
+    embedding: list[str] = MISSING
+    embedding_images: int = MISSING
+    embedding_classes: int = MISSING
 
 
 @dataclass
@@ -100,23 +72,53 @@ class KnnConfig:  # values and their meaning: conf/knn/default.yaml
 
 
 @dataclass
-class ReportConfig:
-    sweep_dir: Any = None  # a sweep folder, or a list of them
-    out_dir: str | None = None  # default: the (first) sweep folder
+class ReportConfig:  # values and their meaning: conf/report/default.yaml
+    sweep_dir: Any = MISSING
+    out_dir: str | None = MISSING
 
 
 @dataclass
-class WandbConfig:
-    project: str = "mim_agg"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    mode: str = "auto"
+class WandbConfig:  # values and their meaning: conf/logger/wandb.yaml
+    project: str = MISSING
+    entity: str | None = MISSING
+    group: str | None = MISSING
+    tags: list[str] = MISSING
+    mode: str = MISSING
 
 
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig | None = None
+
+
+def signature_schema(name: str, function, skip: tuple[str, ...] = (), **overrides) -> type:
+    """A dataclass of ``function``'s parameters, their types and defaults: a config group whose
+    keys and defaults are the code's. ``overrides`` replace a default where config means
+    otherwise on purpose (``MISSING``: every YAML must say it; an interpolation)."""
+    hints = typing.get_type_hints(function)
+    fields = []
+    for param in inspect.signature(function).parameters.values():
+        if param.name == "self" or param.name in skip:
+            continue
+        default = overrides.get(param.name, param.default)
+        if default is inspect.Parameter.empty:
+            default = MISSING
+        fields.append((param.name, hints[param.name], field(default=default)))
+    return make_dataclass(name, fields)
+
+
+BackboneConfig = signature_schema(
+    "BackboneConfig",
+    FrozenBackbone.__init__,
+    family=MISSING,  # mim | jea | vlm | none: figures and reports read it, so each config says it
+)
+DatasetConfig = signature_schema(
+    "DatasetConfig",
+    ProbeDataModule.__init__,
+    skip=("img_size", "mean", "std", "batch_size"),  # the backbone's and the probe's
+    num_classes=None,  # null: the data's own count (class folders, torchvision)
+    subset_seed=II("seed"),  # the low-shot subset follows the run's seed unless fixed
+)
 
 
 def auto_precision() -> str:

@@ -78,16 +78,11 @@ def _one_run(args: argparse.Namespace, overrides: list[str]) -> float:
 def compose_run(args: argparse.Namespace, root: str, overrides: list[str]):
     """A probing run on synthetic images of the benchmarked architecture, under ``root``."""
     base = [
-        "backbone=vit_tiny",
+        "debug=fast",
         f"backbone.arch={args.arch}",
         f"backbone.img_size={args.img_size}",
-        "dataset=synthetic",
         f"dataset.num_classes={args.classes}",
         "trainer=cpu" if not torch.cuda.is_available() else "trainer=gpu",
-        "+trainer.enable_progress_bar=false",
-        "logger=csv",
-        "probe=sgd",
-        "probe.blr=1.0",
         f"probe.epochs={args.epochs}",
         "probe.warmup_epochs=0",
         f"probe.batch_size={args.batch_size}",

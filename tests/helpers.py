@@ -15,20 +15,9 @@ from mim_agg.cli import CONFIG_DIR
 PROJECT_ROOT = CONFIG_DIR.parent
 TINY_ARCH = "vit_tiny_patch16_224"
 
-# Small and fast: a 32 px image is a 2x2 patch grid, two epochs, no progress bars.
-FAST = [
-    "backbone=vit_tiny",
-    "backbone.img_size=32",
-    "dataset=synthetic",
-    "trainer=cpu",
-    "logger=csv",
-    "probe=sgd",
-    "probe.epochs=2",
-    "probe.warmup_epochs=1",
-    "probe.batch_size=16",
-    "probe.blr=1.0",
-    "+trainer.enable_progress_bar=false",
-]
+# Small and fast (conf/debug/fast.yaml): a 32 px image is a 2x2 patch grid, two epochs, CPU,
+# no progress bars.
+FAST = ["debug=fast"]
 
 
 def compose_config(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:

@@ -1,8 +1,14 @@
+import dataclasses
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from mim_agg.aggregators import AGGREGATORS, aggregate, build_aggregator
+from mim_agg.aggregators import AGGREGATORS, aggregate, build_aggregator, options_schema
 from mim_agg.backbones import TokenLayout, TokenRequest, Tokens
+from mim_agg.cli import CONFIG_DIR
 
 DIM, SIDE = 32, 4
 NUM_PATCHES = SIDE * SIDE
@@ -327,3 +333,28 @@ def test_a_served_output_replaces_the_computation():
     torch.testing.assert_close(
         aggregate(aggregator, wrap(tokens, attn)), aggregator(wrap(tokens, attn))
     )
+
+
+AGGREGATOR_CONFIGS = sorted((CONFIG_DIR / "aggregator").glob("*.yaml"))
+
+
+def test_aggregator_configs_say_only_what_differs_from_the_code():
+    """An option's default lives in its class's signature; a config repeating it is a second
+    copy that drifts when the code changes."""
+    repeated = {}
+    for path in AGGREGATOR_CONFIGS:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        schema = options_schema(config.get("name", path.stem))
+        defaults = {field.name: field.default for field in dataclasses.fields(schema)}
+        same = [k for k in config if k != "defaults" and k in defaults and config[k] == defaults[k]]
+        if same:
+            repeated[path.name] = same
+    assert not repeated, f"configs repeat their code defaults (delete these keys): {repeated}"
+
+
+def test_aggregator_configs_name_the_class_that_documents_their_options():
+    for path in AGGREGATOR_CONFIGS:
+        cls = AGGREGATORS[path.stem]
+        header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        where = f"{cls.__name__} in mim_agg/aggregators/{Path(inspect.getfile(cls)).name}"
+        assert where in header, f"{path.name}'s header should name {where}"

@@ -1,5 +1,6 @@
 """Every option of every config group composes and instantiates; typos fail at composition."""
 
+import dataclasses
 import subprocess
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
@@ -14,6 +16,7 @@ from mim_agg.backbones import FrozenBackbone, TokenLayout
 from mim_agg.backbones.frozen import is_timm_tag
 from mim_agg.builders import build_datamodule, head_grid
 from mim_agg.cli import CONFIG_DIR
+from mim_agg.config import BackboneConfig, DatasetConfig
 from mim_agg.probe.module import OPTIMIZERS
 from mim_agg.tasks.probe import accumulation
 from mim_agg.utils.loggers import build_loggers
@@ -22,6 +25,18 @@ from tests.helpers import PROJECT_ROOT, compose_config
 
 def options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("group", "schema"), [("backbone", BackboneConfig), ("dataset", DatasetConfig)]
+)
+def test_config_files_say_only_what_differs_from_the_codes_defaults(group, schema):
+    """A default lives in one place: the signature the schema is derived from."""
+    defaults = {f.name: f.default for f in dataclasses.fields(schema)}
+    for name in options(group):
+        values = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml"))
+        repeated = [k for k, v in values.items() if k in defaults and v == defaults[k]]
+        assert not repeated, f"{group}={name} repeats the default of {repeated}"
 
 
 def test_every_group_has_options():
@@ -118,10 +133,26 @@ def test_logger_options(name, tmp_path):
     assert type(loggers[0]).__name__ == "CSVLogger"
 
 
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_callbacks_options(name, tmp_path):
+    cfg = compose_config([f"callbacks={name}"], tmp_path)
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    assert all(isinstance(c, Callback) for c in callbacks) and len(callbacks) == len(cfg.callbacks)
+
+
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_options(name, tmp_path):
     cfg = compose_config([f"experiment={name}"], tmp_path)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("name", options("debug"))
+def test_debug_options(name, tmp_path):
+    cfg = compose_config([f"debug={name}", "experiment=paper_mae_abmilp"], tmp_path)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert cfg.trainer.accelerator == "cpu" and cfg.logger.wandb is None
+    assert not trainer.progress_bar_callback and "debug" in cfg.tags
 
 
 def launcher_config(overrides: list[str]):

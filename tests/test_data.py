@@ -10,7 +10,15 @@ MEAN, STD = [0.5] * 3, [0.25] * 3
 
 
 def datamodule(**options) -> ProbeDataModule:
-    defaults = dict(name="synthetic", num_classes=4, img_size=32, mean=MEAN, std=STD, batch_size=8)
+    defaults = dict(
+        name="synthetic",
+        num_classes=4,
+        img_size=32,
+        mean=MEAN,
+        std=STD,
+        batch_size=8,
+        num_workers=0,
+    )
     return ProbeDataModule(**{**defaults, **options})
 
 

@@ -12,7 +12,7 @@ from tests.helpers import PROJECT_ROOT
 README = (PROJECT_ROOT / "README.md").read_text()
 GROUPS = (
     "backbone", "heads", "dataset", "probe", "trainer", "logger", "experiment", "report", "cache",
-    "knn",
+    "knn", "debug", "callbacks",
 )  # fmt: skip
 
 

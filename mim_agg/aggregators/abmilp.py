@@ -21,9 +21,9 @@ class AbMILP(Aggregator):
 
     Options (defaults are the paper's recipe):
         depth: scorer layers; 1 is a single ``Linear(D, 1)``.
-        hidden_dim: width of deeper scorers (default D).
+        hidden_dim: width of deeper scorers (None: D).
         activation: ``tanh`` or ``relu`` between scorer layers.
-        tokens: pool over ``patch`` tokens only, or ``all`` tokens (prefix included).
+        tokens: pool over ``patch`` tokens only, or ``all`` tokens (``[cls]`` and registers too).
         pos_cond: add a fixed 2-D sin-cos position embedding to the scorer's input (never trained).
         self_attn: a one-head self-attention layer feeding the scorer (``map``) or the scorer
             and the pooled values (``both``).

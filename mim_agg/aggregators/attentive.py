@@ -16,6 +16,14 @@ class AttentiveProbe(Aggregator):
     optional MLP block (the attentive probes of V-JEPA, AIM and CAPI; timm's
     ``AttentionPoolLatent``). Per-query outputs are averaged. The input is layer-normalised,
     since the paper probes tokens taken before the backbone's final norm.
+
+    Options:
+        num_queries: learned queries; their outputs are averaged.
+        num_heads: attention heads; must divide the token dim (16 divides the ViT-Ti/S/B/L/H
+            widths).
+        mlp: the output projection, norm and MLP block after the cross-attention (off: the
+            attention output itself).
+        mlp_ratio: the MLP's hidden width over the token dim.
     """
 
     def __init__(
@@ -54,6 +62,10 @@ class EfficientProbe(Aggregator):
     Query ``j`` attends over the raw patch tokens, ``a_j = softmax(q_j K^T / sqrt(D))``, and
     pools its own ``D / (d_out * M)`` slice of the projected values; the ``M`` slices are
     concatenated into a ``D / d_out`` representation.
+
+    Options:
+        num_queries: ``M``, the learned queries; ``num_queries x d_out`` must divide the token dim.
+        d_out: compression of the output, ``D / d_out`` wide.
     """
 
     def __init__(
@@ -94,7 +106,9 @@ class EfficientProbe(Aggregator):
 class SimPool(Aggregator):
     """SimPool (Psomas et al., ICCV 2023): the mean patch token queries the layer-normalised
     patches through linear query/key maps; the attention pools the normalised patches.
-    ``gamma`` turns the weighted mean into a generalised one (null: plain weighted mean).
+
+    Options:
+        gamma: exponent of a generalised weighted mean (None: the plain weighted mean).
     """
 
     def __init__(self, layout, *, gamma: float | None = None):

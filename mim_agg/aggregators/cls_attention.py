@@ -34,7 +34,11 @@ class ClsAttentionMean(ClsAttentionPool):
 
 @register("topk_attn")
 class TopKClsAttention(ClsAttentionPool):
-    """Mean of the ``k`` patches the ``[cls]`` token attends to most (heads averaged)."""
+    """Mean of the ``k`` patches the ``[cls]`` token attends to most (heads averaged).
+
+    Options:
+        k: patches kept, from 1 to the patch count.
+    """
 
     def __init__(self, layout, *, k: int = 16):
         super().__init__(layout)
@@ -71,8 +75,11 @@ class OracleClsAttention(WeightedPatchPool):
     """Patches weighted by the ``[cls]`` attention of *another* frozen model on the same
     images (default DINO ViT-B/16): does a better attention map alone fix MIM features?
 
-    The token source runs the oracle named by ``oracle_arch`` / ``oracle_weights``; this
-    module only pools with the map it receives.
+    The token source runs the oracle; this module only pools with the map it receives.
+
+    Options:
+        oracle_arch: the oracle's timm architecture.
+        oracle_weights: a timm pretrained tag or a checkpoint file (None: random weights).
     """
 
     def __init__(

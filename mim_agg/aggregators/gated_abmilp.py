@@ -13,6 +13,9 @@ class GatedAbMILP(WeightedPatchPool):
 
     The sigmoid gate lets the scorer express non-linear token relevance that ``tanh`` alone
     saturates on.
+
+    Options:
+        hidden_dim: width of the two branches ``V`` and ``U``.
     """
 
     def __init__(self, layout, *, hidden_dim: int = 128):

@@ -12,7 +12,12 @@ from mim_agg.errors import ConfigError
 @register("last_n_cls")
 class LastBlocksCls(Aggregator):
     """``[cls]`` of the last ``n`` blocks concatenated, optionally with the patch mean of the
-    probed block: DINOv2's linear-evaluation input."""
+    probed block: DINOv2's linear-evaluation input.
+
+    Options:
+        n: blocks whose ``[cls]`` is taken, ending at the probed one (``n = 1``: its ``[cls]``).
+        with_mean: append the probed block's patch mean.
+    """
 
     needs_cls = True
 

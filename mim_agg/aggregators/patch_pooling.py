@@ -11,7 +11,11 @@ from mim_agg.errors import ConfigError
 
 @register("center_crop")
 class CenterCrop(Aggregator):
-    """Mean of the central ``k x k`` window of patches: object-centric datasets need no search."""
+    """Mean of the central ``k x k`` window of patches: object-centric datasets need no search.
+
+    Options:
+        k: the window's side, from 1 to the grid side.
+    """
 
     def __init__(self, layout, *, k: int = 4):
         super().__init__(layout)
@@ -44,6 +48,9 @@ class GeneralizedMean(Aggregator):
 
     ViT tokens are signed, so the power is sign-preserving (``sign(x) |x|^p``): ``p = 1`` is
     the mean exactly, and large ``p`` approaches the signed extreme value.
+
+    Options:
+        p: the exponent's starting value (positive); it is trained with the head.
     """
 
     def __init__(self, layout, *, p: float = 3.0):

@@ -42,8 +42,19 @@ class FrozenBackbone(nn.Module):
         url: str | None = None,
         sha256: str | None = None,
     ) -> None:
-        """``family`` is recorded for figures and reports; ``url`` and ``sha256`` say where a
-        ``weights`` file comes from (``scripts/download_weights.py``), and play no part here."""
+        """The keys of ``conf/backbone/*.yaml``, whose defaults are these (a config says only
+        what differs):
+
+        weights: a timm pretrained tag, a checkpoint file, or None (random, from ``seed``).
+        block: whose tokens, counted from 0; -1 = the last block.
+        final_norm: False probes the block's tokens before the final LayerNorm, as the paper.
+        img_size: the input resolution; a multiple of the patch size.
+        mean, std: None = the timm tag's pretrained statistics (ImageNet's for files / random).
+        arch_kwargs: further timm arguments the checkpoint needs (MoCo v3 ViT-S: 12 heads).
+        family: mim | jea | vlm | none (random weights), recorded for figures and reports.
+        url, sha256: where a ``weights`` file comes from (``scripts/download_weights.py``);
+            they play no part here.
+        """
         super().__init__()
         self.family = family
         self.model = create_model(arch, weights, img_size, **(arch_kwargs or {}))

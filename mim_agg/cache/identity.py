@@ -82,7 +82,7 @@ def cache_identity(
         oracle = {"arch": arch, "weights": weights_identity(weights, cfg.seed)}
     return {
         "arch": backbone.arch,
-        "arch_kwargs": OmegaConf.to_container(backbone.arch_kwargs),
+        "arch_kwargs": OmegaConf.to_container(backbone.arch_kwargs or OmegaConf.create()),
         "weights": weights_identity(backbone.weights, cfg.seed),
         "block": backbone.block,
         "final_norm": backbone.final_norm,

@@ -151,7 +151,7 @@ class ProbeDataModule(SplitLoaders):
         test_size: int | None = None,
         heldout_fraction: float = 0.1,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int = 8,
         verify: bool = False,
         augment: bool = True,
         shots: int | None = None,

@@ -78,16 +78,27 @@ class ReportConfig:  # values and their meaning: conf/report/default.yaml
 
 
 @dataclass
+class CsvLoggerConfig:  # values and their meaning: conf/logger/csv.yaml
+    _target_: str = MISSING
+    save_dir: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
 class WandbConfig:  # values and their meaning: conf/logger/wandb.yaml
+    _target_: str = MISSING
     project: str = MISSING
     entity: str | None = MISSING
     group: str | None = MISSING
     tags: list[str] = MISSING
     mode: str = MISSING
+    save_dir: str = MISSING
+    job_type: str = MISSING
 
 
 @dataclass
-class LoggerConfig:
+class LoggerConfig:  # the loggers a run writes to, each a _target_ config (null: not used)
+    csv: CsvLoggerConfig | None = None
     wandb: WandbConfig | None = None
 
 

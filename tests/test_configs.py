@@ -129,7 +129,7 @@ def test_trainer_options(name, tmp_path):
 @pytest.mark.parametrize("name", options("logger"))
 def test_logger_options(name, tmp_path):
     cfg = compose_config([f"logger={name}"], tmp_path)
-    loggers = build_loggers(cfg, tmp_path)  # WANDB_MODE=disabled in tests: CSV only
+    loggers = build_loggers(cfg)  # WANDB_MODE=disabled in tests: CSV only
     assert type(loggers[0]).__name__ == "CSVLogger"
 
 

@@ -205,13 +205,13 @@ class Collector:
 
 def log_to_wandb(cfg: DictConfig, output_dir: Path, result: dict, figures: list[Path]) -> None:
     """Figures as images and the per-block statistics as a table (no-op when W&B is off)."""
-    loggers = build_loggers(cfg, output_dir)
+    loggers = build_loggers(cfg)
     try:
         for logger in loggers:
             if hasattr(logger, "log_image"):
                 names = list(result["stats"])
                 rows = [
-                    [block + 1, *(result["stats"][n][block] for n in names)]
+                    [block, *(result["stats"][n][block] for n in names)]  # backbone.block numbering
                     for block in range(len(result["stats"][names[0]]))
                 ]
                 logger.log_table("attention_stats", columns=["block", *names], data=rows)

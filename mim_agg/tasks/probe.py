@@ -51,7 +51,7 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
         )
         source = CachedTokens.of(cache)
     model = build_probe(cfg, datamodule.num_classes, source)
-    loggers = build_loggers(cfg, output_dir)
+    loggers = build_loggers(cfg)
     try:
         trainer = build_trainer(cfg, output_dir, loggers, watch)
         checkpoint = resume_path(cfg, output_dir)

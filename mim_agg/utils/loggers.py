@@ -1,4 +1,5 @@
-"""Lightning loggers for a run: always a CSV log, and W&B unless it is switched off."""
+"""Lightning loggers for a run, from ``logger`` (``_target_`` configs): a CSV log, and W&B
+unless it is switched off."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.utils.files import read_json
@@ -52,14 +54,31 @@ def wandb_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
-    """A CSV log, and W&B: one run per run folder (its id kept in ``run.json``, so resumed
-    and requeued attempts log into the same W&B run), grouped by sweep, named by what sets it
-    apart from the sweep's other jobs."""
-    # One version folder per attempt: a resumed run never overwrites the log of the last one.
-    loggers: list[Logger] = [CSVLogger(save_dir=str(output_dir), name="csv")]
-    wandb_cfg = cfg.logger.wandb
-    mode = wandb_mode(wandb_cfg.mode) if wandb_cfg is not None else "disabled"
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    """The loggers of ``cfg.logger`` (``_target_`` configs; one that declines, W&B switched
+    off, is left out), each given the run's resolved config."""
+    loggers = [instantiate(node) for node in cfg.logger.values() if node is not None]
+    loggers = [logger for logger in loggers if logger is not None]
+    hyperparameters = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(hyperparameters)  # W&B: this starts the run
+    return loggers
+
+
+def wandb_logger(
+    project: str,
+    entity: str | None,
+    group: str | None,
+    tags: list[str],
+    mode: str,
+    save_dir: str,
+    job_type: str,
+) -> WandbLogger | None:
+    """W&B for the run folder ``save_dir``: one W&B run per run folder (its id kept in
+    ``run.json``, so resumed and requeued attempts log into the same W&B run), grouped by
+    sweep, named by what sets it apart from the sweep's other jobs. None when switched off;
+    offline, said once, when the server cannot be reached or refuses the run."""
+    mode = wandb_mode(mode)
     if mode == "online" and not wandb_reachable():
         log.warning(
             "W&B at %s is unreachable: logging offline (make wandb-sync uploads it later).",
@@ -67,34 +86,32 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
         )
         mode = "offline"
     if mode == "disabled":
-        return loggers
+        return None
+    record = read_json(Path(save_dir) / "run.json", default={})
+    options = dict(
+        project=project,
+        entity=entity,
+        group=group or record.get("group", Path(save_dir).name),
+        tags=list(tags),
+        name=record.get("label", Path(save_dir).name),
+        job_type=job_type,
+        id=record.get("run_id"),
+        resume="allow",
+        save_dir=save_dir,
+    )
     try:
-        loggers.append(start_wandb(cfg, output_dir, mode))
+        return started(WandbLogger(**options, mode=mode))
     except Exception as error:  # wandb's own errors: a bad key, a refusing server
         if mode != "online":
             raise
         log.warning("W&B refused the run (%s): logging offline.", str(error).splitlines()[0])
-        loggers.append(start_wandb(cfg, output_dir, "offline"))
-    return loggers
+        return started(WandbLogger(**options, mode="offline"))
 
 
-def start_wandb(cfg: DictConfig, output_dir: Path, mode: str) -> WandbLogger:
-    wandb_cfg = cfg.logger.wandb
-    record = read_json(output_dir / "run.json", default={})
-    wandb = WandbLogger(
-        project=wandb_cfg.project,
-        entity=wandb_cfg.entity,
-        group=wandb_cfg.group or record.get("group", output_dir.name),
-        tags=list(wandb_cfg.tags),
-        name=record.get("label", output_dir.name),
-        job_type=cfg.task,
-        id=record.get("run_id"),
-        resume="allow",
-        save_dir=str(output_dir),
-        mode=mode,
-    )
-    wandb.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # starts the run
-    return wandb
+def started(logger: WandbLogger) -> WandbLogger:
+    """The W&B run begins here, so a refusing server is met before training, not in it."""
+    logger.experiment  # noqa: B018  (the property calls wandb.init)
+    return logger
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

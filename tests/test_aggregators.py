@@ -152,8 +152,12 @@ def test_attn_mean_renormalises_cls_attention_over_patches():
     "name", ["cls", "cls_mean", "topk_attn", "attn_mean", "attn_min_entropy", "last_n_cls"]
 )
 def test_cls_aggregators_refuse_backbones_without_cls(name):
-    with pytest.raises(ValueError, match=r"\[cls\] token.*has none"):
+    with pytest.raises(ValueError, match=r"\[cls\] token.*has none") as error:
         build(name, prefix=0)
+    serving = str(error.value).split("These aggregators serve it: ")[1].rstrip(".").split(", ")
+    assert "mean" in serving and "abmilp" in serving and name not in serving
+    for other in serving:  # each one named does build on a backbone without [cls]
+        build(other, prefix=0)
 
 
 def test_unknown_aggregator_names_the_available_ones():

@@ -137,6 +137,19 @@ def test_every_differing_config_value_is_a_column(sweep):
     assert HEAD_COLUMNS[0] == "head"
 
 
+def test_backbones_of_two_families_are_columns_labelled_and_grouped_by_family(tmp_path):
+    from mim_agg.report.runs import read_sweeps
+
+    sweep_dir = fake_sweep(tmp_path, ["backbone.family=mim,jea"])
+    heads = [("cls_blr0p1", 0.1, 0.6, 0.6)]
+    for number, family in enumerate(["mim", "jea"]):
+        fake_job(sweep_dir, number, [f"backbone.family={family}"], heads=heads)
+    jobs = read_sweeps([sweep_dir])
+    assert varying_keys(jobs) == ["backbone.family"]  # the label the run's hash leaves out
+    table = cells(head_rows(jobs, ["backbone.family"]), ["backbone.family"])
+    assert sorted(table) == [("jea", "cls"), ("mim", "cls")]
+
+
 def test_results_figure_names_what_the_jobs_share_and_labels_what_differs(sweep):
     from mim_agg.report.figure import results_figure
     from mim_agg.report.runs import read_sweeps

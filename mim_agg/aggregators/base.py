@@ -35,9 +35,10 @@ class Aggregator(nn.Module):
         self.layout = layout
         self.out_dim = layout.dim
         if self.needs_cls and not layout.has_cls:
+            serving = sorted(name for name, cls in AGGREGATORS.items() if not cls.needs_cls)
             raise ConfigError(
                 f"aggregator={self.name!r} reads the [cls] token, but this backbone has none "
-                "(e.g. I-JEPA). Choose an aggregator over patch tokens, such as mean or abmilp."
+                f"(I-JEPA, CAPI, SigLIP, ...). These aggregators serve it: {', '.join(serving)}."
             )
 
     @property

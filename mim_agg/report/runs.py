@@ -90,7 +90,10 @@ def read_job(path: Path, name=" ".join) -> Job:
     if status == "running" and not _locked(path):
         status = "killed"  # its process is gone without a word
     name = name(record.get("overrides", [])) or path.name
-    config = result_config(OmegaConf.load(path / "config.yaml"))
+    full = OmegaConf.load(path / "config.yaml")
+    config = result_config(full)
+    if "backbone" in config:  # a label, not part of the run's identity: columns group by it
+        config["backbone"]["family"] = OmegaConf.select(full, "backbone.family")
     heads = []
     if status == "done":
         with open(path / "heads.csv") as handle:

@@ -18,16 +18,19 @@ DIM, DEPTH, PATCH, SIZE = 384, 2, 16, 224
 GRID = SIZE // PATCH
 
 
-def vit_weights(seed: int, dim: int = DIM, depth: int = DEPTH) -> dict[str, torch.Tensor]:
-    """The key layout of DINO / MoCo v3 / iBOT ViTs (timm 0.4 naming), random values."""
+def vit_weights(
+    seed: int, dim: int = DIM, depth: int = DEPTH, cls: bool = True
+) -> dict[str, torch.Tensor]:
+    """The key layout of DINO / MoCo v3 / iBOT / I-JEPA ViTs (timm 0.4 naming), random values;
+    I-JEPA's without ``[cls]``."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.02):
         return torch.randn(*shape, generator=generator) * scale
 
     state = {
-        "cls_token": rand(1, 1, dim),
-        "pos_embed": rand(1, 1 + GRID * GRID, dim),
+        **({"cls_token": rand(1, 1, dim)} if cls else {}),
+        "pos_embed": rand(1, int(cls) + GRID * GRID, dim),
         "patch_embed.proj.weight": rand(dim, 3, PATCH, PATCH),
         "patch_embed.proj.bias": rand(dim),
         "norm.weight": 1 + rand(dim),
@@ -53,12 +56,14 @@ def vit_weights(seed: int, dim: int = DIM, depth: int = DEPTH) -> dict[str, torc
 
 
 def reference_tokens(state: dict, images: torch.Tensor, heads: int) -> torch.Tensor:
-    """Patchify, prepend [cls], add positions, then per block x += attn(LN(x)), x += MLP(LN(x));
-    the last block's output, before the final norm."""
+    """Patchify, prepend [cls] (if any), add positions, then per block x += attn(LN(x)),
+    x += MLP(LN(x)); the last block's output, before the final norm."""
     batch = len(images)
     x = F.conv2d(images, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], PATCH)
     x = x.flatten(2).transpose(1, 2)
-    x = torch.cat([state["cls_token"].expand(batch, -1, -1), x], dim=1) + state["pos_embed"]
+    if "cls_token" in state:
+        x = torch.cat([state["cls_token"].expand(batch, -1, -1), x], dim=1)
+    x = x + state["pos_embed"]
     tokens, head_dim = x.shape[1], DIM // heads
     for i in range(DEPTH):
         w = {
@@ -148,6 +153,38 @@ def test_ibot_teacher_beside_pickled_arguments_gives_the_reference_tokens(tmp_pa
     torch.testing.assert_close(
         tokens, reference_tokens(teacher, IMAGES, heads=6), atol=1e-5, rtol=1e-5
     )
+
+
+def test_ijepa_target_encoder_not_the_context_encoder_gives_the_reference_tokens(tmp_path):
+    context, target = vit_weights(seed=21, cls=False), vit_weights(seed=22, cls=False)
+    checkpoint = {
+        "encoder": {f"module.{k}": v for k, v in context.items()},
+        "predictor": {"module.predictor_embed.weight": torch.randn(64, DIM)},
+        "target_encoder": {f"module.{k}": v for k, v in target.items()},
+        "opt": {"state": {}, "param_groups": []},
+        "scaler": None,
+        "epoch": 300,
+        "loss": 0.1,
+        "batch_size": 2048,
+        "world_size": 16,
+        "lr": 0.001,
+    }
+    torch.save(checkpoint, tmp_path / "IN1K-vit.h.14-300e.pth.tar")
+    model = FrozenBackbone(
+        "vit_small_patch16_224",
+        str(tmp_path / "IN1K-vit.h.14-300e.pth.tar"),
+        img_size=SIZE,
+        arch_kwargs={
+            "depth": DEPTH, "num_heads": 6, "class_token": False, "global_pool": "avg",
+            "fc_norm": False,
+        },
+    )  # fmt: skip
+    assert not model.layout.has_cls and model.layout.num_prefix_tokens == 0
+    tokens = model(IMAGES).all
+    torch.testing.assert_close(
+        tokens, reference_tokens(target, IMAGES, heads=6), atol=1e-5, rtol=1e-5
+    )
+    assert not torch.allclose(tokens, reference_tokens(context, IMAGES, heads=6), atol=1e-3)
 
 
 class Crafted:

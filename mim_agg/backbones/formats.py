@@ -53,6 +53,18 @@ def _mocov3(checkpoint: dict) -> State:
     return {k: v for k, v in encoder.items() if not k.startswith("head.")}
 
 
+def _is_ijepa(checkpoint: dict) -> bool:
+    encoders = (_nested(checkpoint, "encoder"), _nested(checkpoint, "target_encoder"))
+    return all(any(k.startswith("module.") for k in encoder) for encoder in encoders)
+
+
+def _ijepa(checkpoint: dict) -> State:
+    """I-JEPA: the EMA ``target_encoder``, which the authors evaluate ("We use the
+    target-encoder for evaluation", Appendix A.1), not the context ``encoder`` that timm's own
+    conversion of these files keeps; DDP's ``module.`` removed, the predictor dropped."""
+    return _prefixed(checkpoint["target_encoder"], "module.")
+
+
 def _is_ibot(checkpoint: dict) -> bool:
     teacher = _nested(checkpoint, "teacher")
     return any(k.startswith("backbone.") for k in teacher)
@@ -191,6 +203,7 @@ def _data2vec(checkpoint: dict) -> State:
 FORMATS = (
     Format("mocov3", _is_mocov3, _mocov3),
     Format("ibot", _is_ibot, _ibot),
+    Format("ijepa", _is_ijepa, _ijepa),
     Format("capi", is_capi, convert_capi),
     Format("beitv2", _is_beitv2, _beitv2),
     Format("simmim", _is_simmim, _simmim),

@@ -230,3 +230,13 @@ def test_split_files_list_images_with_labels(tmp_path):
 def test_a_source_option_for_another_source_is_refused(tmp_path):
     with pytest.raises(ValueError, match="dataset.split_file does not apply to dataset 'digits'"):
         build_source("digits", tmp_path, False, 10, 0, split_file="x/{split}.txt")
+
+
+def test_every_source_option_is_reachable_and_none_keeps_the_sources_default(tmp_path):
+    """``dataset.test_fraction`` reaches digits (1,797 images, default 0.3); null is not passed
+    on (scikit-learn would read it as its own 0.25)."""
+    _, default = build_source("digits", tmp_path, False, 10, 0, test_fraction=None)
+    _, half = build_source("digits", tmp_path, False, 10, 0, test_fraction=0.5)
+    assert (len(default), len(half)) == (540, 899)
+    with pytest.raises(ValueError, match="it is an option of digits"):
+        build_source("synthetic", tmp_path, False, 4, 0, test_fraction=0.5)

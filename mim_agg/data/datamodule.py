@@ -159,6 +159,7 @@ class ProbeDataModule(SplitLoaders):
         subset_seed: int = 0,
         test_split: str | None = None,
         split_file: str | None = None,
+        test_fraction: float | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= heldout_fraction < 1.0:
@@ -175,7 +176,11 @@ class ProbeDataModule(SplitLoaders):
                 "subset; set one of them (the other null)."
             )
         self.shots, self.fraction, self.subset_seed = shots, fraction, subset_seed
-        self.source_options = {"test_split": test_split, "split_file": split_file}
+        self.source_options = {  # options of some sources only; None: the source's default
+            "test_split": test_split,
+            "split_file": split_file,
+            "test_fraction": test_fraction,
+        }
         self.augment = augment  # false: train on the eval transform (centre crop), as a cache can
         self.train_transform = build_transform(augment, img_size, mean, std)
         self.eval_transform = build_transform(False, img_size, mean, std)

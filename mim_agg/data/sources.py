@@ -40,15 +40,16 @@ def build_source(name: str, root, download: bool, num_classes: int, seed: int, *
         raise ValueError(f"Unknown dataset {name!r}; available: {', '.join(sorted(SOURCES))}.")
     builder = SOURCES[name]
     accepted = inspect.signature(builder).parameters
-    ignored = [k for k, v in options.items() if k not in accepted and v is not None]
+    given = {k: v for k, v in options.items() if v is not None}  # None: the source's default
+    ignored = [k for k in given if k not in accepted]
     if ignored:
+        option = ignored[0]
+        takers = sorted(n for n, b in SOURCES.items() if option in inspect.signature(b).parameters)
         raise ConfigError(
-            f"dataset.{ignored[0]} does not apply to dataset {name!r}; it is an option of "
-            "image_folder / imagenet. Remove it."
+            f"dataset.{option} does not apply to dataset {name!r}; it is an option of "
+            f"{' / '.join(takers)}. Remove it."
         )
-    return builder(
-        root, download, num_classes, seed, **{k: v for k, v in options.items() if k in accepted}
-    )
+    return builder(root, download, num_classes, seed, **given)
 
 
 def classes_of(dataset: Dataset) -> int | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import typing
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import Field, dataclass, field, make_dataclass
 from typing import Any
 
 import torch
@@ -105,7 +105,8 @@ class LoggerConfig:  # the loggers a run writes to, each a _target_ config (null
 def signature_schema(name: str, function, skip: tuple[str, ...] = (), **overrides) -> type:
     """A dataclass of ``function``'s parameters, their types and defaults: a config group whose
     keys and defaults are the code's. ``overrides`` replace a default where config means
-    otherwise on purpose (``MISSING``: every YAML must say it; an interpolation)."""
+    otherwise on purpose (``MISSING``: every YAML must say it; an interpolation; a
+    ``dataclasses.field``)."""
     hints = typing.get_type_hints(function)
     fields = []
     for param in inspect.signature(function).parameters.values():
@@ -114,7 +115,9 @@ def signature_schema(name: str, function, skip: tuple[str, ...] = (), **override
         default = overrides.get(param.name, param.default)
         if default is inspect.Parameter.empty:
             default = MISSING
-        fields.append((param.name, hints[param.name], field(default=default)))
+        if not isinstance(default, Field):
+            default = field(default=default)
+        fields.append((param.name, hints[param.name], default))
     return make_dataclass(name, fields)
 
 
@@ -122,6 +125,7 @@ BackboneConfig = signature_schema(
     "BackboneConfig",
     FrozenBackbone.__init__,
     family=MISSING,  # mim | jea | vlm | none: figures and reports read it, so each config says it
+    arch_kwargs=field(default_factory=dict),  # a mapping, so +backbone.arch_kwargs.depth=2 adds
 )
 DatasetConfig = signature_schema(
     "DatasetConfig",

@@ -24,7 +24,7 @@ class Server:
     """Serves ``payload`` at /file with Range support; the first ``cut`` responses stop
     half-way (the connection drops)."""
 
-    def __init__(self, payload: bytes, cut: int = 0) -> None:
+    def __init__(self, payload: bytes, cut: int = 0, content_type: str | None = None) -> None:
         self.payload, self.cut, self.ranges = payload, cut, []
         outer = self
 
@@ -38,6 +38,8 @@ class Server:
                 body = outer.payload[start:]
                 self.send_response(206 if header else 200)
                 self.send_header("Content-Length", str(len(body)))
+                if content_type:
+                    self.send_header("Content-Type", content_type)
                 self.end_headers()
                 if outer.cut > 0:
                     outer.cut -= 1
@@ -89,6 +91,16 @@ def test_a_wrong_checksum_deletes_the_file(tmp_path, checkpoint):
     try:
         with pytest.raises(UserError, match="not the configured 000"):
             download(server.url, tmp_path / "model.pth", "000", timeout=5)
+    finally:
+        server.close()
+    assert not list(tmp_path.glob("model.pth*"))
+
+
+def test_a_web_page_instead_of_the_file_is_refused_and_not_kept(tmp_path):
+    server = Server(b"<html>Google Drive can't scan this file</html>", content_type="text/html")
+    try:
+        with pytest.raises(UserError, match="answered with a web page, not the checkpoint"):
+            download(server.url, tmp_path / "model.pth", timeout=5)
     finally:
         server.close()
     assert not list(tmp_path.glob("model.pth*"))

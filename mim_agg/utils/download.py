@@ -66,6 +66,13 @@ def _fetch(url: str, part: Path, done: int, timeout: float) -> None:
             return
         raise
     with response:
+        if response.headers.get_content_type() == "text/html":
+            target = part.with_name(part.name.removesuffix(".part"))
+            raise UserError(
+                f"{url} answered with a web page, not the checkpoint (Google Drive does so for "
+                "large files, asking to confirm); nothing was kept. Fetch the file in a browser "
+                f"and save it as {target}."
+            )
         if done and response.status != 206:  # the server ignored the range: start over
             done = 0
         length = int(response.headers.get("Content-Length") or 0)

@@ -240,3 +240,5 @@ def test_every_source_option_is_reachable_and_none_keeps_the_sources_default(tmp
     assert (len(default), len(half)) == (540, 899)
     with pytest.raises(ValueError, match="it is an option of digits"):
         build_source("synthetic", tmp_path, False, 4, 0, test_fraction=0.5)
+    train, test = build_source("synthetic", tmp_path, False, 4, 0, per_class=[3, 2], image_size=8)
+    assert (len(train), len(test)) == (12, 8) and train[0][0].size == (8, 8)

@@ -160,6 +160,8 @@ class ProbeDataModule(SplitLoaders):
         test_split: str | None = None,
         split_file: str | None = None,
         test_fraction: float | None = None,
+        per_class: list[int] | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= heldout_fraction < 1.0:
@@ -177,9 +179,11 @@ class ProbeDataModule(SplitLoaders):
             )
         self.shots, self.fraction, self.subset_seed = shots, fraction, subset_seed
         self.source_options = {  # options of some sources only; None: the source's default
-            "test_split": test_split,
-            "split_file": split_file,
-            "test_fraction": test_fraction,
+            "test_split": test_split,  # image_folder / imagenet
+            "split_file": split_file,  # image_folder / imagenet
+            "test_fraction": test_fraction,  # digits: the test share
+            "per_class": per_class,  # synthetic: [train, test] images per class
+            "image_size": image_size,  # synthetic: the generated images' side, before resizing
         }
         self.augment = augment  # false: train on the eval transform (centre crop), as a cache can
         self.train_transform = build_transform(augment, img_size, mean, std)

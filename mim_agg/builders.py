@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.aggregators import build_aggregator
@@ -23,7 +24,8 @@ from mim_agg.backbones import (
     TokenRequest,
     TokenSource,
 )
-from mim_agg.backbones.frozen import resolve_normalization, skeleton
+from mim_agg.backbones.frozen import is_timm_tag, resolve_normalization, skeleton
+from mim_agg.backbones.loading import require_file
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError, UserError
 from mim_agg.probe import LinearProbe, ProbeHead
@@ -116,7 +118,12 @@ def head_request(aggregators, cached: bool = False) -> TokenRequest:
 
 def build_backbone(cfg: DictConfig) -> FrozenBackbone:
     """Random weights (``backbone.weights=null``) are drawn from ``seed`` alone: the same
-    config gives the same backbone in every task, online or extracting a cache."""
+    config gives the same backbone in every task, online or extracting a cache. A checkpoint
+    file that is not there yet is named with the command that fetches it."""
+    weights = cfg.backbone.weights
+    if weights is not None and not is_timm_tag(weights):
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        require_file(weights, choices.get("backbone", "<name>"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return FrozenBackbone(**cfg.backbone)

@@ -8,3 +8,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config value the code cannot use (out of range, unknown, or unfit for the model)."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file the config names is not there (a checkpoint not yet downloaded, say)."""

@@ -60,6 +60,14 @@ def test_missing_dataset_folder_fails_before_training(tmp_path):
     assert "has no train/ folder" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_checkpoint_not_yet_downloaded_says_the_command_that_fetches_it(tmp_path):
+    overrides = ["backbone=capi_vitl", "backbone.img_size=28", "aggregator=mean"]
+    result = run_cli(*FAST, *overrides, root=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "capi_vitl14_lvd.pth" in result.stderr
+    assert "python scripts/download_weights.py backbone=capi_vitl" in result.stderr
+
+
 @pytest.mark.slow
 def test_quickstart(tmp_path):
     result = run_cli("experiment=quickstart", root=tmp_path)

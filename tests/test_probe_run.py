@@ -112,3 +112,11 @@ def test_attention_aggregator_and_no_heldout_split(tmp_path):
     summary = run(cfg)
     assert summary["val/acc1_best"] is None and summary["best_epoch"] is None
     assert summary["test/acc1"] == summary["test/acc1_last"]  # nothing held out: last epoch
+
+
+def test_callbacks_lr_monitor_logs_each_heads_learning_rate_by_name(tmp_path):
+    overrides = ["callbacks=lr_monitor", "+aggregator@heads.mean=mean", "probe.epochs=1"]
+    cfg = compose_config([*FAST, *overrides], tmp_path)
+    run(cfg)
+    columns = read_csv_log(tmp_path / "run")[0].keys()
+    assert {"lr-SGD/cls", "lr-SGD/mean"} <= set(columns)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mim_agg.backbones.formats import recognise
+from mim_agg.errors import MissingFile
 
 WRAPPER_KEYS = ("model", "state_dict", "teacher", "module")
 KEY_PREFIXES = ("module.", "encoder.", "backbone.", "model.")
@@ -32,16 +33,23 @@ UNUSED_KEY_STARTS = ("decoder", "mask_token", "masked_embed", "head.", "fc_norm.
 SAFE_GLOBALS = [argparse.Namespace, (OrderedDict, "yacs.config.CfgNode")]
 
 
+def require_file(path: str | Path, backbone: str = "<name>") -> Path:
+    """``path`` as a checkpoint file that exists; else an error saying how to get it
+    (``backbone``: the config whose ``url`` ``scripts/download_weights.py`` fetches)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(
+            f"backbone.weights={str(path)!r} is neither an existing checkpoint file nor a timm "
+            "pretrained tag like 'vit_base_patch16_224.mae'; check the path, or fetch it: "
+            f"python scripts/download_weights.py backbone={backbone}"
+        )
+    return path
+
+
 def read_checkpoint(path: str | Path):
     """A ``.safetensors`` or torch checkpoint, read without running code (``weights_only``
     with an allow-list of the plain objects checkpoints of the field carry)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"backbone.weights={str(path)!r} is neither an existing checkpoint file nor a timm "
-            "pretrained tag like 'vit_base_patch16_224.mae'; check the path (or fetch it: "
-            "python scripts/download_weights.py backbone=<name>)."
-        )
+    path = require_file(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
     with torch.serialization.safe_globals(SAFE_GLOBALS):

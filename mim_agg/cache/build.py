@@ -152,12 +152,13 @@ def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, 
     """One backbone pass, kept up to the deepest block of ``entries``, fills them all."""
     targets, requests = [], {}
     for entry in entries:
-        describe(entry, plans, cfg, datamodule.augment)
+        describe(entry, cfg)
         block = entry.layout.depth - 1
         pooled = entry.request.pooled
         poolers = {k: a for k, a in entry.aggregators.items() if k in pooled}
         targets.append(Target(entry.cache, block, entry.shapes, poolers))
         requests[block] = requests.get(block, TokenRequest()) | entry.live_request
+    warn_single_view(plans, datamodule.augment)
     check_disk(targets, plans, cfg.cache.dtype)
     extract(
         targets,
@@ -208,7 +209,7 @@ def split_views(cfg: DictConfig, datamodule: ProbeDataModule) -> dict[str, int]:
     return {"train": cfg.cache.views, "heldout": 1, "test": 1}
 
 
-def describe(entry: PlannedCache, plans: dict, cfg, augment: bool) -> None:
+def describe(entry: PlannedCache, cfg) -> None:
     """Say what will be stored and why, before anything is written."""
     dtype, shapes = cfg.cache.dtype, entry.shapes
     log.info("Token cache %s (%s, block %d):", entry.cache.root, dtype, entry.layout.depth - 1)
@@ -221,6 +222,10 @@ def describe(entry: PlannedCache, plans: dict, cfg, augment: bool) -> None:
         )
     else:
         log.info("Only the parameter-free heads' pooled vectors are stored (no learned head).")
+
+
+def warn_single_view(plans: dict, augment: bool) -> None:
+    """Said once per extraction, however many blocks' caches it fills."""
     if augment and plans["train"].views == 1:
         log.warning(
             "cache.views=1 with dataset.augment=true: every epoch trains on the same random crop "

@@ -252,8 +252,13 @@ class LinearProbe(L.LightningModule):
             params = [p for p in head.parameters() if p.requires_grad]
             matrices = [p for p in params if p.ndim > 1]
             vectors = [p for p in params if p.ndim <= 1]
-            groups.append(dict(params=matrices, lr=lr, weight_decay=self.weight_decay, lars=True))
-            groups.append(dict(params=vectors, lr=lr, weight_decay=0.0, lars=False))
+            # named per head: LearningRateMonitor logs lr-<optimizer>/<head>
+            groups.append(
+                dict(params=matrices, lr=lr, weight_decay=self.weight_decay, lars=True, name=name)
+            )
+            groups.append(
+                dict(params=vectors, lr=lr, weight_decay=0.0, lars=False, name=f"{name}/no_decay")
+            )
         groups = [group for group in groups if group["params"]]
         optimizer = OPTIMIZERS[self.optimizer_name](groups, self.momentum)
         total = max(1, trainer.estimated_stepping_batches)

@@ -33,7 +33,11 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
         with folder.attempt(cfg, context) as record:
             log.info("Run folder: %s", folder.path)
             if record.get("status") == "done":
-                log.info("This run finished before; its results are not recomputed.")
+                log.info(
+                    "This run finished before; its results are not recomputed (options outside "
+                    "its identity, such as callbacks or logging, change nothing now; resume=false "
+                    "trains it again)."
+                )
                 summary = task.finished(folder.path)
             else:
                 log.info("Overrides: %s", " ".join(record["overrides"]) or "(none)")

@@ -69,9 +69,22 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
         finish_loggers(loggers)
     if trainer.is_global_zero:  # DDP ranks share the run folder; one writes
         show(summary)
+        warn_if_limited(cfg)
         write_csv(output_dir / "heads.csv", head_rows)
         write_metrics(output_dir / "metrics.json", summary)
     return summary
+
+
+def warn_if_limited(cfg: DictConfig) -> None:
+    """``debug=limit`` and its like: numbers from part of the data must not pass for results."""
+    limits = {
+        key: value
+        for key, value in cfg.trainer.items()
+        if key.startswith("limit_") and value not in (None, 1.0)
+    }
+    if limits:
+        shown = ", ".join(f"trainer.{k}={v}" for k, v in limits.items())
+        log.warning("These numbers come from part of the data (%s): not results.", shown)
 
 
 def finished(output_dir: Path) -> dict:

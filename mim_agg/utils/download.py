@@ -36,11 +36,11 @@ def download(url: str, target: Path | str, sha256: str | None = None, timeout: f
     try:
         _fetch(url, part, done, timeout)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+        kept = part.stat().st_size if part.is_file() else 0
+        progress = f"{kept} bytes are kept in {part}. " if kept else ""
         raise UserError(
-            f"Downloading {url} stopped ({type(error).__name__}: {error}); "
-            f"{part.stat().st_size if part.is_file() else 0} bytes are kept in {part}. Rerun the "
-            "same command to continue, or fetch the file by other means to "
-            f"{target}."
+            f"Downloading {url} stopped ({type(error).__name__}: {error}); {progress}Rerun the "
+            f"same command to continue, or fetch the file by other means to {target}."
         ) from None
     digest = sha256_of(part)
     if sha256 is not None and digest != sha256:

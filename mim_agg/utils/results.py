@@ -78,7 +78,7 @@ def log_table(table: Table) -> None:
     it (rendered as plain text; a console of its own would reach the terminal only)."""
     console = Console(file=io.StringIO(), width=120, color_system=None)
     console.print(table)
-    log.info("%s\n%s", table.title, console.file.getvalue().rstrip())
+    log.info("\n%s", console.file.getvalue().rstrip())  # the rendering holds the title
 
 
 def _pct(value: float | None) -> str:

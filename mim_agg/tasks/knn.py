@@ -196,9 +196,9 @@ def show(summary: dict) -> None:
     log_table(table)
     best = summary["heads"][summary["winner"]]
     log.info(
-        "Winner %s: test acc1 %.4f (k=%s, T=%g chosen on held-out)",
+        "Winner %s: test acc1 %.2f%% (k=%s, T=%g chosen on held-out)",
         summary["winner"],
-        best["test/acc1"],
+        100 * best["test/acc1"],
         best["k"],
         best["temperature"],
     )

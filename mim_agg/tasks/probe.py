@@ -99,10 +99,10 @@ def show(summary: dict) -> None:
     print_table(summary["heads"], summary["winner"])
     heldout = summary["val/acc1_best"]
     log.info(
-        "Winner %s: test acc1 %.4f (held-out acc1 %s at epoch %s)",
+        "Winner %s: test acc1 %.2f%% (held-out acc1 %s at epoch %s)",  # as the table shows
         summary["winner"],
-        summary["test/acc1"],
-        "-" if heldout is None else f"{heldout:.4f}",
+        100 * summary["test/acc1"],
+        "-" if heldout is None else f"{100 * heldout:.2f}%",
         summary["best_epoch"],
     )
 

@@ -172,6 +172,12 @@ def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, 
         precision=entries[0].identity["precision"],
         watch=watch,
     )
+    if len(entries) > 1:
+        log.info(
+            "One backbone pass filled the caches of blocks %s: %s",
+            ", ".join(str(t.block) for t in targets),
+            ", ".join(str(entry.cache.root) for entry in entries),
+        )
 
 
 def start(entry: PlannedCache, cfg: DictConfig, datamodule) -> dict[str, SplitPlan]:

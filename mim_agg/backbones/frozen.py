@@ -11,7 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-from mim_agg.backbones.loading import load_checkpoint_into, require_file
+from mim_agg.backbones.loading import load_checkpoint_into
 from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
 from mim_agg.errors import ConfigError, UserError
 
@@ -224,7 +224,6 @@ def create_model(arch: str, weights: str | None, img_size: int, **arch_kwargs) -
                 f'machine online with the same HF_HOME: python -c "import timm; '
                 f"timm.create_model('{weights}', pretrained=True)\""
             ) from None
-    require_file(weights)  # before building the model: a missing file fails at once
     model = timm.create_model(arch, pretrained=False, **kwargs)
     load_checkpoint_into(model, weights)
     return model

@@ -121,8 +121,10 @@ def open_cache(
 
 def other_blocks(cfg: DictConfig) -> list[int]:
     """``cache.blocks`` without this run's own block, each checked against the backbone."""
-    depth = skeleton(**{**cfg.backbone, "block": -1}).layout.depth
     wanted = list(cfg.cache.blocks or [])
+    if not wanted:
+        return []
+    depth = skeleton(**{**cfg.backbone, "block": -1}).layout.depth
     outside = [b for b in wanted if not -depth <= b < depth]
     if outside:
         raise ConfigError(

@@ -17,13 +17,15 @@ from tests.helpers import FAST, compose_config
 
 
 def independent_predictions(bank, bank_labels, queries, k, temperature, num_classes):
-    """scikit-learn's exact cosine neighbours, then exp(sim / T) votes, in NumPy."""
+    """scikit-learn's exact cosine neighbours, then exp(sim / T) votes, in float64 NumPy.
+    Each class's vote is kept as its logarithm, log(sum exp(sim / T)) (``np.logaddexp``):
+    the same argmax, and no overflow at any T (exp(1 / 0.001) overflows even float64)."""
     search = SklearnNeighbours(n_neighbors=k, metric="cosine", algorithm="brute").fit(bank)
-    distances, indices = search.kneighbors(queries)
-    votes = np.zeros((len(queries), num_classes))
+    distances, indices = search.kneighbors(queries.astype(np.float64))
+    log_votes = np.full((len(queries), num_classes), -np.inf)
     for row, (dist, idx) in enumerate(zip(distances, indices, strict=True)):
-        np.add.at(votes[row], bank_labels[idx], np.exp((1.0 - dist) / temperature))
-    return votes.argmax(1)
+        np.logaddexp.at(log_votes[row], bank_labels[idx], (1.0 - dist) / temperature)
+    return log_votes.argmax(1)
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])  # the bank arrives in chunks of any size
@@ -35,7 +37,7 @@ def test_streamed_vote_equals_scikit_learn(chunk):
     found = NearestNeighbours(queries, k=20, query_block=16)
     for start in range(0, len(bank), chunk):
         found.add(bank[start : start + chunk], labels[start : start + chunk])
-    for k, temperature in [(1, 0.07), (10, 0.07), (20, 0.5)]:
+    for k, temperature in [(1, 0.07), (10, 0.07), (20, 0.5), (10, 0.001), (20, 0.001)]:
         ours = weighted_vote(found.sims, found.labels, 5, k, temperature).argmax(1)
         expected = independent_predictions(
             bank.numpy(), labels.numpy(), queries.numpy(), k, temperature, 5

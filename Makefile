@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 # A stamp: the environment was made from this pyproject.toml (`make test` on a fresh clone makes it).
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install quickstart test test-fast lint clean wandb-sync
+.PHONY: help install quickstart test test-fast lint clean clean-outputs wandb-sync
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 install: $(INSTALLED)  ## create .venv and install mim_agg with its dev tools (once)
 
@@ -29,9 +29,15 @@ test-fast: $(INSTALLED)  ## the tests without subprocess runs and real-data runs
 lint: $(INSTALLED)  ## ruff
 	$(BIN)/ruff check mim_agg tests scripts run.py
 
-clean:  ## remove run outputs and caches (keeps .venv)
-	rm -rf outputs/*/ multirun .pytest_cache .ruff_cache
+# Where runs, caches, weights and data live: $MIM_AGG_ROOT, as for run.py.
+ROOT := $(or $(MIM_AGG_ROOT),.)
+
+clean:  ## remove Python and tool caches (never runs, token caches, weights or data)
+	rm -rf .pytest_cache .ruff_cache
 	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +
 
-wandb-sync:  ## upload the offline W&B runs under outputs/ (resumed attempts join their run)
-	$(BIN)/wandb sync --include-offline $(wildcard outputs/runs/*/wandb/offline-run-*)
+clean-outputs:  ## remove every run and sweep folder under $MIM_AGG_ROOT/outputs (results too!)
+	rm -rf $(ROOT)/outputs/runs $(ROOT)/outputs/multirun
+
+wandb-sync:  ## upload the offline W&B runs under $MIM_AGG_ROOT/outputs (resumed attempts join their run)
+	$(BIN)/wandb sync --include-offline $(wildcard $(ROOT)/outputs/runs/*/wandb/offline-run-*)

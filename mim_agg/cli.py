@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,10 +15,12 @@ from omegaconf import DictConfig
 from mim_agg.config import register_configs
 from mim_agg.errors import UserError
 from mim_agg.report.runs import job_label, launched_overrides
-from mim_agg.runs.folder import RunContext
+from mim_agg.runs.folder import RECORD, RunContext
 from mim_agg.runs.runner import run_task
 from mim_agg.utils.console import quiet_third_party
+from mim_agg.utils.files import write_atomic
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
 quiet_third_party()
@@ -27,18 +30,37 @@ quiet_third_party()
 def main(cfg: DictConfig) -> float | None:
     """Run the configured task; return the held-out accuracy for Hydra sweepers (never test).
 
-    A user error ends a single run with its message alone (exit status 2); in a sweep it
-    fails that job only, and the others run on.
+    A user error ends a single run with its message alone (exit status 2). In a sweep, a
+    failing job is recorded and the others run on; the sweep ends with its summary (and
+    report) and a non-zero exit status (``mim_agg.report.SweepEnd``).
     """
     context = launcher_context()
     try:
         summary = run_task(cfg, context)
     except UserError as error:
-        if context.sweep_dir is not None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"Error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if context.sweep_dir is None:
+            print(f"Error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        record_failure(context, cfg, error)
+        return None
+    except Exception as error:  # a bug: the traceback is in the job's log and error.txt
+        if context.sweep_dir is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.exception("Job %s failed", context.job_num)
+        record_failure(context, cfg, error)
+        return None
     return summary.get("val/acc1_best")
+
+
+def record_failure(context: RunContext, cfg: DictConfig, error: Exception) -> None:
+    """One line in the job's log; and where no run folder records it (bad input refused
+    before anything was computed leaves none), ``<sweep>/<job>.error`` for the report."""
+    message = f"{type(error).__name__}: {error}".splitlines()[0]
+    print(f"Error in job {context.job_num} ({context.label}): {error}", file=sys.stderr)
+    if not (Path(cfg.paths.output_dir) / RECORD).is_file():
+        write_atomic(Path(context.sweep_dir) / f"{context.job_num}.error", message + "\n")
 
 
 def launcher_context() -> RunContext:

@@ -14,6 +14,7 @@ import inspect
 import os
 import typing
 from dataclasses import Field, dataclass, field, make_dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ class CacheConfig:  # values and their meaning: conf/cache/default.yaml
     views: int = MISSING
     shard_size: int = MISSING
     batch_size: int = MISSING
-    verify: bool = MISSING
+    verify: Any = MISSING  # true | false | full (OmegaConf has no bool-or-str type)
     blocks: list[int] | None = MISSING
 
 
@@ -166,13 +167,21 @@ def _run_dir(*, _root_: DictConfig) -> str:
     sweep's jobs live beside single runs, not inside the sweep folder); a report writes into
     the sweep it reads."""
     if _root_.task == "report":
-        return os.path.abspath(_root_.report.out_dir or _first(_root_.report.sweep_dir) or ".")
+        folder = _root_.report.out_dir or _first(_root_.report.sweep_dir) or "."
+        return str(under_root(_root_.paths.root_dir, folder))
     if _root_.task == "extract":  # the cache is its output; it picks its own folder by key
         return os.path.abspath(_root_.paths.cache_dir)
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default={})
     return os.path.abspath(
         os.path.join(_root_.paths.output_root, "runs", run_name(_root_, choices))
     )
+
+
+def under_root(root_dir: str, path: str) -> Path:
+    """``path`` as the runs read it: absolute, a relative one taken from ``paths.root_dir``
+    (``MIM_AGG_ROOT``), where the outputs, data, weights and caches are, not from the current
+    folder."""
+    return Path(os.path.abspath(Path(root_dir) / os.path.expanduser(path)))
 
 
 def _first(sweep_dir):

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from mim_agg.analysis.figures import context, save_figure, statistics_figure
+from mim_agg.cli import CONFIG_DIR
+from mim_agg.config import under_root
 from mim_agg.report.runs import Job
 from mim_agg.report.table import column_label, flatten, natural, varying_keys
 from mim_agg.runs.identity import result_config
@@ -51,14 +54,27 @@ def labelled(jobs: list[Job]) -> dict[str, Job]:
     return dict(zip(names, jobs, strict=True))
 
 
+def project_root() -> str:
+    """``paths.root_dir`` as the runs resolve it (``MIM_AGG_ROOT``, else the current folder)."""
+    return OmegaConf.load(CONFIG_DIR / "paths" / "default.yaml").root_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="a sweep folder holding analysis runs")
     parser.add_argument("--out", type=Path, help="default: <folder>/attention_compare.png")
     args = parser.parse_args()
-    folders = analysis_runs(args.folder)
+    folder = under_root(project_root(), args.folder)
+    if not folder.is_dir():
+        print(
+            f"Error: no folder {folder} (a relative path is taken from MIM_AGG_ROOT).",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    folders = analysis_runs(folder)
     if not folders:
-        raise SystemExit(f"No {STATS} under {args.folder}; run task=analyze first.")
+        print(f"Error: no {STATS} under {folder}; run task=analyze there first.", file=sys.stderr)
+        raise SystemExit(2)
     jobs = [
         Job(path.name, "done", path, result_config(OmegaConf.load(path / "config.yaml")))
         for path in folders
@@ -71,7 +87,7 @@ def main() -> None:
         f"Attention statistics per block, mean over {'/'.join(map(str, images))} images\n"
         f"{context([job.config for job in jobs]) or 'several backbones and datasets'}"
     )
-    out = args.out or args.folder / "attention_compare.png"
+    out = args.out or folder / "attention_compare.png"
     save_figure(statistics_figure(results, title), out)
     print(f"{len(results)} runs -> {out}")
 

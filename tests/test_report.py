@@ -166,3 +166,42 @@ def test_results_figure_names_what_the_jobs_share_and_labels_what_differs(sweep)
     texts = [t.get_text() for t in legend.get_texts()]
     assert [t for t in texts if "dataset.name=digits" in t] and len(texts) == 2
     assert ax.get_ylabel() == "test top-1 accuracy (%)"
+
+
+def test_an_aggregator_sweep_names_heads_by_aggregator_and_their_differing_options(tmp_path):
+    jobs = [["aggregator=cls"], ["aggregator=abmilp"]]
+    jobs += [["aggregator=topk_attn", f"aggregator.k={k}"] for k in (1, 2)]
+    sweep_dir = fake_sweep(tmp_path, ["aggregator=cls,abmilp", "seed=0"])
+    for number, overrides in enumerate(jobs):
+        head = overrides[0].split("=")[1]
+        fake_job(sweep_dir, number, overrides, heads=[(head, 0.1, 0.5, 0.1 * (number + 1))])
+    run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
+    text = (sweep_dir / "results.md").read_text()
+    assert "| head | all jobs |" in text  # no aggregator option is a column
+    for row in (
+        "abmilp | 20.00",
+        "cls | 10.00",
+        "topk_attn (k=1) | 30.00",
+        "topk_attn (k=2) | 40.00",
+    ):
+        assert f"| {row} (1) |" in text
+
+
+def test_a_report_of_no_finished_job_says_so(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, ["seed=0,1"])
+    fake_job(sweep_dir, 0, ["seed=0"], status="failed", error="ConfigError: bad")
+    run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
+    text = (sweep_dir / "results.md").read_text()
+    assert "No finished job yet: none of the 2 jobs has results to show." in text
+    assert "| head |" not in text and "- **failed** `seed=0`: ConfigError: bad" in text
+
+
+def test_a_relative_sweep_folder_is_taken_from_the_project_root(tmp_path, monkeypatch):
+    sweep_dir = fake_sweep(tmp_path, ["seed=0"])
+    fake_job(sweep_dir, 0, ["seed=0"], heads=[("cls", 0.1, 0.5, 0.5)])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # anywhere but the root
+    cfg = compose_config(["task=report", "report.sweep_dir=multirun/sweep"], tmp_path)
+    assert run_task(cfg)["out_dir"] == str(sweep_dir)
+    assert (sweep_dir / "results.md").is_file()
+    assert not list((tmp_path / "elsewhere").iterdir())

@@ -25,20 +25,16 @@ def test_local_sweep_with_a_failure_and_a_requeue_then_the_report(tmp_path):
         signal_once("SIGUSR2", "train_batch", 3, tmp_path / "fired"),  # submitit's signal
         root=tmp_path,
     )
-    assert sweep.returncode != 0  # a sweep with failed jobs is no success
+    assert sweep.returncode == 1 and "Traceback" not in sweep.stderr  # failed jobs: no success
     runs = {
         p.name: json.loads((p / "run.json").read_text())
         for p in (tmp_path / "outputs" / "runs").iterdir()
     }
-    statuses = sorted(r["status"] for r in runs.values())
-    assert statuses == ["done", "done", "failed", "failed"]
-    attempts = sorted([a["status"] for a in r["attempts"]] for r in runs.values())
-    assert attempts == [["done"], ["failed"], ["failed"], ["preempted", "done"]]  # requeued once
-    for name, record in runs.items():
-        if record["status"] == "failed":
-            error = (tmp_path / "outputs" / "runs" / name / "error.txt").read_text()
-            assert "Traceback" in error and "backbone.block=99 is out of range" in error
-
+    # the refused jobs (block 99) computed nothing and left no run folder, only their error
+    assert sorted([a["status"] for a in r["attempts"]] for r in runs.values()) == [
+        ["done"],
+        ["preempted", "done"],  # requeued once
+    ]
     (sweep_dir,) = (tmp_path / "outputs" / "multirun").iterdir()
     report = run_cli("task=report", f"report.sweep_dir={sweep_dir}", root=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
@@ -50,14 +46,23 @@ def test_local_sweep_with_a_failure_and_a_requeue_then_the_report(tmp_path):
         )
 
 
-def test_quick_sweep_ends_with_the_report(tmp_path):
+def test_quick_sweep_says_where_it_goes_and_reports_whatever_failed(tmp_path):
     done = run_cli(
-        "experiment=quick_sweep", "probe.epochs=1", "dataset.heldout_fraction=0.2", root=tmp_path
+        "experiment=quick_sweep",
+        "probe.epochs=1",
+        "probe.warmup_epochs=0,5",  # 5 > probe.epochs: those four jobs are refused
+        "dataset.heldout_fraction=0.2",
+        root=tmp_path,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "multirun").iterdir()
+    assert f"Sweep folder: {sweep_dir}" in done.stdout.splitlines()[0]
+    assert f"python run.py task=report report.sweep_dir={sweep_dir}" in done.stdout
     text = (sweep_dir / "results.md").read_text()
     assert "| head | backbone.block=5 | backbone.block=11 |" in text
     assert text.count("(2) |") >= 4  # two seeds in every cell of the four heads
+    assert "## Not in the table: 4 of 8 jobs" in text
+    assert "- **failed** `backbone.block=5 seed=0 probe.warmup_epochs=5`: ConfigError: " in text
     assert (sweep_dir / "results.png").is_file() and (sweep_dir / "results.csv").is_file()
     assert (sweep_dir / "results_blocks.png").is_file()  # backbone.block varies
+    assert len(list((tmp_path / "outputs" / "runs").iterdir())) == 4  # none for the refused

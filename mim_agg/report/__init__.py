@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+log = logging.getLogger(__name__)
 
-class ReportWhenSweepEnds(Callback):
-    """A Hydra callback: ``task=report`` on the sweep folder once every job has ended
-    (``hydra.callbacks.report._target_=mim_agg.report.ReportWhenSweepEnds``)."""
+
+class SweepEnd(Callback):
+    """A Hydra callback on every sweep (``conf/hydra/default.yaml``): says where the sweep
+    goes when it starts; when every job has ended, writes the report if ``report`` is set
+    (experiments that end with a table set it: ``hydra.callbacks.sweep.report=true``), says
+    how each job ended and how to tabulate the sweep, and exits 1 if any job failed (the
+    jobs record their failures instead of stopping the sweep)."""
+
+    def __init__(self, report: bool) -> None:
+        self.report = report
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        log.info("Sweep folder: %s (links to each job's run folder)", config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from mim_agg.report.runs import read_sweep
         from mim_agg.tasks.report import report
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        report([sweep_dir], sweep_dir)
+        if self.report:
+            report([sweep_dir], sweep_dir)
+        jobs = read_sweep(sweep_dir)
+        counts = {
+            s: sum(job.status == s for job in jobs) for s in dict.fromkeys(j.status for j in jobs)
+        }
+        log.info(
+            "Sweep ended: %s. Its table: python run.py task=report report.sweep_dir=%s",
+            ", ".join(f"{n} {status}" for status, n in counts.items()),
+            sweep_dir,
+        )
+        failed = [job for job in jobs if job.status == "failed"]
+        for job in failed:
+            log.error("Failed: %s: %s", job.name or "(no overrides)", job.error)
+        if failed:
+            raise SystemExit(1)

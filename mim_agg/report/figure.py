@@ -12,42 +12,59 @@ from mim_agg.report.table import Cell, column_label, natural
 
 
 def results_figure(table: dict[tuple, Cell], keys: list[str], title: str) -> Figure:
-    """One group per head, one bar per column of the table; error bars are the standard
-    deviation over seeds, and each bar says how many seeds it averages."""
+    """One group per head, one bar per column of the table that has the head; error bars are
+    the standard deviation over seeds, and each bar says how many seeds it averages. A group
+    holds only its own bars, centred on its tick, so a head missing from a column leaves no
+    gap."""
     columns = sorted({key[:-1] for key in table}, key=natural)
     heads = sorted({key[-1] for key in table})
-    width = 0.8 / len(columns)
-    fig = Figure(
-        figsize=(max(6.4, 0.55 * len(heads) * len(columns) + 2), 5.2), layout="constrained"
-    )
+    widest_group = max(sum((*c, h) in table for c in columns) for h in heads)
+    width = 0.8 / widest_group
+    fig = Figure(figsize=(max(6.4, 0.55 * len(table) + 2), 5.2), layout="constrained")
     ax = fig.subplots()
-    for index, column in enumerate(columns):
-        present = [h for h in heads if (*column, h) in table]
-        cells = [table[(*column, h)] for h in present]
-        means = [100 * statistics.fmean(c.values) for c in cells]
-        errors = [100 * statistics.stdev(c.values) if len(c.values) > 1 else 0 for c in cells]
-        positions = [heads.index(h) + (index - (len(columns) - 1) / 2) * width for h in present]
-        bars = ax.bar(
-            positions, means, width, yerr=errors, capsize=3, label=column_label(column, keys)
-        )
-        # inside the bar: above it, the label would collide with the error bar
-        ax.bar_label(bars, [f"n={len(c.values)}" for c in cells], fontsize=7, label_type="center")
-    ax.set_xticks(range(len(heads)), heads, rotation=30, ha="right")
+    colours = {column: f"C{index % 10}" for index, column in enumerate(columns)}
+    labelled = set()
+    for position, head in enumerate(heads):
+        present = [c for c in columns if (*c, head) in table]
+        for slot, column in enumerate(present):
+            cell = table[(*column, head)]
+            mean = 100 * statistics.fmean(cell.values)
+            error = 100 * statistics.stdev(cell.values) if len(cell.values) > 1 else 0
+            label = None if column in labelled else legend_label(column_label(column, keys))
+            labelled.add(column)
+            offset = (slot - (len(present) - 1) / 2) * width
+            bars = ax.bar(
+                position + offset,
+                mean,
+                width,
+                yerr=error,
+                capsize=3,
+                color=colours[column],
+                label=label,
+            )
+            # inside the bar: above it, the label would collide with the error bar
+            ax.bar_label(bars, [f"n={len(cell.values)}"], fontsize=7, label_type="center")
+    ax.set_xticks(range(len(heads)), [legend_label(h, 30) for h in heads], rotation=30, ha="right")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_xlabel("head (held-out-selected learning rate)")
     wrapped = "\n".join(textwrap.fill(line, 80) for line in title.split("\n"))
     ax.set_title(wrapped, fontsize=9)
     ax.set_ylim(0, 110)
-    if len(columns) > 1 or keys:
+    if len(columns) > 1:
         outside_legend(fig, ax)
     return fig
+
+
+def legend_label(text: str, width: int = 60) -> str:
+    """Long labels wrapped on their commas, so a legend or a tick fits the figure."""
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False)) or text
 
 
 def outside_legend(fig: Figure, ax) -> None:
     """The legend under the plot, where it hides no bar or line, in as many columns as its
     labels' length allows."""
     labels = ax.get_legend_handles_labels()[1]
-    widest = max(len(label) for label in labels)
+    widest = max(len(line) for label in labels for line in label.split("\n"))
     columns = max(1, min(len(labels), 4, 110 // (widest + 6)))
     fig.legend(loc="outside lower center", ncol=columns, fontsize=8)
 
@@ -72,7 +89,9 @@ def blocks_figure(table: dict[tuple, Cell], keys: list[str], title: str) -> Figu
         blocks = [block for block, _ in points]  # as backbone.block counts: 0 = first
         means = [100 * statistics.fmean(c.values) for _, c in points]
         errors = [100 * statistics.stdev(c.values) if len(c.values) > 1 else 0 for _, c in points]
-        label = ", ".join([column_label(tuple(rest), others), head] if others else [head])
+        label = legend_label(
+            ", ".join([column_label(tuple(rest), others), head] if others else [head])
+        )
         ax.errorbar(blocks, means, yerr=errors, marker="o", markersize=3, capsize=2, label=label)
     ax.set_xticks(sorted({int(key[at]) for key in table}))
     ax.set_xlabel("probed block (backbone.block: 0 = first)")

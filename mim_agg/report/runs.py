@@ -2,18 +2,19 @@
 
 A sweep folder holds ``multirun.yaml`` (the sweep Hydra launched) and one link per started job
 (``<job number>-<run name>``) to that job's run folder. A job is ``done`` (its ``heads.csv``
-counts), ``failed``, ``preempted``, ``interrupted``, ``killed``, ``running`` or ``missing``
-(launched but never started: no link).
+counts), ``failed`` (in its run folder, or refused before it had one: ``<job number>.error``),
+``preempted``, ``interrupted``, ``killed``, ``running`` or ``missing`` (launched but never
+started: no link).
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -56,8 +57,17 @@ def read_sweep(sweep_dir: Path) -> list[Job]:
         number, _, _ = link.name.partition("-")
         if link.is_symlink() and number.isdigit():
             started[int(number)] = read_job(link.resolve(), name)
-    jobs = [started.get(n) or Job(name(o), "missing") for n, o in enumerate(expected)]
+    jobs = [started.get(n) or refused(sweep_dir, n, name(o)) for n, o in enumerate(expected)]
     return jobs + [job for n, job in sorted(started.items()) if n >= len(expected)]
+
+
+def refused(sweep_dir: Path, number: int, name: str) -> Job:
+    """A job without a run folder: refused before computing anything (its ``<n>.error``,
+    written by the job), or launched and never started."""
+    error = sweep_dir / f"{number}.error"
+    if error.is_file():
+        return Job(name, "failed", error=error.read_text().strip())
+    return Job(name, "missing")
 
 
 def job_label(jobs: list[list[str]]):
@@ -75,13 +85,20 @@ def _varies(override: str, jobs: list[list[str]]) -> bool:
 
 
 def launched_overrides(sweep_dir: Path) -> list[list[str]]:
-    """The overrides of each job Hydra's basic sweeper launches for ``multirun.yaml``."""
+    """The overrides of each job Hydra's basic sweeper launches for ``multirun.yaml``, in its
+    order: the product of every key's values, keys in order of first appearance, a later
+    value of a key replacing an earlier one (an experiment's ``params``, then the CLI's)."""
     config = OmegaConf.load(sweep_dir / "multirun.yaml")
-    params = config.hydra.sweeper.get("params") or {}  # an experiment's sweep, then the CLI's
+    params = config.hydra.sweeper.get("params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    overrides = OverridesParser.create().parse_overrides(arguments)
-    batches = BasicSweeper.split_arguments(overrides, max_batch_size=None)
-    return [list(job) for batch in batches for job in batch]
+    choices: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def read_job(path: Path, name=" ".join) -> Job:

@@ -14,16 +14,9 @@ from dataclasses import dataclass
 from mim_agg.report.runs import Job
 
 # Not columns: seeds (the training seed, and the low-shot subset's, which follows it unless
-# set) are averaged over, learning rates are chosen on held-out, the head (``aggregator.name``
-# and the extra ``heads``) is the row.
-SELECTED_OVER = (
-    "seed",
-    "dataset.subset_seed",
-    "probe.blr",
-    "probe.blrs",
-    "aggregator.name",
-    "heads",
-)
+# set) are averaged over, learning rates are chosen on held-out, and a head's aggregator and
+# its options (``aggregator`` and the extra ``heads``) name the row (``head_labels``).
+SELECTED_OVER = ("seed", "dataset.subset_seed", "probe.blr", "probe.blrs", "aggregator", "heads")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -62,10 +55,39 @@ def head_key(row: dict) -> str:
     return row["head"].split("_blr")[0]
 
 
+def head_options(config: dict, head: str) -> dict:
+    """The options of the aggregator behind ``head`` in a run's config: ``aggregator`` names
+    its head by the aggregator's name, every entry of ``heads`` by its key."""
+    main = config.get("aggregator") or {}
+    if main.get("name") == head:
+        return flatten(main)
+    return flatten((config.get("heads") or {}).get(head) or {})
+
+
+def head_labels(jobs: list[Job]) -> dict[tuple[int, str], str]:
+    """``(job index, head) -> row label``: the head's name, followed by the options in which
+    it differs among the jobs that train a head of that name (``topk_attn (k=4)``), so an
+    aggregator sweep reads ``cls``, ``mean``, ``abmilp`` and not every option of each."""
+    options = {
+        (index, head): head_options(job.config, head)
+        for index, job in enumerate(jobs)
+        for head in dict.fromkeys(head_key(row) for row in job.heads)
+    }
+    labels = {}
+    for (index, head), own in options.items():
+        peers = [o for (_, h), o in options.items() if h == head]
+        keys = sorted({k for peer in peers for k in peer})
+        differing = [k for k in keys if len({repr(peer.get(k)) for peer in peers}) > 1]
+        shown = ", ".join(f"{k}={own.get(k)}" for k in differing)
+        labels[index, head] = f"{head} ({shown})" if shown else head
+    return labels
+
+
 def head_rows(jobs: list[Job], keys: list[str]) -> list[dict]:
     """``results.csv``: one row per head and seed, with every varying key as a column."""
     rows = []
-    for job in jobs:
+    labels = head_labels(jobs)
+    for index, job in enumerate(jobs):
         flat = flatten(job.config)
         for head in job.heads:
             rows.append(
@@ -73,7 +95,7 @@ def head_rows(jobs: list[Job], keys: list[str]) -> list[dict]:
                     **{k: flat.get(k) for k in keys},
                     "seed": flat.get("seed"),
                     "subset_seed": flat.get("dataset.subset_seed"),
-                    "head_key": head_key(head),
+                    "head_label": labels[index, head_key(head)],
                     "run": job.path.name,
                     **head,
                 }
@@ -100,7 +122,7 @@ def cells(rows: list[dict], keys: list[str], metric: str = "test/acc1") -> dict[
     accuracy among the learning rates, then the seeds together."""
     chosen: dict[tuple, dict[object, dict]] = {}
     for row in rows:
-        key = (*(str(row[k]) for k in keys), row["head_key"])
+        key = (*(str(row[k]) for k in keys), row["head_label"])
         best = chosen.setdefault(key, {})
         replicate = (row["seed"], row.get("subset_seed"))
         current = best.get(replicate)
@@ -138,8 +160,11 @@ def markdown(table: dict[tuple, Cell], keys: list[str], jobs: list[Job], title: 
     columns = sorted({key[:-1] for key in table}, key=natural)
     heads = sorted({key[-1] for key in table})
     lines = [f"# {title}", ""]
-    lines.append("| head | " + " | ".join(column_label(c, keys) for c in columns) + " |")
-    lines.append("|---" * (len(columns) + 1) + "|")
+    if not table:
+        lines.append(f"No finished job yet: none of the {len(jobs)} jobs has results to show.")
+    else:
+        lines.append("| head | " + " | ".join(column_label(c, keys) for c in columns) + " |")
+        lines.append("|---" * (len(columns) + 1) + "|")
     for head in heads:
         row = [table[(*c, head)].text if (*c, head) in table else "-" for c in columns]
         lines.append(f"| {head} | " + " | ".join(row) + " |")

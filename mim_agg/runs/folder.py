@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
+import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import traceback
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from mim_agg.errors import UserError
 from mim_agg.runs.identity import config_hash, differing_keys, result_config
 from mim_agg.runs.preemption import Preempted
-from mim_agg.utils.files import read_json, write_atomic, write_json
+from mim_agg.utils.files import read_json, strict_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,16 @@ class RunFolder:
         return read_json(self.path / RECORD, default={})
 
     def _write_record(self, record: dict) -> None:
-        write_json(self.path / RECORD, record)
+        """Atomically; on a full disk, in place (the old record's own blocks hold the new
+        one), so a run never stays "running" because its ending did not fit."""
+        try:
+            write_json(self.path / RECORD, record)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            with open(self.path / RECORD, "r+") as file:
+                file.truncate(0)
+                file.write(json.dumps(strict_json(record), indent=2) + "\n")
 
     @contextlib.contextmanager
     def attempt(self, cfg: DictConfig, context: RunContext | None = None):
@@ -92,7 +104,10 @@ class RunFolder:
             try:
                 yield record
             except BaseException as error:
-                self._end(record, *self._classify(error))
+                if self._holds_nothing_but_a_refusal(record, error):
+                    self._remove(context)
+                else:
+                    self._end(record, *self._classify(error))
                 raise
             else:
                 self._end(record, "done")
@@ -194,6 +209,22 @@ class RunFolder:
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
         return handler
 
+    BOOKKEEPING = frozenset({".lock", RECORD, "config.yaml", "cli.log", "error.txt"})
+
+    def _holds_nothing_but_a_refusal(self, record: dict, error: BaseException) -> bool:
+        """Bad input refused in a folder made by this attempt, before anything was written
+        beside our own bookkeeping: the message says everything, and a folder would only
+        pile up (one per mistyped value)."""
+        first = len(record.get("attempts", [])) == 1
+        names = {entry.name for entry in self.path.iterdir()}
+        return isinstance(error, UserError) and first and names <= self.BOOKKEEPING
+
+    def _remove(self, context: RunContext) -> None:
+        if context.sweep_dir is not None:
+            (Path(context.sweep_dir) / f"{context.job_num}-{self.path.name}").unlink(True)
+        shutil.rmtree(self.path)
+        log.info("Nothing was computed; the run folder %s was removed.", self.path)
+
     @staticmethod
     def _classify(error: BaseException) -> tuple[str, BaseException | None]:
         if isinstance(error, Preempted | SIGTERMException):
@@ -206,10 +237,13 @@ class RunFolder:
         record["status"] = status
         record["attempts"][-1].update(ended=now(), status=status)
         if error is not None:
-            text = "".join(traceback.format_exception(error))
-            write_atomic(self.path / "error.txt", text)
             record["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
-            log.error("Run failed: %s (traceback in %s)", record["error"], self.path / "error.txt")
+            try:
+                text = "".join(traceback.format_exception(error))
+                where = f"traceback in {write_atomic(self.path / 'error.txt', text)}"
+            except OSError as unwritten:  # a full disk: the record says why, at least
+                where = f"no traceback file: {unwritten.strerror}"
+            log.error("Run failed: %s (%s)", record["error"], where)
         else:
             record.pop("error", None)
         self._write_record(record)

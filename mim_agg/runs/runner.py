@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from mim_agg.errors import UserError
 from mim_agg.runs.folder import RunContext, RunFolder, global_rank
 from mim_agg.runs.preemption import Preempted, SignalWatch
 from mim_agg.tasks import TASKS
@@ -41,7 +43,7 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
                 summary = task.finished(folder.path)
             else:
                 log.info("Overrides: %s", " ".join(record["overrides"]) or "(none)")
-                summary = task.run(cfg, watch)
+                summary = run_until_the_disk_fills(task, cfg, watch)
         log.info("Run folder: %s", folder.path)
         return summary
     except (Preempted, SIGTERMException):
@@ -49,3 +51,25 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
         raise  # hand_over always exits; this keeps type checkers informed
     finally:
         watch.close()
+
+
+class DiskFull(UserError):
+    """The disk filled up under a run: nothing the code can fix, one message saying what to do."""
+
+
+def run_until_the_disk_fills(task, cfg: DictConfig, watch) -> dict:
+    """``task.run``, with a full disk (or quota) turned into one message naming the file that
+    did not fit; files are written whole or not at all, so the last checkpoint and every
+    complete cache shard stay usable and the rerun continues from them."""
+    try:
+        return task.run(cfg, watch)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = error.filename2 or error.filename or cfg.paths.output_dir
+        raise DiskFull(
+            f"No space left on the disk holding {where} ({error.strerror}). Files are written "
+            "whole or not at all: the last complete checkpoint and cache shards are kept. Free "
+            "some space (or move paths.root_dir / paths.cache_dir to a larger disk) and run the "
+            "same command again to continue."
+        ) from error

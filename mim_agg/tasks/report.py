@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from mim_agg.analysis.figures import save_figure
+from mim_agg.config import under_root
 from mim_agg.errors import UserError
 from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
 from mim_agg.report.runs import Job, read_sweeps
@@ -29,14 +30,18 @@ USES_RUN_FOLDER = False
 
 
 def sweep_dirs(cfg: DictConfig) -> list[Path]:
+    """The sweep folders, relative ones taken from ``paths.root_dir`` as the sweeps wrote them."""
     value = cfg.report.sweep_dir
     if value is None:
         raise UserError("task=report needs report.sweep_dir=<an outputs/multirun/<time> folder>.")
-    return [Path(v) for v in value] if isinstance(value, ListConfig | list) else [Path(value)]
+    values = value if isinstance(value, ListConfig | list) else [value]
+    return [under_root(cfg.paths.root_dir, v) for v in values]
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.report.out_dir) if cfg.report.out_dir else sweep_dirs(cfg)[0]
+    if cfg.report.out_dir:
+        return under_root(cfg.paths.root_dir, cfg.report.out_dir)
+    return sweep_dirs(cfg)[0]
 
 
 def run(cfg: DictConfig) -> dict:
@@ -83,7 +88,7 @@ def report(sweeps: list[Path], out: Path) -> dict:
     table = cells(rows, keys)
     text = markdown(table, keys, jobs, title.replace("\n", "; "))
     print(text)
-    columns = [*keys, "seed", "subset_seed", "head_key", "run", *(rows[0] if rows else {})]
+    columns = [*keys, "seed", "subset_seed", "head_label", "run", *(rows[0] if rows else {})]
     write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
     write_atomic(out / "results.md", text)
     if table:

@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from mim_agg.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -52,9 +54,24 @@ def write_json(path: Path, value) -> Path:
     return write_atomic(path, json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n")
 
 
+class DamagedFile(UserError):
+    """A file of ours that no longer parses (cut short by a crash, a full disk or a copy)."""
+
+
 def read_json(path: Path, default=None):
+    """The file's JSON, or ``default`` when there is no file; a damaged file is named, never
+    read as empty (that would forget a run's history) nor overwritten."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else default
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedFile(
+            f"{path} is damaged ({error}); it was left as it is. Restore it from a backup, or "
+            "move it away and rerun: a missing record is started anew, a missing cache "
+            "manifest makes the cache be extracted again."
+        ) from None
 
 
 def sha256_of(path: Path | str, chunk: int = 1 << 24) -> str:

@@ -1,0 +1,61 @@
+"""How a run ends when it cannot go on: bad input leaves no folder behind, a full disk and a
+damaged record end in one message, and the record never stays "running"."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from mim_agg.errors import UserError
+from mim_agg.runs.folder import RunFolder
+from mim_agg.runs.runner import DiskFull, run_task
+from tests.helpers import FAST, compose_config
+
+
+def test_bad_input_refused_before_any_work_leaves_no_run_folder(tmp_path):
+    cfg = compose_config([*FAST, "backbone.block=99"], tmp_path)
+    with pytest.raises(UserError, match="backbone.block=99 is out of range"):
+        run_task(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def full_disk_once_running(monkeypatch):
+    """From the moment the run has recorded its start, every file write meets a full disk."""
+    real_start, real_fsync = RunFolder._start, os.fsync
+    started = []
+
+    def start(self, *args):
+        record = real_start(self, *args)
+        started.append(True)
+        return record
+
+    def fsync(fd):
+        if started:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(RunFolder, "_start", start)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_ends_the_run_with_one_message_and_a_failed_record(tmp_path, monkeypatch):
+    full_disk_once_running(monkeypatch)
+    cfg = compose_config([*FAST, "aggregator=mean"], tmp_path)
+    with pytest.raises(DiskFull, match=r"No space left on the disk .* run the same command again"):
+        run_task(cfg)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith("DiskFull: No space left")
+    assert record["attempts"][-1]["status"] == "failed"
+
+
+def test_a_damaged_record_is_named_and_left_as_it_is(tmp_path):
+    cfg = compose_config([*FAST, "aggregator=mean", "probe.epochs=1"], tmp_path)
+    run_task(cfg)
+    record = tmp_path / "run" / "run.json"
+    record.write_text(record.read_text()[:40])  # cut short
+    with pytest.raises(UserError, match=r"run\.json is damaged .* move it away and rerun"):
+        run_task(cfg)
+    assert len(record.read_text()) == 40

@@ -28,8 +28,9 @@ RULES = {
     "probe.weight_decay": (lambda v, c: v >= 0, ">= 0"),
     "probe.momentum": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
     "probe.effective_batch": (
-        lambda v, c: v is None or v >= c.probe.batch_size,
-        "null or >= probe.batch_size={cfg.probe.batch_size}",
+        lambda v, c: v is None or (v >= c.probe.batch_size and v % c.probe.batch_size == 0),
+        "null or probe.batch_size={cfg.probe.batch_size} x devices x accumulated steps, "
+        "a multiple of {cfg.probe.batch_size}",
     ),
     "probe.checkpoint_every_n_steps": (lambda v, c: v >= 0, ">= 0 (0: every epoch only)"),
     "dataset.heldout_fraction": (lambda v, c: 0 <= v < 1, "in [0, 1)"),

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim_agg.data import ProbeDataModule, build_source
-from mim_agg.data.sources import DataError
+from mim_agg.data import ProbeDataModule, build_source, sources
+from mim_agg.data.sources import ArrayImages, DataError
 from mim_agg.data.transforms import build_transform
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
@@ -242,3 +242,94 @@ def test_every_source_option_is_reachable_and_none_keeps_the_sources_default(tmp
         build_source("synthetic", tmp_path, False, 4, 0, test_fraction=0.5)
     train, test = build_source("synthetic", tmp_path, False, 4, 0, per_class=[3, 2], image_size=8)
     assert (len(train), len(test)) == (12, 8) and train[0][0].size == (8, 8)
+
+
+def split_files(root, labels: dict[str, list[int]]) -> str:
+    """``root/{split}.txt`` listing one small PNG per label of ``labels[split]``."""
+    for split, split_labels in labels.items():
+        lines = []
+        for index, label in enumerate(split_labels):
+            path = root / "pictures" / f"{split}-{index}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.new("RGB", (8, 8), (label * 60, index, 0)).save(path)
+            lines.append(f"pictures/{path.name} {label}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return str(root / "{split}.txt")
+
+
+def listed_data(root, split_file, num_classes):
+    return datamodule(
+        name="image_folder",
+        root=str(root),
+        split_file=split_file,
+        num_classes=num_classes,
+        heldout_fraction=0,
+    )
+
+
+def test_classes_without_a_training_image_are_refused_naming_them(tmp_path):
+    split_file = split_files(tmp_path, {"train": [0, 1, 2, 0, 1, 2], "val": [0, 1, 2]})
+    with pytest.raises(
+        DataError,
+        match=r"read as 10 classes, but its train split has no image of class\(es\) 3, 4, 5, 6, "
+        r"7, 8, 9 \(7 of 10\).*set dataset.num_classes=3, or null",
+    ):
+        listed_data(tmp_path, split_file, 10).setup()
+    inferred = listed_data(tmp_path, split_file, None)  # null: the labels' count
+    inferred.setup()
+    assert inferred.num_classes == 3
+
+    with pytest.raises(DataError, match=r"class\(es\) 10, 11, .* 19 \(10 of 20\).*num_classes=10"):
+        datamodule(name="digits", num_classes=20).setup()
+
+
+@pytest.mark.parametrize(
+    "labels", [{"train": [0, 2, 0, 2], "val": [0, 2]}, {"train": [0, 1, 0, 1], "val": [1, 2]}]
+)
+def test_gaps_and_test_only_classes_are_refused_with_the_fix(tmp_path, labels):
+    """A gap in the labels, or a class of the test split alone: no smaller num_classes fits."""
+    missing = ({0, 1, 2} - set(labels["train"])).pop()
+    with pytest.raises(
+        DataError,
+        match=rf"no image of class\(es\) {missing} \(1 of 3\).*add training images of them in "
+        r"dataset.split_file, or remove their labels and number the classes 0..1",
+    ):
+        listed_data(tmp_path, split_files(tmp_path, labels), None).setup()
+
+
+def rare_class(root, download, num_classes, seed):
+    """60 + 60 images of classes 0 and 1, two of class 2."""
+    labels = np.array([0] * 60 + [1] * 60 + [2] * 2)
+    images = np.full((len(labels), 8, 8), 128, dtype=np.uint8)
+    return ArrayImages(images, labels), ArrayImages(images, labels)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(train_size=10, heldout_fraction=0), dict(heldout_fraction=0.9)]
+)
+def test_a_class_left_without_training_images_by_subsampling_is_refused(monkeypatch, options):
+    monkeypatch.setitem(sources.SOURCES, "rare", rare_class)
+    data = datamodule(name="rare", num_classes=3, **options)
+    with pytest.raises(DataError, match=r"leave class\(es\) 2 of dataset 'rare' without a train"):
+        data.setup()
+
+
+def test_a_train_size_below_the_class_count_names_the_key():
+    with pytest.raises(DataError, match=r"Cannot draw dataset.train_size=3 of 200 images .*4"):
+        datamodule(train_size=3).setup()
+
+
+@pytest.mark.parametrize("batch_size", [16, 100, 10_000])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_rank_trains_its_share_as_train_epoch_counts(batch_size, world_size):
+    """What the learning rate is scaled by (``train_epoch``) is what the loaders yield, and a
+    rank whose share is smaller than a batch trains on it rather than on nothing."""
+    data = datamodule(batch_size=batch_size, heldout_fraction=0.25)  # 150 training images
+    data.setup()
+    loaders = [data.train_loader(world_size, rank) for rank in range(world_size)]
+    batches = [list(loader.batch_sampler) for loader in loaders]
+    images = sum(len(batch) for rank_batches in batches for batch in rank_batches)
+    assert {len(rank_batches) for rank_batches in batches} == {data.train_epoch(world_size)[0]}
+    assert images == data.train_epoch(world_size)[1] > 0
+    if batch_size >= 150:
+        assert images == 150 + (-150 % world_size)  # all of them, shares padded alike

@@ -62,6 +62,12 @@ def test_impossible_subsets_are_refused_with_the_fix(tmp_path):
         subset(["dataset.shots=1", "dataset.fraction=0.1"], tmp_path)
 
 
+def test_a_low_shot_subset_is_not_trained_on_more_classes_than_it_holds(tmp_path):
+    """Each shot is drawn from the classes present: the declared extra ones stay empty."""
+    with pytest.raises(DataError, match=r"no image of class\(es\) 10, 11 .*num_classes=10"):
+        subset(["dataset.shots=2", "dataset.num_classes=12"], tmp_path)
+
+
 def test_probe_and_knn_share_the_subset_and_list_it(tmp_path):
     low_shot = ["dataset=digits", "dataset.shots=4", "dataset.heldout_fraction=0.25"]
     run_task(compose_config([*FAST, *low_shot, "aggregator=mean"], tmp_path / "probe"))

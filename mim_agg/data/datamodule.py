@@ -17,7 +17,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mim_agg.data.sampling import EpochSampler, seeded_random
-from mim_agg.data.sources import DataError, build_source, classes_of, load_image, targets_of
+from mim_agg.data.sources import (
+    DataError,
+    UnreadableImage,
+    build_source,
+    classes_of,
+    listed,
+    load_image,
+    targets_of,
+    unreadable,
+)
 from mim_agg.data.transforms import build_transform
 from mim_agg.errors import ConfigError
 
@@ -60,8 +69,8 @@ def verify_images(source: Dataset, split: str, workers: int) -> None:
     def check(path: str) -> None:
         try:
             load_image(path)
-        except OSError as error:
-            broken.append(str(error))
+        except UnreadableImage as error:
+            broken.append(unreadable(path, error.__cause__))
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for _ in tqdm(pool.map(check, paths), total=len(paths), desc=f"verify {split}", unit="img"):
@@ -85,19 +94,40 @@ class SplitLoaders(L.LightningDataModule):
     num_classes: int
 
     def train_dataloader(self) -> DataLoader:
-        dataset, trainer = self.splits["train"], self.trainer
-        sampler = EpochSampler(
-            dataset,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            shuffle=True,
-            seed=self.seed,
+        trainer = self.trainer
+        if trainer is None:
+            return self.train_loader()
+        done = self._batches_done(trainer)
+        return self.train_loader(
+            trainer.world_size, trainer.global_rank, trainer.current_epoch, done
         )
-        drop_last = len(dataset) > self.batch_size
-        if trainer is not None:
-            done = self._batches_done(trainer)
-            sampler.resume_at(trainer.current_epoch, done, self.batch_size, drop_last)
+
+    def train_loader(
+        self, world_size: int = 1, rank: int = 0, epoch: int = 0, batches_done: int = 0
+    ) -> DataLoader:
+        """Rank ``rank``'s training batches of ``epoch``, after the first ``batches_done``;
+        what they hold over all ranks is ``train_epoch``'s count."""
+        dataset = self.splits["train"]
+        sampler = EpochSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed
+        )
+        drop_last = sampler.num_samples > self.batch_size  # this rank's share, not the split's
+        sampler.resume_at(epoch, batches_done, self.batch_size, drop_last)
         return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **self._loader_options())
+
+    def train_epoch(self, world_size: int) -> tuple[int, int]:
+        """``(batches, images)``: the batches each rank trains per epoch and the images they
+        hold over all ranks, as ``train_dataloader`` yields them.
+
+        Each rank trains its share of the split (the sampler pads the shares to equal size). A
+        share larger than a batch drops its last partial batch, so every rank steps alike; a
+        share no larger than a batch is one batch of the whole share (a low-shot subset under
+        a large ``probe.batch_size``), never an empty epoch."""
+        share = -(-len(self.splits["train"]) // world_size)
+        if share <= self.batch_size:
+            return 1, share * world_size
+        batches = share // self.batch_size
+        return batches, batches * self.batch_size * world_size
 
     @staticmethod
     def _batches_done(trainer) -> int:
@@ -196,17 +226,19 @@ class ProbeDataModule(SplitLoaders):
         train, test = build_source(
             self.name, self.root, self.download, self.num_classes, self.seed, **self.source_options
         )
-        self.num_classes = self._resolve_num_classes(classes_of(train))
+        labels = np.concatenate([targets_of(train), targets_of(test)])
+        self.num_classes = self._resolve_num_classes(classes_of(train), labels)
         for split, source in (("train", train), ("test", test)):
             self._check_labels(split, targets_of(source))
             if self.verify:
                 verify_images(source, split, self.num_workers)
-        train_idx = self._subsample(targets_of(train), self.train_size)
+        train_idx = self._subsample(targets_of(train), self.train_size, "train_size")
         train_idx = self._low_shot(targets_of(train), train_idx)
-        test_idx = self._subsample(targets_of(test), self.test_size)
+        test_idx = self._subsample(targets_of(test), self.test_size, "test_size")
         heldout_idx = np.array([], dtype=np.int64)
         if self.heldout_fraction > 0:
             train_idx, heldout_idx = self._hold_out(targets_of(train), train_idx)
+        self._check_every_class_trains(labels, targets_of(train), targets_of(train)[train_idx])
         self.splits = {
             "train": TransformedSubset(
                 train, np.sort(train_idx), self.train_transform, seed=self.seed
@@ -215,14 +247,21 @@ class ProbeDataModule(SplitLoaders):
             "test": TransformedSubset(test, test_idx, self.eval_transform),
         }
 
-    def _subsample(self, targets: np.ndarray, size: int | None) -> np.ndarray:
-        """A stratified, seeded subset of ``size`` indices (all of them when ``size`` is None)."""
+    def _subsample(self, targets: np.ndarray, size: int | None, key: str) -> np.ndarray:
+        """A stratified, seeded subset of ``size`` indices (all of them when ``size`` is None),
+        ``size`` being ``dataset.<key>``."""
         indices = np.arange(len(targets))
         if size is None or size >= len(targets):
             return indices
-        kept, _ = train_test_split(
-            indices, train_size=size, random_state=self.seed, stratify=targets
-        )
+        try:
+            kept, _ = train_test_split(
+                indices, train_size=size, random_state=self.seed, stratify=targets
+            )
+        except ValueError as error:  # fewer images than classes, or a class of one image
+            raise DataError(
+                f"Cannot draw dataset.{key}={size} of {len(targets)} images stratified by "
+                f"class ({error}); use a larger dataset.{key}, or null for all images."
+            ) from None
         return np.sort(kept)
 
     def _low_shot(self, targets: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -295,19 +334,18 @@ class ProbeDataModule(SplitLoaders):
     def low_shot(self) -> bool:
         return self.shots is not None or self.fraction is not None
 
-    def _resolve_num_classes(self, declared: int | None) -> int:
-        """The configured count, the source's own (class folders, torchvision), or both agreeing."""
-        if self.num_classes is None and declared is None:
-            raise DataError(
-                f"dataset {self.name!r} does not say how many classes it has; "
-                "set dataset.num_classes."
-            )
+    def _resolve_num_classes(self, declared: int | None, labels: np.ndarray) -> int:
+        """The configured count, the source's own (class folders, torchvision), both agreeing,
+        or, where neither says, the labels' (the largest + 1; a class without training images
+        is then refused by ``_check_every_class_trains``)."""
         if self.num_classes is not None and declared is not None and declared != self.num_classes:
             raise DataError(
                 f"dataset.num_classes={self.num_classes}, but dataset {self.name!r} has {declared} "
                 f"classes; set dataset.num_classes={declared} (or null to take the data's count)."
             )
-        return self.num_classes if self.num_classes is not None else declared
+        if self.num_classes is not None:
+            return self.num_classes
+        return declared if declared is not None else int(labels.max(initial=-1)) + 1
 
     def _check_labels(self, split: str, targets: np.ndarray) -> None:
         """Every label of every split in [0, num_classes), before any weights are loaded."""
@@ -318,6 +356,45 @@ class ProbeDataModule(SplitLoaders):
                 f"{sorted(set(outside.tolist()))[:10]} outside [0, {self.num_classes}); "
                 f"set dataset.num_classes={int(targets.max()) + 1}."
             )
+
+    def _check_every_class_trains(
+        self, labels: np.ndarray, train_labels: np.ndarray, trained_labels: np.ndarray
+    ) -> None:
+        """Every class of ``num_classes`` has an image in the final training split
+        (``trained_labels``: after ``train_size``, low-shot and held-out). Heads trained K-way
+        on fewer classes give a number for a task that was never posed (a split file with 3
+        labels and ``num_classes=10``), so they are refused, naming the classes and the fix.
+        ``labels``: both splits'; ``train_labels``: the whole train split's."""
+        classes = np.arange(self.num_classes)
+        absent = np.setdiff1d(classes, train_labels)
+        if len(absent):
+            raise DataError(self._absent_classes(absent, int(labels.max(initial=-1))))
+        dropped = np.setdiff1d(classes, trained_labels)
+        if len(dropped):
+            raise DataError(
+                f"dataset.train_size={self.train_size} and dataset.heldout_fraction="
+                f"{self.heldout_fraction} leave class(es) {listed(dropped)} of dataset "
+                f"{self.name!r} without a training image; use a larger dataset.train_size "
+                "(or null) or a smaller heldout_fraction."
+            )
+
+    def _absent_classes(self, absent: np.ndarray, largest_label: int) -> str:
+        """Which classes have no training image at all, and the fix: fewer classes when no
+        split has their labels (the last ones), training images or other labels otherwise."""
+        present = self.num_classes - len(absent)
+        if largest_label < present:
+            fix = f"set dataset.num_classes={present}, or null to count the labels"
+        else:
+            where = " in dataset.split_file" if self.source_options["split_file"] else ""
+            fix = (
+                f"add training images of them{where}, or remove their labels and number the "
+                f"classes 0..{present - 1}"
+            )
+        return (
+            f"dataset {self.name!r} is read as {self.num_classes} classes, but its train split "
+            f"has no image of class(es) {listed(absent)} ({len(absent)} of {self.num_classes}): "
+            f"heads would be trained {self.num_classes}-way on {present} classes; {fix}."
+        )
 
     def eval_split(self, split: str) -> TransformedSubset:
         """All of ``train`` (held-out part included) or ``test``, with the eval transform."""

@@ -141,7 +141,7 @@ def image_folder(root, download, num_classes, seed, test_split=None, split_file=
     if only_train or only_test:
         raise DataError(
             f"The splits of dataset.root={str(root)!r} hold different classes: only in train/: "
-            f"{_names(only_train)}; only in {test_split}/: {_names(only_test)}. Every split needs "
+            f"{listed(only_train)}; only in {test_split}/: {listed(only_test)}. Every split needs "
             "the same class folders (labels are their sorted positions)."
         )
     return tuple(_image_folder(root / split) for split in ("train", test_split))
@@ -161,8 +161,9 @@ def _image_folder(folder: Path) -> torchvision.datasets.ImageFolder:
         raise DataError(f"In {folder}: {error}") from None
 
 
-def _names(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit]) or "none"
+def listed(names: list, limit: int = 10) -> str:
+    """The first ``limit`` names, and how many more."""
+    shown = ", ".join(str(name) for name in names[:limit]) or "none"
     return shown + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
@@ -214,15 +215,34 @@ def listed_images(root: Path, split_file: str, split: str) -> FileList:
     return FileList(root, samples, classes=None)
 
 
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded, found while training or extracting.
+
+    Raised in a loader worker, it reaches the main process rebuilt by torch from the worker's
+    formatted traceback (only the type and that text travel), a message dozens of lines long
+    whose last line is this error's own: the constructor keeps that line alone, so the command
+    line still shows one message."""
+
+    def __init__(self, message: str) -> None:
+        own_line = f"{type(self).__module__}.{type(self).__qualname__}: "
+        super().__init__(message.rsplit(own_line, 1)[-1].strip())
+
+
 def load_image(path: str) -> Image.Image:
-    """Open an image as 8-bit RGB, naming the file when it cannot be decoded."""
+    """Open an image as 8-bit RGB, naming the file and the fix when it cannot be decoded."""
     try:
         with open(path, "rb") as handle:
             return to_rgb(Image.open(handle))
     except OSError as error:
-        raise OSError(
-            f"Cannot read image {path!r} ({error}); replace or remove the file."
+        raise UnreadableImage(
+            f"{unreadable(path, error)}; replace or remove the file. dataset.verify=true "
+            "decodes every image before training and names all unreadable ones; the run folder "
+            "keeps what was trained, and the same command continues from there."
         ) from error
+
+
+def unreadable(path: str, error: OSError) -> str:
+    return f"Cannot read image {path!r} ({error})"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

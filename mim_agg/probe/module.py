@@ -25,7 +25,7 @@ from mim_agg.backbones import Tokens, TokenSource
 from mim_agg.errors import UserError
 from mim_agg.probe.head import ProbeHead
 from mim_agg.probe.lars import LARS
-from mim_agg.probe.schedule import warmup_cosine
+from mim_agg.probe.schedule import scaled_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -245,10 +245,10 @@ class LinearProbe(L.LightningModule):
     # ---------------------------------------------------------------------- optimization
     def configure_optimizers(self):
         trainer = self.trainer
-        effective_batch = self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        images_per_step = self._images_per_step()
         groups = []
         for name, head in self.heads.items():
-            lr = self.blrs[name] * effective_batch / 256
+            lr = scaled_lr(self.blrs[name], images_per_step)
             params = [p for p in head.parameters() if p.requires_grad]
             matrices = [p for p in params if p.ndim > 1]
             vectors = [p for p in params if p.ndim <= 1]
@@ -265,6 +265,23 @@ class LinearProbe(L.LightningModule):
         warmup = round(total * self.warmup_epochs / max(1, trainer.max_epochs))
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _images_per_step(self) -> int:
+        """The images one optimizer step averages over: batch x devices x accumulated steps,
+        or one epoch's training images when there are fewer (said in the log)."""
+        trainer = self.trainer
+        nominal = self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        _, epoch_images = trainer.datamodule.train_epoch(trainer.world_size)
+        if epoch_images < nominal and trainer.is_global_zero:
+            log.info(
+                "An epoch trains on %d images, fewer than probe.batch_size x devices x "
+                "accumulated steps = %d: one step sees them all, and the learning rate is "
+                "blr x %d / 256.",
+                epoch_images,
+                nominal,
+                epoch_images,
+            )
+        return min(nominal, epoch_images)
 
     def on_fit_start(self) -> None:
         """Drop the train loader that ``estimated_stepping_batches`` built in

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 
 from mim_agg.builders import build_datamodule, build_probe, head_grid
 from mim_agg.cache import CachedDataModule, CachedTokens, open_cache
+from mim_agg.data.datamodule import SplitLoaders
+from mim_agg.errors import ConfigError
 from mim_agg.probe import LinearProbe
 from mim_agg.probe.flops import added_gflops
 from mim_agg.probe.progress import ProbeProgressBar
@@ -53,7 +55,7 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
     model = build_probe(cfg, datamodule.num_classes, source)
     loggers = build_loggers(cfg)
     try:
-        trainer = build_trainer(cfg, output_dir, loggers, watch)
+        trainer = build_trainer(cfg, output_dir, loggers, watch, datamodule)
         checkpoint = resume_path(cfg, output_dir)
         if checkpoint:
             log.info("Resuming from %s", checkpoint)
@@ -108,11 +110,16 @@ def show(summary: dict) -> None:
 
 
 def build_trainer(
-    cfg: DictConfig, output_dir: Path, loggers: list, watch: SignalWatch | None
+    cfg: DictConfig,
+    output_dir: Path,
+    loggers: list,
+    watch: SignalWatch | None,
+    datamodule: SplitLoaders,
 ) -> L.Trainer:
     """The configured Trainer with checkpoints every epoch and every N steps, a stop on
     preemption signals, the user's extra callbacks and gradient accumulation up to
-    ``probe.effective_batch``. Lightning's own SLURM requeue stays off: submitit requeues."""
+    ``probe.effective_batch`` (at most an epoch's batches of ``datamodule``). Lightning's own
+    SLURM requeue stays off: submitit requeues."""
     checkpoints = output_dir / "checkpoints"
     # Both write last.ckpt: top-1 of "no metric" is simply the newest (save_top_k=0 with
     # save_last=True would never save an epoch's end before training ends).
@@ -134,8 +141,28 @@ def build_trainer(
         callbacks=callbacks,
         plugins=plugins,
     )
-    trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
+    steps = accumulation(cfg, trainer.world_size)
+    trainer.accumulate_grad_batches = within_epoch(steps, datamodule, trainer.world_size)
     return trainer
+
+
+def within_epoch(steps: int, datamodule: SplitLoaders, world_size: int) -> int:
+    """``steps`` accumulated batches, or the batches of one epoch when it holds fewer.
+
+    Lightning steps at an epoch's end whatever was accumulated, and divides every batch's loss
+    by the configured count: a step of fewer batches would have its gradient shrunk by that
+    ratio on top of the learning rate scaled by the images it saw (``LinearProbe``)."""
+    batches, _ = datamodule.train_epoch(world_size)
+    if steps > batches:
+        log.info(
+            "probe.effective_batch=%s needs %d accumulated batches, but an epoch holds %d: "
+            "each optimizer step accumulates %d.",
+            datamodule.batch_size * world_size * steps,
+            steps,
+            batches,
+            batches,
+        )
+    return min(steps, batches)
 
 
 def accumulation(cfg: DictConfig, world_size: int) -> int:
@@ -144,7 +171,7 @@ def accumulation(cfg: DictConfig, world_size: int) -> int:
         return 1
     per_step = cfg.probe.batch_size * world_size
     if cfg.probe.effective_batch % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"probe.effective_batch={cfg.probe.effective_batch} is no multiple of "
             f"probe.batch_size={cfg.probe.batch_size} x {world_size} device(s) = {per_step}; "
             "change probe.batch_size or probe.effective_batch."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -26,9 +27,12 @@ from mim_agg.backbones import (
 )
 from mim_agg.backbones.frozen import is_timm_tag, resolve_normalization, skeleton
 from mim_agg.backbones.loading import require_file
+from mim_agg.backbones.tokens import require_finite
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError, UserError
 from mim_agg.probe import LinearProbe, ProbeHead
+
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> ProbeDataModule:
@@ -180,10 +184,15 @@ def build_probe(
 
 
 def load_probe_head(cfg: DictConfig, checkpoint: str, layout: TokenLayout) -> ProbeHead:
-    """The winning head of a finished probe run, with the weights held-out selected for it.
+    """The winning head of a finished probe run, with the weights held-out selected for it,
+    for k-NN and the analysis, which use its aggregator (its pooling), never its classifier.
 
-    The checkpoint is read with ``weights_only=True`` (a crafted file cannot run code), and a
-    probe trained on other tokens (backbone arch, weights, block, norm or size) is refused.
+    The checkpoint is read with ``weights_only=True`` (a crafted file cannot run code). Checked
+    against the probe run's ``config.yaml``: refused where the numbers would be wrong, a head
+    trained on other tokens (``same_tokens``) or with non-finite weights; only noted, another
+    dataset (``note_other_dataset``), as pooling learnt on one dataset and applied to another
+    is a legitimate transfer. The rest of the probe's config (learning rates, epochs, other
+    heads, low-shot subset) is how it was trained, not what it reads: not compared.
     """
     checkpoint_path = Path(checkpoint)
     run_dir = checkpoint_path.parent.parent
@@ -193,16 +202,7 @@ def load_probe_head(cfg: DictConfig, checkpoint: str, layout: TokenLayout) -> Pr
             "<run>/checkpoints/last.ckpt, beside that run's config.yaml and metrics.json."
         )
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    keys = ("arch", "arch_kwargs", "weights", "block", "final_norm", "img_size", "mean", "std")
-    trained = {k: OmegaConf.select(run_cfg.backbone, k) for k in keys}
-    current = {k: OmegaConf.select(cfg.backbone, k) for k in keys}
-    differing = [k for k in keys if trained[k] != current[k]]
-    if differing:
-        shown = ", ".join(f"{k}: {trained[k]} vs {current[k]}" for k in differing)
-        raise UserError(
-            f"The probe in {str(run_dir)!r} was trained on other tokens than these ({shown}); "
-            "use it with the backbone it was trained on."
-        )
+    same_tokens(run_cfg, cfg, run_dir)
     name = json.loads((run_dir / "metrics.json").read_text())["winner"]
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     selected = state["head_selection"][name]["state"]
@@ -212,5 +212,50 @@ def load_probe_head(cfg: DictConfig, checkpoint: str, layout: TokenLayout) -> Pr
         selected = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     num_classes = selected["classifier.weight"].shape[0]
     head = build_head(run_cfg.seed, layout, head_grid(run_cfg)[name][0], num_classes)
+    require_finite(
+        f"The weights of head {name!r} in {str(checkpoint_path)!r}",
+        selected.values(),
+        "that probe run (heads.csv, cli.log) or pass another knn.probe_ckpt / analysis.probe_ckpt",
+    )
+    note_other_dataset(run_cfg, cfg, run_dir, num_classes)
     head.load_state_dict(selected)
     return head.eval()
+
+
+def same_tokens(trained: DictConfig, current: DictConfig, run_dir: Path) -> None:
+    """Refuse a probe whose head would read other tokens than it was trained on: another
+    backbone (architecture, weights, block, final norm, image size, normalisation) or, with
+    random weights (``backbone.weights=null``, drawn from the seed), another ``seed``: a
+    random backbone of another seed is another backbone."""
+    keys = ("arch", "arch_kwargs", "weights", "block", "final_norm", "img_size")
+    pairs = {k: [OmegaConf.select(c.backbone, k) for c in (trained, current)] for k in keys}
+    pairs["mean, std"] = [
+        resolve_normalization(c.backbone.weights, c.backbone.mean, c.backbone.std)
+        for c in (trained, current)
+    ]
+    if trained.backbone.weights is None:
+        pairs["seed"] = [trained.seed, current.seed]
+    shown = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in pairs.items() if a != b)
+    if shown:
+        raise UserError(
+            f"The probe in {str(run_dir)!r} was trained on other tokens than these ({shown}); "
+            "use it with the backbone (and for random weights the seed) it was trained on."
+        )
+
+
+def note_other_dataset(trained: DictConfig, current: DictConfig, run_dir: Path, classes: int):
+    """Say so when the probe was trained on another dataset (``dataset.name``, or the number of
+    classes where this run's is set): allowed, its pooling is what is used, but a transfer a
+    reader should not take for an in-domain result."""
+    differing = []
+    if trained.dataset.name != current.dataset.name:
+        differing.append(f"dataset.name: {trained.dataset.name} vs {current.dataset.name}")
+    if current.dataset.num_classes not in (None, classes):
+        differing.append(f"classes: {classes} vs {current.dataset.num_classes}")
+    if differing:
+        log.warning(
+            "The probe in %s was trained on another dataset (%s): its pooling is used here as "
+            "a transfer, its classifier not at all.",
+            run_dir,
+            ", ".join(differing),
+        )

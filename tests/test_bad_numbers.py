@@ -7,7 +7,9 @@ import json
 import math
 
 import pytest
+from safetensors.torch import save_file
 
+from mim_agg.cache import extract
 from mim_agg.errors import UserError
 from mim_agg.runs.runner import run_task
 from mim_agg.utils.files import write_atomic, write_json
@@ -40,8 +42,41 @@ def test_every_head_diverging_fails_the_run_with_rates_to_try(tmp_path):
 
 def test_non_finite_features_stop_the_run_at_once(tmp_path):
     cfg = compose_config([*FAST, "aggregator=mean", "backbone.mean=[nan,nan,nan]"], tmp_path)
-    with pytest.raises(UserError, match="non-finite tokens"):
+    with pytest.raises(UserError, match="non-finite.*backbone.mean"):
         run_task(cfg)
+
+
+@pytest.fixture
+def nan_weights(tmp_path, tiny_state_dict):
+    """The tiny ViT's weights with three NaNs in one MLP, as a damaged file would hold them."""
+    tiny_state_dict["blocks.5.mlp.fc1.weight"][0, :3] = math.nan
+    path = tmp_path / "nan.safetensors"
+    save_file(tiny_state_dict, str(path))
+    return path
+
+
+@pytest.mark.parametrize("task", ["probe", "knn", "extract", "analyze"])
+def test_nan_weights_give_no_number_and_no_cache_in_any_task(task, nan_weights, tmp_path):
+    overrides = [*FAST, f"task={task}", "aggregator=mean", f"backbone.weights={nan_weights}"]
+    overrides += ["knn.k=[5]", "analysis.num_images=8", "analysis.batch_size=8"]
+    with pytest.raises(UserError, match=r"non-finite \(NaN or inf\).*backbone.weights"):
+        run_task(compose_config(overrides, tmp_path))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # no NaN shard written
+    for result in ("metrics.json", "attention_stats.json"):
+        assert not (tmp_path / "run" / result).exists()
+
+
+def test_knn_refuses_the_nan_features_of_a_cache_filled_before_that_was_checked(
+    nan_weights, tmp_path, monkeypatch
+):
+    """Caches filled before extraction refused NaN tokens may hold them: k-NN reads them as
+    features and refuses."""
+    monkeypatch.setattr(extract, "require_finite", lambda *args, **kwargs: None)
+    overrides = [*FAST, "task=knn", "knn.k=[5]", "aggregator=mean"]
+    overrides.append(f"backbone.weights={nan_weights}")
+    with pytest.raises(UserError, match=r"k-NN features of head 'mean'.*non-finite"):
+        run_task(compose_config(overrides, tmp_path))
+    assert list((tmp_path / "cache").rglob("*.safetensors"))  # the NaN cache was read
 
 
 def test_result_files_are_strict_and_atomic(tmp_path, monkeypatch):

@@ -3,6 +3,10 @@ the same weighting, and the task's accuracy equals that computation on the cache
 
 from __future__ import annotations
 
+import math
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,7 @@ from sklearn.neighbors import NearestNeighbors as SklearnNeighbours
 
 from mim_agg.cache import TokenCache
 from mim_agg.cache.data import CachedSplit
-from mim_agg.errors import ConfigError
+from mim_agg.errors import ConfigError, UserError
 from mim_agg.knn import NearestNeighbours, weighted_vote
 from mim_agg.runs.runner import run_task
 from tests.helpers import FAST, compose_config
@@ -94,16 +98,52 @@ def test_learned_aggregators_need_a_trained_probe_and_k_fits_the_bank(tmp_path):
         run_task(cfg)
 
 
-def test_a_trained_probes_head_is_evaluated_beside_the_grid(tmp_path):
-    run_task(compose_config([*FAST, "aggregator=abmilp"], tmp_path / "probe"))
-    ckpt = tmp_path / "probe" / "run" / "checkpoints" / "last.ckpt"
-    summary = run_task(
-        compose_config(
-            [*FAST, "task=knn", "aggregator=cls", "knn.k=[5]", f"knn.probe_ckpt={ckpt}"], tmp_path
-        )
-    )
+@pytest.fixture(scope="module")
+def probe_ckpt(tmp_path_factory) -> Path:
+    """A finished AbMILP probe run's checkpoint: synthetic images, the random backbone of
+    seed 0."""
+    root = tmp_path_factory.mktemp("probe")
+    run_task(compose_config([*FAST, "aggregator=abmilp"], root))
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def with_probe(ckpt: Path) -> list[str]:
+    return [*FAST, "task=knn", "aggregator=cls", "knn.k=[5]", f"knn.probe_ckpt={ckpt}"]
+
+
+def test_a_trained_probes_head_is_evaluated_beside_the_grid(probe_ckpt, tmp_path, caplog):
+    summary = run_task(compose_config(with_probe(probe_ckpt), tmp_path))
     assert set(summary["heads"]) == {"cls", "probe_abmilp"}
     assert 0 < summary["heads"]["probe_abmilp"]["test/acc1"] <= 1
+    assert "another dataset" not in caplog.text
+
+
+def test_a_probe_of_another_seeds_random_backbone_is_refused(probe_ckpt, tmp_path):
+    """backbone.weights=null: the seed draws the backbone, so seed=1 tokens are other tokens."""
+    with pytest.raises(UserError, match=r"trained on other tokens than these \(seed: 0 vs 1"):
+        run_task(compose_config([*with_probe(probe_ckpt), "seed=1"], tmp_path))
+
+
+def test_a_probe_of_another_dataset_is_used_with_a_note(probe_ckpt, tmp_path, caplog):
+    """A pooling trained on one dataset and applied to another is a transfer: allowed, said."""
+    digits = ["dataset=digits", "dataset.shots=3", "dataset.test_fraction=0.05"]  # 30 + 90
+    summary = run_task(compose_config([*with_probe(probe_ckpt), *digits], tmp_path))
+    assert 0 < summary["heads"]["probe_abmilp"]["test/acc1"] <= 1
+    assert "trained on another dataset (dataset.name: synthetic vs digits, classes: 4 vs 10)" in (
+        caplog.text
+    )
+
+
+def test_a_probe_checkpoint_with_nan_pooling_weights_is_refused(probe_ckpt, tmp_path):
+    run_dir = Path(shutil.copytree(probe_ckpt.parent.parent, tmp_path / "probe"))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    selected = state["head_selection"]["abmilp"]["state"]
+    pooling = next(v for k, v in selected.items() if k.startswith("aggregator.") and v.ndim > 1)
+    pooling.view(-1)[:3] = math.nan
+    torch.save(state, ckpt)
+    with pytest.raises(UserError, match=r"head 'abmilp' in '.*last.ckpt' are non-finite"):
+        run_task(compose_config(with_probe(ckpt), tmp_path))
 
 
 def test_knn_without_heldout_needs_a_single_k_and_t(tmp_path):

@@ -7,11 +7,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from mim_agg.errors import ConfigError
+from mim_agg.errors import ConfigError, UserError
+
+TOKEN_CAUSES = (
+    "the weights file (backbone.weights), backbone.mean and backbone.std, on GPU the precision "
+    "(trainer.precision=32-true), and for a cache cache.dtype (float16 ends at 65504)"
+)
+
+
+def require_finite(what: str, tensors: Iterable[torch.Tensor], check: str = TOKEN_CAUSES) -> None:
+    """The one check of every path from tokens to a number (probe, k-NN, extraction into the
+    cache, analysis): refuse NaN or inf. Downstream nothing would fail: a NaN never wins a
+    comparison, so accuracy silently drops to chance. ``what`` names the values, ``check``
+    the keys or files to look at."""
+    if all(bool(torch.isfinite(tensor).all()) for tensor in tensors):
+        return
+    raise UserError(
+        f"{what} are non-finite (NaN or inf), which would make every result chance-level. "
+        f"Check {check}."
+    )
 
 
 @dataclass(frozen=True)

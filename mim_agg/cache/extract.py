@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mim_agg.aggregators import Aggregator
 from mim_agg.backbones import LiveBlocks, TokenLayout, TokenRequest, Tokens
-from mim_agg.backbones.tokens import TENSOR_FIELDS
+from mim_agg.backbones.tokens import TENSOR_FIELDS, require_finite
 from mim_agg.cache.store import DTYPES, CacheError, SplitPlan, TokenCache, quantize
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ def extract_batch(source, images, targets: list[Target], dtype: str, batch_size:
             for target, target_parts in zip(targets, parts, strict=True):
                 tokens = blocks[target.block]
                 fields = stored_fields(tokens, target.shapes, target.poolers, dtype)
+                require_finite(f"Block {target.block}'s values to cache", fields.values())
                 for name, tensor in fields.items():
                     target_parts.setdefault(name, []).append(tensor)
     return [{name: torch.cat(chunks) for name, chunks in p.items()} for p in parts]

@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mim_agg.backbones import Tokens, TokenSource
+from mim_agg.backbones.tokens import require_finite
 from mim_agg.errors import UserError
 from mim_agg.probe.head import ProbeHead
 from mim_agg.probe.lars import LARS
@@ -90,12 +91,7 @@ class LinearProbe(L.LightningModule):
         would look like chance."""
         start = time.perf_counter()
         tokens = self.source(inputs)
-        if not all(torch.isfinite(t).all() for t in tokens.tensors()):
-            raise UserError(
-                "The token source produced non-finite tokens (NaN or inf). Check backbone.mean "
-                "and backbone.std, the weights file (backbone.weights), on GPU the precision "
-                "(trainer.precision=32-true), and for a cache cache.dtype."
-            )
+        require_finite("The tokens the probe reads", tokens.tensors())
         first = tokens.tensors()[0]
         if first.is_cuda:
             torch.cuda.synchronize(first.device)

@@ -30,6 +30,7 @@ from mim_agg.analysis.figures import (
 from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statistics, update_ratios
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone, Tokens
+from mim_agg.backbones.tokens import require_finite
 from mim_agg.builders import build_backbone, build_datamodule, load_probe_head
 from mim_agg.runs.identity import result_config
 from mim_agg.utils.files import write_json
@@ -60,6 +61,7 @@ def run(cfg: DictConfig, watch=None) -> dict:
             if watch is not None:
                 watch.check()
             tokens = backbone(images.to(device))
+            require_finite("The backbone's tokens", tokens.tensors())
             collector.add(images, targets, tokens, records)
     result = {
         "backbone": cfg.backbone.weights or cfg.backbone.arch,

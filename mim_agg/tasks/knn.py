@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mim_agg.aggregators import aggregate, build_aggregator
+from mim_agg.backbones.tokens import TOKEN_CAUSES, require_finite
 from mim_agg.builders import aggregator_configs, backbone_layout, build_datamodule, load_probe_head
 from mim_agg.cache import CachedTokens, open_cache
 from mim_agg.cache.data import CachedSplit
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 USES_RUN_FOLDER = True
 QUERY_SPLITS = ("heldout", "test")
+CAUSES = f"{TOKEN_CAUSES}; for a probe's head also knn.probe_ckpt"
 COLUMNS = ("head", "aggregator", "k", "temperature", "val/acc1_best", "test/acc1", "test/acc5")
 
 
@@ -145,7 +147,10 @@ def stream_features(cfg, cache, split: str, heads: dict, source, device: str, wa
         tokens = source({k: v.to(device) for k, v in fields.items()})
         tokens = tokens.map(lambda t: t.float())
         with torch.no_grad():
-            yield {name: aggregate(a, tokens) for name, a in heads.items()}, labels.to(device)
+            features = {name: aggregate(a, tokens) for name, a in heads.items()}
+        for name, values in features.items():
+            require_finite(f"The k-NN features of head {name!r} ({split} split)", [values], CAUSES)
+        yield features, labels.to(device)
 
 
 def split_features(cfg, cache, split: str, heads: dict, source, device: str):

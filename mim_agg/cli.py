@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -38,6 +39,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run_task(cfg, context)
     except UserError as error:
+        with contextlib.suppress(OSError):  # the folder Hydra made for a run refused at once
+            Path(cfg.paths.output_dir).rmdir()
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if context.sweep_dir is None:

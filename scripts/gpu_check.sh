@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of README.md ("GPU figures"): a few minutes on one CUDA GPU, JSON to $OUT.
+# The GPU check of README.md (section "Benchmark"): a few minutes on one CUDA GPU, JSON to $OUT.
 # Sets up the environment when it is missing (make install), then runs scripts/gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -76,3 +76,16 @@ def test_probe_and_knn_share_the_subset_and_list_it(tmp_path):
     assert listings[0] == listings[1]
     rows = [line.split("\t") for line in listings[0].splitlines()[1:]]
     assert len(rows) == 40 and {split for split, *_ in rows} == {"train", "heldout"}
+
+
+def test_low_shot_runs_show_their_shots_in_the_run_name():
+    from mim_agg.runs.identity import run_name
+
+    choices = {"backbone": "vit_tiny", "aggregator": "cls", "dataset": "digits"}
+    names = {
+        extra: run_name(compose_config(["dataset=digits", *extra]), choices)
+        for extra in [(), ("dataset.shots=5",), ("dataset.fraction=0.1",)]
+    }
+    assert names[()].startswith("probe-vit_tiny-cls-digits-") and "shot" not in names[()]
+    assert names[("dataset.shots=5",)].startswith("probe-vit_tiny-cls-digits-5shot-")
+    assert names[("dataset.fraction=0.1",)].startswith("probe-vit_tiny-cls-digits-frac0.1-")

@@ -97,5 +97,16 @@ def run_name(cfg: DictConfig, choices: dict) -> str:
         parts.append(choices.get("aggregator"))
         if choices.get("heads") not in (None, "none"):
             parts.append(f"heads_{choices['heads']}")
-    parts += [choices.get("dataset"), config_hash(result_config(cfg))]
+    parts += [choices.get("dataset"), low_shot_part(cfg), config_hash(result_config(cfg))]
     return "-".join(str(p) for p in parts if p)
+
+
+def low_shot_part(cfg: DictConfig) -> str | None:
+    """``5shot`` or ``frac0.1`` for a low-shot subset: runs on 5 images per class and on the
+    whole set sit side by side in outputs/runs and must not look alike."""
+    dataset = cfg.get("dataset") or {}
+    if dataset.get("shots"):
+        return f"{dataset.shots}shot"
+    if dataset.get("fraction"):
+        return f"frac{dataset.fraction:g}"
+    return None

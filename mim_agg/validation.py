@@ -49,6 +49,7 @@ RULES = {
     "cache.views": (lambda v, c: v >= 1, ">= 1"),
     "cache.shard_size": (lambda v, c: v >= 1, ">= 1"),
     "cache.batch_size": (lambda v, c: v >= 1, ">= 1"),
+    "cache.verify": (lambda v, c: isinstance(v, bool) or v == "full", "true, false or full"),
     "knn.k": (lambda v, c: len(v) > 0 and all(k >= 1 for k in v), "a non-empty list of k >= 1"),
     "knn.temperatures": (
         lambda v, c: len(v) > 0 and all(t > 0 for t in v),

@@ -133,16 +133,16 @@ def test_damaged_truncated_or_foreign_caches_are_refused_before_training(tmp_pat
 
     shard.write_bytes(original[:-10])
     with pytest.raises(CacheError, match=r"shard-00001.safetensors is truncated.*rebuild"):
-        cache.check(key, "REBUILD")
+        cache.check(key)
     flipped = bytearray(original)
     flipped[-1] ^= 0xFF
     shard.write_bytes(bytes(flipped))
     with pytest.raises(CacheError, match="damaged"):
-        cache.check(key, "REBUILD")
-    cache.check(key, "REBUILD", deep=False)  # sizes and headers alone cannot see a flipped bit
+        cache.check(key)
+    cache.check(key, verify=False)  # sizes and headers alone cannot see a flipped bit
     shard.write_bytes(original)
     with pytest.raises(CacheError, match="written for other tokens"):
-        cache.check("0" * 12, "REBUILD")
+        cache.check("0" * 12)
 
     other = compose_config([*GRID_4x4, *overrides, "backbone.block=5"], tmp_path)
     with pytest.raises(CacheError, match="No complete token cache.*python run.py task=extract"):

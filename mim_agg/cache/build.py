@@ -71,12 +71,14 @@ def plan_cache(
     request = head_request(by_key.values(), cached=True)
     live_request = head_request(by_key.values())
     views = split_views(cfg, datamodule)
-    identity = cache_identity(cfg, request, split_ids, views, live_request.oracle)
+    identity = cache_identity(
+        cfg, request, split_ids, views, datamodule.num_classes, live_request.oracle
+    )
     key = cache_key(identity)
     folder = f"{cfg.backbone.arch}-{cfg.dataset.name}-{key}"
     out_dims = {k: a.out_dim for k, a in by_key.items()}
     return PlannedCache(
-        cache=TokenCache(Path(cfg.paths.cache_dir).absolute() / folder),
+        cache=TokenCache(Path(cfg.paths.cache_dir).absolute() / folder, rebuild_command(cfg)),
         key=key,
         identity=identity,
         layout=layout,
@@ -97,25 +99,25 @@ def open_cache(
     """The complete, checked cache for ``aggregators`` (default: this run's heads) on this
     data; missing shards are extracted first when ``build`` (else refused with the command
     that builds them), together with the caches of the blocks ``cache.blocks`` lists (the
-    config's heads at those blocks) in the same backbone pass. A complete cache is checked
-    under a shared lock, so many jobs read one at once; extraction holds it alone."""
+    config's heads at those blocks) in the same backbone pass.
+
+    A complete cache is read without a lock (so from a read-only mount too): nothing writes
+    to it again. Its shards were renamed into place before the manifest that completes it,
+    which is itself renamed into place whole, and extraction only ever fills an incomplete
+    cache, under the lock, after looking again. A reader that finds the cache incomplete
+    waits for that lock, and finds it complete."""
     datamodule.setup()
     split_ids = {name: split_identity(split) for name, split in datamodule.splits.items()}
     planned = plan_cache(cfg, datamodule, split_ids, aggregators)
-    blocks = other_blocks(cfg)
-    cache, rebuild = planned.cache, rebuild_command(cfg)
-    with cache.locked(shared=True):
-        if cache.complete:
-            log.info("Checking the token cache %s", cache.root)
-            cache.check(planned.key, rebuild, deep=cfg.cache.verify)
-            return cache
-    if not build:
-        raise CacheError(f"No complete token cache at {cache.root}. Build it: {rebuild}")
-    others = [plan_cache(cfg_at_block(cfg, block), datamodule, split_ids) for block in blocks]
-    fill([planned, *(p for p in others if not p.cache.complete)], cfg, datamodule, watch)
-    with cache.locked(shared=True):
-        log.info("Checking the token cache %s", cache.root)
-        cache.check(planned.key, rebuild, deep=cfg.cache.verify)
+    cache = planned.cache
+    if not cache.complete:
+        if not build:
+            raise CacheError(f"No complete token cache at {cache.root}. Build it: {cache.rebuild}")
+        blocks = other_blocks(cfg)
+        others = [plan_cache(cfg_at_block(cfg, block), datamodule, split_ids) for block in blocks]
+        fill([planned, *(p for p in others if not p.cache.complete)], cfg, datamodule, watch)
+    log.info("Checking the token cache %s", cache.root)
+    cache.check(planned.key, cfg.cache.verify)
     return cache
 
 

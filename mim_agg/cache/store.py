@@ -4,17 +4,22 @@ Each shard ``<split>/shard-<i>.safetensors`` holds ``shard_size`` consecutive im
 split: every stored field as ``[n, views, ...]`` plus ``targets [n]``. Shards are written
 whole (temporary file, fsync, rename) and entered in the manifest only afterwards, so a killed
 extraction leaves complete shards that the manifest names and nothing half-written that a
-reader could take. safetensors maps the file (``torch.UntypedStorage.from_file``): reading
-an image touches only its pages, stays in the stored dtype, and needs no memory that grows
-with the dataset (measured against ``numpy.memmap``: the same speed; safetensors keeps
-bfloat16, names and shapes in a checked header).
+reader could take. The manifest carries the SHA-256 of its own content, checked on every
+read: an edited count or class number is refused, not trained on. A complete cache is never
+written again, so reading one takes no lock and needs no write access (a read-only mount).
+safetensors maps the file (``torch.UntypedStorage.from_file``): reading an image touches only
+its pages, stays in the stored dtype, and needs no memory that grows with the dataset
+(measured against ``numpy.memmap``: the same speed; safetensors keeps bfloat16, names and
+shapes in a checked header).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from mim_agg.utils.files import read_json, sha256_of, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the manifest carries its own digest
 DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -38,6 +43,9 @@ DTYPES = {
 }
 SCALE = ".scale"  # int8 fields carry a float32 scale per row of their last dimension
 VERIFIED = "verified.json"  # shards whose SHA-256 was checked, with their size and mtime then
+DIGEST = "digest"  # the manifest's key for the SHA-256 of the rest of its content
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+REBUILD = "python run.py task=extract <this run's overrides>"
 
 
 class CacheError(UserError):
@@ -88,16 +96,43 @@ def dequantize(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return values
 
 
-class TokenCache:
-    """One cache folder: its manifest, its shards, their writing and checking."""
+def shard_file(split: str, shard: int) -> str:
+    return f"{split}/shard-{shard:05d}.safetensors"
 
-    def __init__(self, root: Path | str) -> None:
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest without its digest, as canonical JSON (key order and spacing
+    do not count, every value does)."""
+    content = {key: value for key, value in manifest.items() if key != DIGEST}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class TokenCache:
+    """One cache folder: its manifest, its shards, their writing and checking. ``rebuild``:
+    the command every refusal names."""
+
+    def __init__(self, root: Path | str, rebuild: str = REBUILD) -> None:
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.json"
+        self.rebuild = rebuild
 
     @property
     def manifest(self) -> dict:
-        return read_json(self.manifest_path) or {}
+        """The manifest (empty when there is none), refused unless its content matches the
+        digest written with it: the counts, classes and shard digests it serves are trusted
+        only as written."""
+        manifest = read_json(self.manifest_path) or {}
+        if manifest and manifest.get(DIGEST) != manifest_digest(manifest):
+            raise CacheError(
+                f"The cache manifest {self.manifest_path} is changed since it was written (its "
+                f"content does not match its digest). Remove {self.root} and rebuild it: "
+                f"{self.rebuild}"
+            )
+        return manifest
+
+    def _write_manifest(self, manifest: dict) -> None:
+        write_json(self.manifest_path, {**manifest, DIGEST: manifest_digest(manifest)})
 
     @property
     def complete(self) -> bool:
@@ -119,100 +154,136 @@ class TokenCache:
                 f"not {manifest['key']}); remove {self.root} to rebuild it."
             )
         if not existing:
-            write_json(self.manifest_path, manifest)
+            self._write_manifest(manifest)
         for temporary in self.root.glob("*/.shard-*.tmp"):  # a kill mid-write left these
             temporary.unlink()
 
     @contextlib.contextmanager
-    def locked(self, shared: bool = False):
-        """One extracting process per cache, readers side by side (``shared``); whoever
-        cannot have the lock waits for it (a sweep's jobs share one cache)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        with open(self.root / ".lock", "a+") as lock:
+    def locked(self):
+        """One extracting process per cache; another waits for it (a sweep's jobs share one
+        cache). Readers need no lock: they read only a complete cache, which nobody writes."""
+        with self._open_lock() as lock:
             try:
-                fcntl.flock(lock, mode | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("Another process is writing or reading %s; waiting for it.", self.root)
-                fcntl.flock(lock, mode)
+                log.info("Another process is writing %s; waiting for it.", self.root)
+                fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _open_lock(self):
+        """The lock file, in the cache folder: the first write of an extraction, so a folder
+        that cannot be written is refused here, before any work."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return open(self.root / ".lock", "a+")
+        except OSError as error:
+            if error.errno not in NOT_WRITABLE:
+                raise
+            raise CacheError(
+                f"The token cache {self.root} must be extracted, but {error.filename} cannot be "
+                f"written ({error.strerror}). Set paths.cache_dir= to a writable folder (a "
+                "complete cache is read without writing, from a read-only mount too)."
+            ) from None
 
     def shards_done(self, split: str) -> int:
         return len(self.manifest["splits"][split]["shards"])
 
     def write_shard(self, split: str, shard: int, tensors: dict[str, torch.Tensor]) -> None:
         """Write one shard whole, then enter it in the manifest."""
-        name = f"shard-{shard:05d}.safetensors"
         data = save({k: v.contiguous() for k, v in tensors.items()})
-        folder = self.root / split
-        folder.mkdir(exist_ok=True)
-        write_atomic(folder / name, data)
+        (self.root / split).mkdir(exist_ok=True)
+        write_atomic(self.root / shard_file(split, shard), data)
         manifest = self.manifest
         shards = manifest["splits"][split]["shards"]
         if len(shards) != shard:
             raise CacheError(f"Shard {shard} of {split} written out of order in {self.root}.")
         shards.append(
             {
-                "file": f"{split}/{name}",
+                "file": shard_file(split, shard),
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
         )
-        write_json(self.manifest_path, manifest)
+        self._write_manifest(manifest)
 
     # ------------------------------------------------------------------------- reading
-    def check(self, key: str, rebuild: str, deep: bool = True) -> None:
+    def check(self, key: str, verify: bool | str = True) -> None:
         """Refuse, before any training, a cache that is missing, incomplete, for another key,
-        truncated or damaged (``deep``: every shard's SHA-256 against the manifest)."""
+        truncated or damaged. ``verify``: ``true`` compares the SHA-256 of every shard not
+        hashed before or whose size or modification time changed since (``verified.json``);
+        ``full`` hashes every shard (damage that kept the time, a copy from elsewhere);
+        ``false`` checks sizes and headers only."""
         manifest = self.manifest
         if not manifest:
-            raise CacheError(f"No token cache at {self.root}. Build it: {rebuild}")
+            raise CacheError(f"No token cache at {self.root}. Build it: {self.rebuild}")
         if manifest.get("format") != FORMAT or manifest.get("key") != key:
             raise CacheError(
                 f"The cache at {self.root} was written for other tokens or by another format "
                 f"(key {manifest.get('key')}, format {manifest.get('format')}). Remove it and "
-                f"rebuild: {rebuild}"
+                f"rebuild: {self.rebuild}"
             )
         if not self.complete:
-            raise CacheError(f"The cache at {self.root} is incomplete. Resume it: {rebuild}")
-        verified = read_json(self.root / VERIFIED, {}) if deep else {}
+            raise CacheError(f"The cache at {self.root} is incomplete. Resume it: {self.rebuild}")
+        hashed = read_json(self.root / VERIFIED, {}) if verify is True else {}
+        stamps = {}
         for split in manifest["splits"].values():
             for shard in split["shards"]:
-                stamp = self._check_shard(shard, rebuild, deep and shard["file"] not in verified)
-                if deep and verified.get(shard["file"], stamp) != stamp:  # changed since
-                    self._check_shard(shard, rebuild, deep=True)
-                verified[shard["file"]] = stamp
-        if deep:
-            write_json(self.root / VERIFIED, verified)
+                stamps[shard["file"]] = stamp = self._check_shard(shard)
+                if verify and hashed.get(shard["file"]) != stamp:
+                    self._check_hash(shard)
+        if verify and stamps != hashed:
+            self._record_verified(stamps)
 
-    def _check_shard(self, shard: dict, rebuild: str, deep: bool) -> list[int]:
-        """Check one shard; its (size, modification time), under which a hashed shard need
-        not be hashed again."""
+    def _damaged(self, shard: dict, why: str) -> str:
         path = self.root / shard["file"]
-        damaged = f"Cache shard {path} is %s. Remove {self.root} and rebuild it: {rebuild}"
+        return f"Cache shard {path} is {why}. Remove {self.root} and rebuild it: {self.rebuild}"
+
+    def _check_shard(self, shard: dict) -> list[int]:
+        """Check one shard's size and header; its (size, modification time), under which a
+        hashed shard need not be hashed again."""
+        path = self.root / shard["file"]
         if not path.is_file():
-            raise CacheError(damaged % "missing")
-        if path.stat().st_size != shard["bytes"]:
-            raise CacheError(
-                damaged % f"truncated ({path.stat().st_size} of {shard['bytes']} bytes)"
-            )
+            raise CacheError(self._damaged(shard, "missing"))
+        status = path.stat()
+        if status.st_size != shard["bytes"]:
+            why = f"truncated ({status.st_size} of {shard['bytes']} bytes)"
+            raise CacheError(self._damaged(shard, why))
         try:
             with safe_open(path, "pt"):
                 pass
         except (SafetensorError, OSError) as error:
-            raise CacheError(damaged % f"unreadable ({error})") from None
-        if deep and sha256_of(path) != shard["sha256"]:
-            raise CacheError(damaged % "damaged (its SHA-256 differs from the manifest's)")
-        status = path.stat()
+            raise CacheError(self._damaged(shard, f"unreadable ({error})")) from None
         return [status.st_size, status.st_mtime_ns]
 
+    def _check_hash(self, shard: dict) -> None:
+        if sha256_of(self.root / shard["file"]) != shard["sha256"]:
+            why = "damaged (its SHA-256 differs from the manifest's)"
+            raise CacheError(self._damaged(shard, why))
+
+    def _record_verified(self, stamps: dict) -> None:
+        """Remember the verified shards under their size and time. A read-only mount cannot
+        remember: a warning says that the next run hashes again, and how to spare it."""
+        try:
+            write_json(self.root / VERIFIED, stamps)
+        except OSError as error:
+            if error.errno not in NOT_WRITABLE:
+                raise
+            log.warning(
+                "Every shard of %s verified, but %s cannot be written (%s): the next run "
+                "hashes them again. A read-only copy verified where it was written needs no "
+                "hashing: cache.verify=false.",
+                self.root,
+                VERIFIED,
+                error.strerror,
+            )
+
     def open_shard(self, split: str, shard: int) -> dict[str, torch.Tensor]:
-        """A shard's tensors, memory-mapped (nothing is read until it is indexed)."""
-        path = self.root / self.manifest_entry(split)["shards"][shard]["file"]
-        with safe_open(path, "pt") as file:
+        """A shard's tensors, memory-mapped (nothing is read until it is indexed). Its file
+        is found by its name, not in the manifest: a loader opens every shard of an epoch."""
+        with safe_open(self.root / shard_file(split, shard), "pt") as file:
             return {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
 
     def manifest_entry(self, split: str) -> dict:

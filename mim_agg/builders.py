@@ -101,7 +101,20 @@ def build_head(seed: int, layout: TokenLayout, options: dict, num_classes: int) 
         return ProbeHead(build_aggregator(layout=layout, **options), num_classes)
 
 
+def check_heads(cfg: DictConfig, layout: TokenLayout) -> None:
+    """Every head's options fit the layout, before anything is built for real; a refusal
+    names the key the user sets (``heads.center_crop.k``, not the aggregator's ``k`` alone)."""
+    for key, options in aggregator_configs(cfg).items():
+        prefix = "aggregator." if key == cfg.aggregator.name else f"heads.{key}."
+        try:
+            with torch.random.fork_rng(devices=[]):
+                build_aggregator(layout=layout, **OmegaConf.to_container(options))
+        except ConfigError as error:
+            raise ConfigError(str(error).replace("aggregator.", prefix, 1)) from None
+
+
 def build_heads(cfg: DictConfig, layout: TokenLayout, num_classes: int) -> dict[str, ProbeHead]:
+    check_heads(cfg, layout)
     return {
         name: build_head(cfg.seed, layout, options, num_classes)
         for name, (options, _) in head_grid(cfg).items()

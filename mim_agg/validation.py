@@ -6,6 +6,7 @@ message names the key, the value and what would be valid.
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
 from mim_agg.errors import ConfigError
@@ -17,7 +18,7 @@ RULES = {
     "probe.epochs": (lambda v, c: v >= 1, "an integer >= 1"),
     "probe.warmup_epochs": (
         lambda v, c: 0 <= v <= c.probe.epochs,
-        "in [0, probe.epochs={cfg.probe.epochs}]",
+        "in [0, probe.epochs={cfg.probe.epochs}] (for a short run add probe.warmup_epochs=0)",
     ),
     "probe.batch_size": (lambda v, c: v >= 1, "an integer >= 1"),
     "probe.blr": (lambda v, c: v > 0, "> 0"),
@@ -33,6 +34,11 @@ RULES = {
         "a multiple of {cfg.probe.batch_size}",
     ),
     "probe.checkpoint_every_n_steps": (lambda v, c: v >= 0, ">= 0 (0: every epoch only)"),
+    "trainer.accelerator": (
+        lambda v, c: v not in ("gpu", "cuda") or torch.cuda.is_available(),
+        "auto or cpu on a machine without a CUDA GPU (trainer=ddp_sim runs the DDP code on two "
+        "CPU processes)",
+    ),
     "dataset.heldout_fraction": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
     "dataset.num_workers": (lambda v, c: v >= 0, ">= 0"),
     "dataset.train_size": (lambda v, c: v is None or v >= 1, "null or >= 1"),

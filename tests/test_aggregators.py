@@ -362,3 +362,16 @@ def test_aggregator_configs_name_the_class_that_documents_their_options():
         header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
         where = f"{cls.__name__} in mim_agg/aggregators/{Path(inspect.getfile(cls)).name}"
         assert where in header, f"{path.name}'s header should name {where}"
+
+
+def test_a_refused_option_of_an_extra_head_names_its_own_key():
+    from mim_agg.builders import backbone_layout, check_heads
+    from mim_agg.errors import ConfigError
+    from tests.helpers import FAST, compose_config
+
+    cfg = compose_config([*FAST, "heads=bench8"])  # 32 px: a 2 x 2 grid, center_crop k=4
+    with pytest.raises(ConfigError, match=r"^heads\.center_crop\.k=4 must lie in \[1, 2\]"):
+        check_heads(cfg, backbone_layout(cfg))
+    cfg = compose_config([*FAST, "aggregator=center_crop"])
+    with pytest.raises(ConfigError, match=r"^aggregator\.k=4 must lie in \[1, 2\]"):
+        check_heads(cfg, backbone_layout(cfg))

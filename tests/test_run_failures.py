@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import pytest
+import torch
 
 from mim_agg.errors import UserError
 from mim_agg.runs.folder import RunFolder
@@ -59,3 +61,18 @@ def test_a_damaged_record_is_named_and_left_as_it_is(tmp_path):
     with pytest.raises(UserError, match=r"run\.json is damaged .* move it away and rerun"):
         run_task(cfg)
     assert len(record.read_text()) == 40
+
+
+@pytest.mark.parametrize(
+    "overrides,fix",
+    [
+        (["probe.epochs=2"], "for a short run add probe.warmup_epochs=0"),
+        (["trainer=ddp"], "trainer=ddp_sim runs the DDP code on two CPU processes"),
+    ],
+)
+def test_a_newcomers_first_mistakes_name_their_fix(tmp_path, overrides, fix):
+    if "trainer=ddp" in overrides and torch.cuda.is_available():
+        pytest.skip("this machine has the GPUs trainer=ddp asks for")
+    cfg = compose_config(overrides, tmp_path)  # the defaults: probe.warmup_epochs=10
+    with pytest.raises(UserError, match=re.escape(fix)):
+        run_task(cfg)

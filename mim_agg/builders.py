@@ -26,7 +26,7 @@ from mim_agg.backbones import (
     TokenSource,
 )
 from mim_agg.backbones.frozen import is_timm_tag, resolve_normalization, skeleton
-from mim_agg.backbones.loading import require_file
+from mim_agg.backbones.loading import read_run_checkpoint, require_file
 from mim_agg.backbones.tokens import require_finite
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError, UserError
@@ -217,7 +217,8 @@ def load_probe_head(cfg: DictConfig, checkpoint: str, layout: TokenLayout) -> Pr
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     same_tokens(run_cfg, cfg, run_dir)
     name = json.loads((run_dir / "metrics.json").read_text())["winner"]
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    fix = "pass a finished probe run's last.ckpt, or train that run again (resume=false)"
+    state = read_run_checkpoint(checkpoint_path, fix, keys=("state_dict", "head_selection"))
     selected = state["head_selection"][name]["state"]
     if selected is None:  # nothing was held out: the last epoch's weights are the selected ones
         prefix = f"heads.{name}."

@@ -3,8 +3,10 @@
     python scripts/download_weights.py backbone=mocov3_vitb
     python scripts/download_weights.py backbone=ibot_vitl paths.weights_dir=/shared/weights
 
-Any config override works as with run.py. Afterwards ``backbone=<name>`` loads the file
-offline. Backbones with timm tags need no download here (timm fetches them on first use).
+Any config override works as with run.py. The file is called ready only once it opens as a
+run opens it (the same safe loader and format detection); one that does not is moved aside
+(exit status 2). Afterwards ``backbone=<name>`` loads the file offline. Backbones with timm
+tags need no download here (timm fetches them on first use).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import sys
 
 from hydra import compose, initialize_config_dir
 
+from mim_agg.backbones.loading import describe_checkpoint
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.errors import UserError
 from mim_agg.utils.download import download
+from mim_agg.utils.files import sha256_of
 
 
 def main(overrides: list[str]) -> int:
@@ -29,13 +33,32 @@ def main(overrides: list[str]) -> int:
             file=sys.stderr,
         )
         return 0
+    fix = f"it is not the checkpoint {backbone.url} should serve"
+    held = []  # what the check found, for the message: the file is read once
+
+    def check(path) -> None:
+        held.append(describe_checkpoint(path, fix))
+
     try:
-        path = download(backbone.url, backbone.weights, backbone.sha256)
+        path = download(backbone.url, backbone.weights, backbone.sha256, check=check)
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
-    print(f"{path} is ready: python run.py {' '.join(overrides)}")
+    print(f"{path} is ready ({held[0]}): python run.py {' '.join(overrides)}")
+    if backbone.sha256 is None:
+        print(pin_advice(sha256_of(path), overrides))
     return 0
+
+
+def pin_advice(digest: str, overrides: list[str]) -> str:
+    """The config line that makes later downloads of this file checked: the authors publish
+    no SHA-256 for most files, so the first good download is what later ones are held to."""
+    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("backbone=")), "<name>")
+    return (
+        f"SHA-256 {digest}. No backbone.sha256 is configured; to have later downloads checked "
+        f"against this one, add the line `sha256: {digest}` to conf/backbone/{name}.yaml "
+        f"(or pass backbone.sha256={digest})."
+    )
 
 
 if __name__ == "__main__":

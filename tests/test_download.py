@@ -1,11 +1,13 @@
 """Downloading a checkpoint: against a local HTTP server on 127.0.0.1 serving a generated
 MoCo v3 checkpoint, cut off half-way once; the rerun resumes with a Range request, the
-checksum is verified, and the backbone then loads the file offline."""
+checksum is verified, and the backbone then loads the file offline. Whatever the server sends
+is opened as a run opens it before it counts as downloaded."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import random
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ import threading
 import pytest
 import torch
 
+from mim_agg.backbones.loading import describe_checkpoint
 from mim_agg.builders import build_backbone
 from mim_agg.errors import UserError
 from mim_agg.utils.download import download
@@ -104,6 +107,67 @@ def test_a_web_page_instead_of_the_file_is_refused_and_not_kept(tmp_path):
     finally:
         server.close()
     assert not list(tmp_path.glob("model.pth*"))
+
+
+GARBAGE = {
+    "random_bytes": (
+        random.Random(0).randbytes(3000),
+        r"cannot be read: it is truncated, damaged or not a",
+    ),
+    "a_web_page": (
+        b"<html><body>Quota exceeded</body></html>",
+        r"it holds text \(it begins '<html>",
+    ),
+}
+
+
+@pytest.mark.parametrize("served", GARBAGE)
+def test_a_file_that_does_not_open_as_a_checkpoint_is_moved_aside(tmp_path, served):
+    payload, says = GARBAGE[served]
+    server = Server(payload, content_type="application/octet-stream")
+    target = tmp_path / "model.pth"
+    try:
+        with pytest.raises(UserError, match=says) as refused:
+            download(server.url, target, timeout=5, check=describe_checkpoint)
+    finally:
+        server.close()
+    bad = tmp_path / "model.pth.bad"
+    assert f"It was moved aside to {bad} ({len(payload)} bytes" in str(refused.value)
+    assert "rerun the same command to download it afresh" in str(refused.value)
+    assert bad.read_bytes() == payload  # kept to look at, where no run or rerun reads it
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pth.bad"]  # no .sha256, no .part
+
+
+@pytest.mark.slow
+def test_the_script_refuses_garbage_then_fetches_the_file_and_says_how_to_pin_it(
+    tmp_path, checkpoint
+):
+    payload, _ = checkpoint
+    server = Server(
+        b"<html><body>Quota exceeded</body></html>", content_type="application/octet-stream"
+    )
+    overrides = ["backbone=mocov3_vits", f"backbone.url={server.url}", f"paths.root_dir={tmp_path}"]
+    script = [sys.executable, str(PROJECT_ROOT / "scripts" / "download_weights.py"), *overrides]
+    env = cli_environment(tmp_path)
+    target = tmp_path / "weights" / "mocov3_vit-s-300ep.pth.tar"
+    try:
+        refused = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env)
+        server.payload = payload  # the server behaves again
+        fetched = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        server.close()
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and "is ready" not in refused.stdout
+    (message,) = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert f"Checkpoint {str(target)!r} cannot be read: it holds text" in message
+    assert f"It was moved aside to {target}.bad" in message
+
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert target.read_bytes() == payload
+    digest = hashlib.sha256(payload).hexdigest()
+    assert f"{target} is ready (mocov3 format, " in fetched.stdout
+    assert f"add the line `sha256: {digest}` to conf/backbone/mocov3_vits.yaml" in fetched.stdout
+    assert f"backbone.sha256={digest}" in fetched.stdout
 
 
 @pytest.mark.slow

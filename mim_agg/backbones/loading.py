@@ -8,7 +8,10 @@ and mask-token weights a frozen encoder never uses.
 from __future__ import annotations
 
 import argparse
+import pickle
+import re
 import sys
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mim_agg.backbones.formats import recognise
-from mim_agg.errors import MissingFile
+from mim_agg.errors import ConfigError, MissingFile, UserError
 
 WRAPPER_KEYS = ("model", "state_dict", "teacher", "module")
 KEY_PREFIXES = ("module.", "encoder.", "backbone.", "model.")
@@ -46,23 +49,141 @@ def require_file(path: str | Path, backbone: str = "<name>") -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path):
+# What a damaged backbone file's message advises; a run's own checkpoints pass their own fix.
+REFETCH = (
+    "fetch it again (python scripts/download_weights.py backbone=<name> for a config's file) "
+    "or set backbone.weights to a complete checkpoint of plain tensors (.pth or .safetensors)"
+)
+
+
+def read_checkpoint(path: str | Path, fix: str = REFETCH):
     """A ``.safetensors`` or torch checkpoint, read without running code (``weights_only``
-    with an allow-list of the plain objects checkpoints of the field carry)."""
+    with an allow-list of the plain objects checkpoints of the field carry).
+
+    Damaged bytes are the file's fault, not the code's, and torch and safetensors report them
+    with a dozen exception types (OSError, RuntimeError, EOFError, UnpicklingError, struct and
+    Unicode errors, ... for truncated, bit-flipped or foreign files): all of them become one
+    message naming the file, what it holds and ``fix``.
+    """
     path = require_file(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as error:  # any parse failure: see the docstring
+        raise UserError(unreadable(path, error, fix)) from None
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The checkpoint's encoder weights and the name of the format they were found in."""
-    checkpoint = read_checkpoint(path)
+def unreadable(path: Path, error: Exception, fix: str) -> str:
+    """Why ``path`` is no checkpoint, in words of our own: torch's text for a refused pickle
+    advises ``weights_only=False``, which would run whatever the file holds."""
+    if refused := refused_global(path, error):
+        why = (
+            f"is not a plain tensor checkpoint: it pickles {refused}, which could run code when "
+            "loaded; it was refused, and nothing in it was executed"
+        )
+    elif text := text_start(path):
+        why = f"cannot be read: it holds text (it begins {text!r}: a web page or a message?)"
+    else:
+        # torch's own words only where they cannot carry its weights_only=False advice
+        advice = isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error)
+        detail = "" if advice else ": " + str(error).split("\n")[0].split(". ")[0][:120]
+        size = path.stat().st_size
+        why = (
+            "cannot be read: it is truncated, damaged or not a checkpoint "
+            f"({size} bytes; {type(error).__name__}{detail})"
+        )
+    return f"Checkpoint {str(path)!r} {why}; {fix}."
+
+
+def refused_global(path: Path, error: Exception) -> str | None:
+    """The object torch's safe loader refused in a complete checkpoint (a zip archive whose
+    pickle reads back whole, checksum and all), else None: a cut through a pickle can leave half
+    a name that torch reports as refused too, and such a file is damaged, not crafted."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+) was not an allowed global", str(error))
+    if found is None or not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("/data.pkl"):
+                    archive.read(name)
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+    return found.group(1)
+
+
+def text_start(path: Path, size: int = 64) -> str | None:
+    """The file's first line when it starts as text (an HTML page or an error message saved
+    in place of the weights); None for binary data, which every checkpoint format is, and for
+    a few bytes too short to tell."""
+    with open(path, "rb") as file:
+        start = file.read(size)
+    try:
+        text = start.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if len(text.strip()) < 16 or not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    return text.strip().splitlines()[0][:40]
+
+
+def read_state_dict(path: str | Path, fix: str = REFETCH) -> tuple[dict[str, torch.Tensor], str]:
+    """The checkpoint's encoder weights and the name of the format they were found in; a file
+    that holds no named tensors (a list, a bare tensor, a run's metrics) is refused here."""
+    checkpoint = read_checkpoint(path, fix)
     known = recognise(checkpoint)
     if known is not None:
-        return known.convert(checkpoint), known.name
-    return unwrap(checkpoint), "generic"
+        state, name = known.convert(checkpoint), known.name
+    else:
+        state, name = unwrap(checkpoint), "generic"
+    if not is_state_dict(state):
+        raise UserError(
+            f"Checkpoint {str(path)!r} holds no model weights (names mapped to tensors) but "
+            f"{summary(checkpoint)}; {fix}."
+        )
+    return state, name
+
+
+def is_state_dict(state) -> bool:
+    """Names (strings) mapped to tensors: what every later step (prefixes, shapes) reads."""
+    return (
+        isinstance(state, dict)
+        and all(isinstance(key, str) for key in state)
+        and any(isinstance(value, torch.Tensor) for value in state.values())
+    )
+
+
+def summary(checkpoint) -> str:
+    """A few words on what a file that is no checkpoint of the kind asked for holds."""
+    if isinstance(checkpoint, dict):
+        return f"a mapping of {_abbrev(sorted(map(str, checkpoint)), limit=5)}"
+    return f"a {type(checkpoint).__name__}"
+
+
+def describe_checkpoint(path: str | Path, fix: str = REFETCH) -> str:
+    """What a checkpoint file holds, read exactly as a run reads it (safe loader, format
+    detection): a download is called ready only after this succeeded."""
+    state, name = read_state_dict(path, fix)
+    tensors = [value for value in state.values() if isinstance(value, torch.Tensor)]
+    values = sum(tensor.numel() for tensor in tensors)
+    return f"{name} format, {len(tensors)} tensors, {values / 1e6:.1f}M values"
+
+
+def read_run_checkpoint(path: str | Path, fix: str, keys: tuple[str, ...]) -> dict:
+    """A checkpoint a probe run wrote (``last.ckpt``), read as safely as weights are, a damaged
+    one named with ``fix``; one without ``keys`` is some other file."""
+    checkpoint = read_checkpoint(path, fix)
+    missing = [key for key in keys if not (isinstance(checkpoint, dict) and key in checkpoint)]
+    if missing:
+        raise UserError(
+            f"Checkpoint {str(path)!r} is no probe run's checkpoint (it lacks {', '.join(missing)}"
+            f"; it holds {summary(checkpoint)}); {fix}."
+        )
+    return checkpoint
 
 
 def unwrap(checkpoint) -> dict[str, torch.Tensor]:
@@ -86,35 +207,47 @@ def normalize_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint file into ``model`` (strictly, apart from its classifier head).
-
-    The architecture's own timm filter function runs first, so position embeddings are
-    resampled to the model's image size and timm's format conversions apply.
-    """
+    """Load a checkpoint file into ``model`` (strictly, apart from its classifier head)."""
     state_dict, source_format = read_state_dict(path)
-    state_dict = normalize_keys(state_dict)
-    timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if timm_filter is not None:
-        state_dict = timm_filter(state_dict, model)
+    state_dict = timm_filtered(model, normalize_keys(state_dict))
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(UNUSED_KEY_STARTS)}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshaped = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {_shape(state_dict[k])} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
+        if k in state_dict and _shape(state_dict[k]) != tuple(v.shape)
     )
     if missing or unexpected or misshaped:
-        raise ValueError(
+        raise ConfigError(
             f"Checkpoint {str(path)!r} ({source_format} format) does not fit "
             f"backbone.arch={_arch(model)} ({_describe(model)}).\n"
             f"  missing keys: {_abbrev(missing)}\n"
             f"  unexpected keys: {_abbrev(unexpected)}\n"
             f"  misshaped keys: {_abbrev(misshaped)}\n"
-            "Pick the backbone.arch (and backbone.arch_kwargs, e.g. num_heads) the checkpoint "
-            "was trained with."
+            f"{_describe_state(state_dict)}Set backbone.arch (and backbone.arch_kwargs, e.g. "
+            "num_heads) to the architecture the checkpoint was trained with, or "
+            "backbone.weights to a checkpoint of this one."
         )
     model.load_state_dict(state_dict, strict=False)
+
+
+def timm_filtered(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
+    """The state dict after the architecture's own timm filter function (position embeddings
+    resampled to the model's image size, timm's format conversions). A checkpoint of another
+    architecture can break the filter itself (a position table of another grid cannot be
+    reshaped, a missing table is read): then the keys are compared unfiltered, which says why."""
+    timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if timm_filter is None:
+        return state_dict
+    try:
+        return timm_filter(state_dict, model)
+    except (RuntimeError, ValueError, AttributeError, KeyError, IndexError, TypeError):
+        return state_dict
+
+
+def _shape(value) -> tuple | str:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _arch(model: nn.Module) -> str:
@@ -125,6 +258,19 @@ def _describe(model: nn.Module) -> str:
     embed_dim = getattr(model, "embed_dim", "?")
     depth = len(getattr(model, "blocks", []))
     return f"embed_dim={embed_dim}, depth={depth}"
+
+
+def _describe_state(state: dict) -> str:
+    """The checkpoint's width and depth as its keys give them (timm's names), when they do."""
+    widths = [
+        state[k].shape[-1]
+        for k in ("pos_embed", "norm.weight")
+        if isinstance(state.get(k), torch.Tensor) and state[k].dim()
+    ]
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not (widths and blocks):
+        return ""
+    return f"The checkpoint has embed_dim={widths[0]}, depth={max(blocks) + 1}. "
 
 
 def _abbrev(keys: list[str], limit: int = 8) -> str:

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
+from mim_agg.backbones.loading import read_run_checkpoint
 from mim_agg.builders import build_datamodule, build_probe, head_grid
 from mim_agg.cache import CachedDataModule, CachedTokens, open_cache
 from mim_agg.data.datamodule import SplitLoaders
@@ -181,7 +182,17 @@ def accumulation(cfg: DictConfig, world_size: int) -> int:
 
 def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
     last = output_dir / "checkpoints" / "last.ckpt"  # replaced atomically, never half-written
-    return str(last) if cfg.resume and last.is_file() else None
+    if not (cfg.resume and last.is_file()):
+        return None
+    check_resumable(last)
+    return str(last)
+
+
+def check_resumable(last: Path) -> None:
+    """A damaged or foreign ``last.ckpt`` (a disk that filled, a copy cut short) is named with
+    the fix before Lightning reads it: Lightning's own error names no file."""
+    fix = "delete it to restart the run from scratch, or pass resume=false"
+    read_run_checkpoint(last, fix, keys=("state_dict", "loops"))
 
 
 def summarize(model: LinearProbe, wall_time_s: float) -> dict:

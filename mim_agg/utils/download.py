@@ -2,7 +2,9 @@
 
 The bytes go to ``<file>.part`` and are renamed to ``<file>`` only when complete (and, when a
 SHA-256 is known, verified): a reader never sees a half-downloaded checkpoint, and a rerun
-after an interruption asks the server for the rest (an HTTP ``Range`` request).
+after an interruption asks the server for the rest (an HTTP ``Range`` request). A complete
+file is then opened as its reader will open it (``check``); one that does not open is moved
+aside, so that a rerun fetches it afresh.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,12 +27,30 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 
 
-def download(url: str, target: Path | str, sha256: str | None = None, timeout: float = 30) -> Path:
-    """``target`` holding ``url``'s bytes; an existing complete ``target`` is kept as it is."""
+def download(
+    url: str,
+    target: Path | str,
+    sha256: str | None = None,
+    timeout: float = 30,
+    check: Callable[[Path], object] | None = None,
+) -> Path:
+    """``target`` holding ``url``'s bytes; an existing complete ``target`` is kept as it is.
+
+    ``check(target)`` (reading it as a run will) must pass before the file counts as there, a
+    file kept from before included: a server can answer with anything (a quota page served as
+    ``application/octet-stream``, a truncated body of the announced length).
+    """
     target = Path(target)
     if target.is_file():
         log.info("%s is there already.", target)
-        return target
+    else:
+        _download(url, target, sha256, timeout)
+    if check is not None:
+        _checked(target, check)
+    return target
+
+
+def _download(url: str, target: Path, sha256: str | None, timeout: float) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     done = part.stat().st_size if part.is_file() else 0
@@ -50,9 +71,29 @@ def download(url: str, target: Path | str, sha256: str | None = None, timeout: f
             "deleted. Check backbone.url / backbone.sha256 and download again."
         )
     os.replace(part, target)
-    write_atomic(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
+    write_atomic(_digest_file(target), f"{digest}  {target.name}\n")
     log.info("Downloaded %s (SHA-256 %s).", target, digest)
-    return target
+
+
+def _checked(target: Path, check: Callable[[Path], object]) -> None:
+    """Run ``check``; a file it refuses is renamed ``<file>.bad``, not deleted (what the server
+    sent, often a page about a quota or a sign-in, says what went wrong), and no longer stands
+    where a run or a rerun looks."""
+    try:
+        check(target)
+    except UserError as error:
+        bad = target.with_name(target.name + ".bad")
+        os.replace(target, bad)
+        _digest_file(target).unlink(missing_ok=True)
+        raise UserError(
+            f"{error} It was moved aside to {bad} ({bad.stat().st_size} bytes; look inside for "
+            "what the server sent, then delete it); rerun the same command to download it "
+            f"afresh, or fetch the file by other means to {target}."
+        ) from None
+
+
+def _digest_file(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
 
 
 def _fetch(url: str, part: Path, done: int, timeout: float) -> None:

@@ -46,7 +46,8 @@ def test_timm_tag_loads_through_timm_from_the_hub_cache():
     assert backbone.mean == [0.5, 0.5, 0.5]  # from the tag's pretrained config, not ImageNet's
 
 
-def test_mae_plain_safetensors_and_simmim_checkpoints_load(tmp_path, tiny_state_dict):
+def test_mae_plain_safetensors_and_simmim_checkpoints_load(tmp_path, tiny_state_dict, caplog):
+    caplog.set_level("INFO", logger="mim_agg")
     mae = {
         "model": {
             **tiny_state_dict,
@@ -63,6 +64,16 @@ def test_mae_plain_safetensors_and_simmim_checkpoints_load(tmp_path, tiny_state_
     for name in ("mae.pth", "plain.pth", "weights.safetensors", "simmim.pth"):
         backbone = FrozenBackbone(TINY_ARCH, weights=str(tmp_path / name), img_size=224)
         assert_same_weights(backbone, tiny_state_dict)
+    # each load says what it recognised and read, and what it left out
+    count = len(tiny_state_dict)
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Loaded ")]
+    assert len(loaded) == 4
+    assert (
+        f"mae.pth (generic format) into backbone.arch={TINY_ARCH}: all {count} tensors" in loaded[0]
+    )
+    assert loaded[0].endswith("left out as pretraining-only: decoder_embed, mask_token.")
+    assert loaded[1].endswith("left out as pretraining-only: none.")
+    assert loaded[3].endswith("pretraining-only: decoder.")
 
 
 def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):

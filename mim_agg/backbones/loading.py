@@ -8,6 +8,7 @@ and mask-token weights a frozen encoder never uses.
 from __future__ import annotations
 
 import argparse
+import logging
 import pickle
 import re
 import sys
@@ -21,6 +22,8 @@ from torch import nn
 
 from mim_agg.backbones.formats import recognise
 from mim_agg.errors import ConfigError, MissingFile, UserError
+
+log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("model", "state_dict", "teacher", "module")
 KEY_PREFIXES = ("module.", "encoder.", "backbone.", "model.")
@@ -197,19 +200,14 @@ def unwrap(checkpoint) -> dict[str, torch.Tensor]:
 
 def normalize_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes and drop pretraining-only weights."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        for prefix in KEY_PREFIXES:
-            key = key.removeprefix(prefix)
-        if not key.startswith(UNUSED_KEY_STARTS):
-            cleaned[key] = value
-    return cleaned
+    stripped = {strip_prefixes(key): value for key, value in state_dict.items()}
+    return {key: value for key, value in stripped.items() if not key.startswith(UNUSED_KEY_STARTS)}
 
 
 def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
     """Load a checkpoint file into ``model`` (strictly, apart from its classifier head)."""
-    state_dict, source_format = read_state_dict(path)
-    state_dict = timm_filtered(model, normalize_keys(state_dict))
+    stored, source_format = read_state_dict(path)
+    state_dict = timm_filtered(model, normalize_keys(stored))
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(UNUSED_KEY_STARTS)}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -230,6 +228,26 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
             "backbone.weights to a checkpoint of this one."
         )
     model.load_state_dict(state_dict, strict=False)
+    log.info(
+        "Loaded %s (%s format) into backbone.arch=%s: all %d tensors it reads, none missing; "
+        "left out as pretraining-only: %s.",
+        path,
+        source_format,
+        _arch(model),
+        len(expected),
+        _abbrev(sorted({key.split(".")[0] for key in unused_keys(stored)}), limit=6),
+    )
+
+
+def unused_keys(stored: dict[str, torch.Tensor]) -> list[str]:
+    """The checkpoint's keys a frozen encoder never reads (decoders, mask tokens, heads)."""
+    return [key for key in map(strip_prefixes, stored) if key.startswith(UNUSED_KEY_STARTS)]
+
+
+def strip_prefixes(key: str) -> str:
+    for prefix in KEY_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
 
 
 def timm_filtered(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:

@@ -5,16 +5,19 @@
 
 Any config override works as with run.py. The file is called ready only once it opens as a
 run opens it (the same safe loader and format detection); one that does not is moved aside
-(exit status 2). Afterwards ``backbone=<name>`` loads the file offline. Backbones with timm
-tags need no download here (timm fetches them on first use).
+(exit status 2). Afterwards ``backbone=<name>`` loads the file offline. A backbone with a timm
+tag (``backbone=mae_vitb``) is fetched into the Hugging Face cache (``HF_HOME``), where runs on
+offline compute nodes that share it find it.
 """
 
 from __future__ import annotations
 
 import sys
 
+from huggingface_hub.constants import HF_HUB_CACHE
 from hydra import compose, initialize_config_dir
 
+from mim_agg.backbones.frozen import create_model, is_timm_tag
 from mim_agg.backbones.loading import describe_checkpoint
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.errors import UserError
@@ -27,12 +30,10 @@ def main(overrides: list[str]) -> int:
         cfg = compose("config", overrides=overrides)
     backbone = cfg.backbone
     if backbone.url is None:
-        print(
-            f"backbone.arch={backbone.arch} with weights={backbone.weights} has no backbone.url: "
-            "timm fetches tagged weights itself; nothing to download.",
-            file=sys.stderr,
-        )
-        return 0
+        if backbone.weights is None or not is_timm_tag(backbone.weights):
+            print(f"backbone.weights={backbone.weights}: nothing to download.", file=sys.stderr)
+            return 0
+        return prefetch_tag(backbone)
     fix = f"it is not the checkpoint {backbone.url} should serve"
     held = []  # what the check found, for the message: the file is read once
 
@@ -47,6 +48,24 @@ def main(overrides: list[str]) -> int:
     print(f"{path} is ready ({held[0]}): python run.py {' '.join(overrides)}")
     if backbone.sha256 is None:
         print(pin_advice(sha256_of(path), overrides))
+    return 0
+
+
+def prefetch_tag(backbone) -> int:
+    """A timm tag into the Hugging Face cache, as a run would load it: compute nodes are often
+    offline, and a run there finds the tag in a cache (``HF_HOME``) it shares with this node."""
+    try:
+        model = create_model(
+            backbone.arch, backbone.weights, backbone.img_size, **backbone.arch_kwargs
+        )
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    tensors = len(model.state_dict())
+    print(
+        f"backbone.weights={backbone.weights} is ready in the Hugging Face cache {HF_HUB_CACHE} "
+        f"({tensors} tensors); runs on nodes sharing it load it offline (HF_HUB_OFFLINE=1)."
+    )
     return 0
 
 

@@ -13,6 +13,7 @@ import sys
 import threading
 
 import pytest
+import timm
 import torch
 
 from mim_agg.backbones.loading import describe_checkpoint
@@ -198,3 +199,72 @@ def test_the_script_fetches_a_backbone_that_then_loads_offline(tmp_path, checkpo
     torch.testing.assert_close(
         tokens, reference_tokens(encoder, IMAGES, heads=12), atol=1e-5, rtol=1e-5
     )
+
+
+class HubServer:
+    """The two answers huggingface_hub needs for one file of a model repository (HEAD with
+    the commit and ETag, then GET), under ``HF_ENDPOINT``; anything else is not found."""
+
+    def __init__(self, filename: str, payload: bytes) -> None:
+        commit, etag = "0123456789abcdef" * 2 + "01234567", hashlib.sha256(payload).hexdigest()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self, body: bool) -> None:
+                if not self.path.split("?")[0].endswith(f"/resolve/main/{filename}"):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("ETag", f'"{etag}"')
+                self.send_header("X-Repo-Commit", commit)
+                self.end_headers()
+                if body:
+                    self.wfile.write(payload)
+
+            def do_HEAD(self):  # noqa: N802 (http.server's name)
+                self.answer(body=False)
+
+            def do_GET(self):  # noqa: N802
+                self.answer(body=True)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.mark.slow
+def test_the_script_prefetches_a_timm_tag_that_then_loads_offline(tmp_path):
+    from safetensors.torch import save
+
+    from mim_agg.backbones import FrozenBackbone
+    from tests.helpers import TINY_ARCH
+
+    tag = f"{TINY_ARCH}.augreg_in21k"  # in no other test's hub cache
+    torch.manual_seed(3)
+    weights = {k: v.contiguous() for k, v in timm.create_model(TINY_ARCH).state_dict().items()}
+    hub = HubServer("model.safetensors", save(weights))
+    script = [sys.executable, str(PROJECT_ROOT / "scripts" / "download_weights.py")]
+    env = {**cli_environment(tmp_path), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    try:
+        fetched = subprocess.run(
+            [*script, "backbone=vit_tiny", f"backbone.weights={tag}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    finally:
+        hub.close()
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert f"backbone.weights={tag} is ready in the Hugging Face cache" in fetched.stdout
+    backbone = FrozenBackbone(TINY_ARCH, weights=tag, img_size=224)  # offline, from that cache
+    for key, value in backbone.model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], msg=key)

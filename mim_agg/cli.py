@@ -39,8 +39,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run_task(cfg, context)
     except UserError as error:
-        with contextlib.suppress(OSError):  # the folder Hydra made for a run refused at once
-            Path(cfg.paths.output_dir).rmdir()
+        remove_empty_run_folder(cfg)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if context.sweep_dir is None:
@@ -55,6 +54,15 @@ def main(cfg: DictConfig) -> float | None:
         record_failure(context, cfg, error)
         return None
     return summary.get("val/acc1_best")
+
+
+def remove_empty_run_folder(cfg: DictConfig) -> None:
+    """The run folder Hydra made for a run refused before it wrote anything (never a report's
+    sweep folder or a cache folder, which are not Hydra's to make)."""
+    folder = Path(cfg.paths.output_dir).resolve()
+    if folder.parent == Path(cfg.paths.output_root, "runs").resolve():
+        with contextlib.suppress(OSError):  # not empty: the run folder records the failure
+            folder.rmdir()
 
 
 def record_failure(context: RunContext, cfg: DictConfig, error: Exception) -> None:

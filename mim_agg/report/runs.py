@@ -42,7 +42,8 @@ def read_sweeps(sweep_dirs: list[Path]) -> list[Job]:
         if not (sweep_dir / "multirun.yaml").is_file():
             raise UserError(
                 f"report.sweep_dir={str(sweep_dir)!r} is no sweep folder (no multirun.yaml); "
-                "give the outputs/multirun/<time> folder that `python run.py -m ...` printed."
+                "give the folder a sweep printed as 'Sweep folder: ...' (outputs/multirun/<time>; "
+                "a relative path is taken from MIM_AGG_ROOT, else the current folder)."
             )
         jobs += read_sweep(sweep_dir)
     return jobs

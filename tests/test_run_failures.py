@@ -76,3 +76,21 @@ def test_a_newcomers_first_mistakes_name_their_fix(tmp_path, overrides, fix):
     cfg = compose_config(overrides, tmp_path)  # the defaults: probe.warmup_epochs=10
     with pytest.raises(UserError, match=re.escape(fix)):
         run_task(cfg)
+
+
+@pytest.mark.parametrize("task", ["probe", "knn", "analyze"])
+def test_a_new_config_group_renames_no_existing_run(task):
+    """A run's identity is what its task reads: a group added (for a protocol to come) enters
+    no other task's hash, so no finished run is found under another name and trained again."""
+    from omegaconf import open_dict
+
+    from mim_agg.runs.identity import config_hash, result_config
+
+    cfg = compose_config([f"task={task}"])
+    before = config_hash(result_config(cfg))
+    with open_dict(cfg):
+        cfg.logreg = {"C": [0.1, 1.0], "max_iter": 1000}
+    assert config_hash(result_config(cfg)) == before
+    with open_dict(cfg):
+        cfg.dataset.name = "another"  # a group it reads does count
+    assert config_hash(result_config(cfg)) != before

@@ -12,13 +12,8 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-# Keys that never change a run's numbers, for every task.
+# Keys inside the groups a task reads that never change a run's numbers, for every task.
 NOT_RESULTS = (
-    "paths",
-    "slurm",
-    "logger",
-    "tags",
-    "resume",
     "dataset.num_workers",
     "probe.checkpoint_every_n_steps",
     "cache.verify",
@@ -33,31 +28,25 @@ NOT_RESULTS = (
     "trainer.log_every_n_steps",
     "trainer.enable_model_summary",
 )
-# Groups a task never reads.
-UNUSED_BY_TASK = {
-    "probe": ("analysis", "report", "knn"),
-    "knn": (
-        *("probe", "analysis", "report", "callbacks"),
-        *("dataset.augment", "cache.views", "trainer.max_epochs"),  # fixed / unused by k-NN
-    ),
-    "analyze": ("probe", "heads", "aggregator", "report", "callbacks", "knn", "cache"),
-}
 
 
 def result_config(cfg: DictConfig) -> dict:
-    """The resolved config values that define a run's results, as a plain nested dict."""
-    ignored = (*NOT_RESULTS, *UNUSED_BY_TASK.get(cfg.task, ()))
-    if cfg.task == "probe" and cfg.probe.features != "cached":
-        ignored += ("cache",)  # the cache's options matter only to runs that read it
+    """The resolved config values that define a run's results, as a plain nested dict: the
+    groups its task ``reads`` (by inclusion, so a group added for another task never enters
+    this one's identity and never renames its runs), less the keys inside them that change no
+    number (``NOT_RESULTS`` and the task's ``IGNORED``)."""
+    from mim_agg.tasks import TASKS  # the tasks import the builders, which import this module
+
+    task = TASKS[cfg.task]
     kept = {}
-    for key in cfg:
-        if key == "hydra" or key in ignored:
+    for key in task.reads(cfg):
+        if key not in cfg:
             continue
         value = cfg[key]
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
         kept[key] = value
-    return _drop(kept, [k for k in ignored if "." in k])
+    return _drop(kept, [*NOT_RESULTS, *task.IGNORED])
 
 
 def _drop(config: dict, dotted_keys: list[str]) -> dict:

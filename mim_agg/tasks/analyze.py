@@ -42,6 +42,12 @@ SPLITS = {"val": "test", "train": "train"}
 log = logging.getLogger(__name__)
 
 USES_RUN_FOLDER = True
+IGNORED = ()
+
+
+def reads(cfg: DictConfig) -> tuple[str, ...]:
+    """The config groups the analysis depends on (its run's identity): no aggregator."""
+    return ("task", "seed", "backbone", "dataset", "analysis", "trainer")
 
 
 def run(cfg: DictConfig, watch=None) -> dict:

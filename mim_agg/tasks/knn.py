@@ -34,9 +34,15 @@ from mim_agg.utils.results import log_table, write_csv
 log = logging.getLogger(__name__)
 
 USES_RUN_FOLDER = True
+IGNORED = ("dataset.augment", "cache.views", "trainer.max_epochs")  # fixed, or unused, by k-NN
 QUERY_SPLITS = ("heldout", "test")
 CAUSES = f"{TOKEN_CAUSES}; for a probe's head also knn.probe_ckpt"
 COLUMNS = ("head", "aggregator", "k", "temperature", "val/acc1_best", "test/acc1", "test/acc5")
+
+
+def reads(cfg: DictConfig) -> tuple[str, ...]:
+    """The config groups k-NN's results depend on (its run's identity)."""
+    return ("task", "seed", "heads", "backbone", "aggregator", "dataset", "cache", "knn", "trainer")
 
 
 def run(cfg: DictConfig, watch=None) -> dict:

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 
 
 USES_RUN_FOLDER = True
+IGNORED = ()  # keys inside the read groups that never change a probe's numbers
+
+
+def reads(cfg: DictConfig) -> tuple[str, ...]:
+    """The config groups a probe's results depend on (its run's identity): the cache's
+    options only when it trains from the cache."""
+    groups = ("task", "seed", "heads", "backbone", "aggregator", "callbacks", "dataset", "probe")
+    return (*groups, "cache", "trainer") if cfg.probe.features == "cached" else (*groups, "trainer")
 
 
 def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:

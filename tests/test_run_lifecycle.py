@@ -1,5 +1,6 @@
-"""How a run ends when it cannot go on: bad input leaves no folder behind, a full disk and a
-damaged record end in one message, and the record never stays "running"."""
+"""A run's life: its identity (what its task reads, never renamed by a new group), and how it
+ends when it cannot go on: bad input leaves no folder behind, a full disk and a damaged record
+end in one message, and the record never stays "running"."""
 
 from __future__ import annotations
 

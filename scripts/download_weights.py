@@ -81,4 +81,7 @@ def pin_advice(digest: str, overrides: list[str]) -> str:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        raise SystemExit(0)
     raise SystemExit(main(sys.argv[1:]))

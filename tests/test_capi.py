@@ -270,3 +270,15 @@ def test_a_checkpoint_of_another_depth_does_not_fit(tmp_path):
     torch.save(authors_checkpoint(depth=1), tmp_path / "capi.pth")
     with pytest.raises(ValueError, match=r"\(capi format\) does not fit.*depth=2"):
         FrozenBackbone("capi_vitl14", str(tmp_path / "capi.pth"), img_size=SIZE, arch_kwargs=SMALL)
+
+
+def test_blocks_to_take_follows_timms_indices_convention():
+    from mim_agg.backbones.capi import blocks_to_take
+
+    assert blocks_to_take(12, None) == (list(range(12)), 11)
+    assert blocks_to_take(12, 1) == ([11], 11)
+    assert blocks_to_take(12, 3) == ([9, 10, 11], 11)
+    assert blocks_to_take(12, [0, -1, 5]) == ([0, 11, 5], 11)
+    assert blocks_to_take(12, [2, 4]) == ([2, 4], 4)  # blocks past 4 are never run
+    with pytest.raises(ValueError, match="outside"):
+        blocks_to_take(12, [12])

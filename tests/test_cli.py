@@ -1,4 +1,4 @@
-"""The command line as users type it, in subprocesses."""
+"""The command line as users type it, in subprocesses (every test here is slow)."""
 
 import json
 import signal
@@ -10,6 +10,7 @@ from mim_agg.cli import CONFIG_DIR
 from mim_agg.tasks import TASKS
 from tests.helpers import FAST, PROJECT_ROOT, popen_cli, run_cli
 
+pytestmark = pytest.mark.slow
 
 def test_help_lists_tasks_every_group_and_option_and_the_scripts(tmp_path):
     result = run_cli("--help", root=tmp_path)
@@ -69,7 +70,6 @@ def test_a_checkpoint_not_yet_downloaded_says_the_command_that_fetches_it(tmp_pa
     assert "python scripts/download_weights.py backbone=capi_vitl" in result.stderr
 
 
-@pytest.mark.slow
 def test_quickstart(tmp_path):
     result = run_cli("experiment=quickstart", root=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,7 +82,6 @@ def test_quickstart(tmp_path):
     assert "epoch 14 of 15" in log
 
 
-@pytest.mark.slow
 def test_rerunning_a_command_finds_its_run_and_a_sweep_links_its_jobs(tmp_path):
     single = run_cli(*FAST, "probe.epochs=1", "aggregator=mean", root=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -104,7 +103,6 @@ def test_rerunning_a_command_finds_its_run_and_a_sweep_links_its_jobs(tmp_path):
     assert records[0]["label"] == "aggregator=cls"  # the W&B name: what differs in the sweep
 
 
-@pytest.mark.slow
 def test_a_second_run_in_a_busy_folder_refuses_at_once(tmp_path):
     command = [*FAST, "aggregator=mean", "probe.epochs=30"]
     first = popen_cli(*command, root=tmp_path)

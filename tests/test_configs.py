@@ -1,7 +1,9 @@
 """Every option of every config group composes and instantiates; typos fail at composition."""
 
 import dataclasses
+import runpy
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -269,3 +271,13 @@ def test_misspelled_key_in_a_config_file_fails(tmp_path, group, text, message):
     ):
         compose("config", overrides=overrides)
     assert message in str(error.value) + str(error.value.__cause__)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (PROJECT_ROOT / "scripts").glob("*.py")))
+def test_every_script_answers_help_with_its_usage(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_path(str(PROJECT_ROOT / "scripts" / script), run_name="__main__")
+    assert exit_status.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert f"scripts/{script}" in out or "usage:" in out

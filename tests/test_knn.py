@@ -146,9 +146,11 @@ def test_a_probe_checkpoint_with_nan_pooling_weights_is_refused(probe_ckpt, tmp_
         run_task(compose_config(with_probe(ckpt), tmp_path))
 
 
-def test_knn_without_heldout_needs_a_single_k_and_t(tmp_path):
+def test_knn_without_heldout_needs_a_single_k_and_t(tmp_path, caplog):
+    caplog.set_level("INFO", logger="mim_agg")
     overrides = [*FAST, "task=knn", "dataset.heldout_fraction=0"]
     with pytest.raises(ConfigError, match="needs held-out data"):
         run_task(compose_config(overrides, tmp_path / "grid"))
     summary = run_task(compose_config([*overrides, "knn.k=[5]"], tmp_path / "one"))
     assert summary["heads"]["cls"]["val/acc1_best"] is None and summary["heads"]["cls"]["k"] == 5
+    assert "Result of cls: test acc1" in caplog.text and "chosen on held-out" not in caplog.text

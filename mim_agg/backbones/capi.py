@@ -26,8 +26,24 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
+
+
+def blocks_to_take(depth: int, indices: int | list[int] | None) -> tuple[list[int], int]:
+    """timm's convention for ``forward_intermediates``' ``indices`` (timm keeps its own helper
+    in a private module): an int takes the last n blocks, a list the blocks it names (negative
+    from the end), None all; also the deepest block needed."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices} must lie in [1, {depth}].")
+        taken = list(range(depth - indices, depth))
+    else:
+        taken = [i + depth if i < 0 else i for i in indices]
+        if not all(0 <= i < depth for i in taken):
+            raise ValueError(f"indices={indices} name blocks outside [0, {depth}).")
+    return taken, max(taken)
 
 
 class CapiRope(nn.Module):
@@ -254,7 +270,7 @@ class CapiEncoder(nn.Module):
         and unless ``intermediates_only`` the normalised last tokens before them."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}.")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        take_indices, max_index = blocks_to_take(len(self.blocks), indices)
         batch = len(x)
         x, coords, (rows, cols) = self.embed(x)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
@@ -279,7 +295,7 @@ class CapiEncoder(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False
     ) -> list[int]:
         """Drop the blocks after the last one ``indices`` needs (and the final norm)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        take_indices, max_index = blocks_to_take(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()

@@ -35,7 +35,7 @@ def submitit_signal() -> int | None:
         return None
     import submitit
 
-    return submitit.JobEnvironment._usr_sig()
+    return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
 
 
 class SignalWatch:

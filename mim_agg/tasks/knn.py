@@ -191,7 +191,9 @@ def evaluate(cfg, heldout: NearestNeighbours, test: NearestNeighbours, targets, 
 
 
 def show(summary: dict) -> None:
-    table = Table(title="mim_agg k-NN (test accuracy with the held-out-chosen k and T)")
+    chosen = summary["heads"][summary["winner"]]["val/acc1_best"] is not None
+    how = "k and T chosen on held-out" if chosen else "one head, one k and T: nothing chosen"
+    table = Table(title=f"mim_agg k-NN (test accuracy; {how})")
     for column in ("head", "test acc1", "test acc5", "held-out acc1", "k", "T"):
         table.add_column(column, justify="left" if column == "head" else "right")
     for name, result in summary["heads"].items():
@@ -207,9 +209,11 @@ def show(summary: dict) -> None:
     log_table(table)
     best = summary["heads"][summary["winner"]]
     log.info(
-        "Winner %s: test acc1 %.2f%% (k=%s, T=%g chosen on held-out)",
+        "%s %s: test acc1 %.2f%% (k=%s, T=%g%s)",
+        "Winner" if chosen else "Result of",
         summary["winner"],
         100 * best["test/acc1"],
         best["k"],
         best["temperature"],
+        " chosen on held-out" if chosen else "",
     )

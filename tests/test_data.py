@@ -333,3 +333,28 @@ def test_every_rank_trains_its_share_as_train_epoch_counts(batch_size, world_siz
     assert images == data.train_epoch(world_size)[1] > 0
     if batch_size >= 150:
         assert images == 150 + (-150 % world_size)  # all of them, shares padded alike
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({}, "Dataset 'synthetic': 150 train, 50 held-out, 80 test images of 4 classes"),
+        (
+            dict(shots=10, subset_seed=7),
+            "Dataset 'synthetic': 32 train, 8 held-out, 80 test images of 4 classes; low-shot: "
+            "10 images of each class (train and held-out together), subset seed 7",
+        ),
+        (
+            dict(fraction=0.2),
+            "; low-shot: a fraction 0.2 of each class (train and held-out together), subset seed 0",
+        ),
+    ],
+)
+def test_setup_says_once_how_many_images_each_split_holds(caplog, options, said):
+    """Every task reads its images through ``setup``: one line gives the counts."""
+    data = datamodule(heldout_fraction=0.25, **options)
+    with caplog.at_level("INFO", logger="mim_agg.data.datamodule"):
+        data.setup()
+        data.setup()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Dataset")]
+    assert said in line

@@ -66,6 +66,7 @@ def test_resumed_run_equals_uninterrupted(scenario, uninterrupted, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming from" in (run_dir / "cli.log").read_text()
     assert results(run_dir) == uninterrupted
+    assert "not resumable" not in second.stderr  # Lightning restored the loader's position
     record = json.loads((run_dir / "run.json").read_text())
     if signum == "SIGKILL":  # the dead process's lock is free: taken over with a message
         assert "ended without a word (killed?); taking over" in second.stdout
@@ -84,3 +85,4 @@ def test_loader_workers_change_nothing(uninterrupted, tmp_path):
     second = run_cli(*command, root=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert results(only_run(tmp_path)) == uninterrupted
+    assert "not resumable" not in second.stderr

@@ -6,6 +6,7 @@ split, evaluated with the eval transform. The test split is never used to choose
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import lightning as L
@@ -16,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mim_agg.data.sampling import EpochSampler, seeded_random
+from mim_agg.data.sampling import EpochLoader, EpochSampler, seeded_random
 from mim_agg.data.sources import (
     DataError,
     UnreadableImage,
@@ -29,6 +30,8 @@ from mim_agg.data.sources import (
 )
 from mim_agg.data.transforms import build_transform
 from mim_agg.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class TransformedSubset(Dataset):
@@ -84,7 +87,8 @@ class SplitLoaders(L.LightningDataModule):
     """Loaders over ``splits`` (train, heldout, test) of images or of cached tokens.
 
     Training is shuffled per epoch from the seed, sharded across DDP ranks by the sampler
-    itself, and, after a restore, starts at the first batch the restored epoch has not trained.
+    itself, and resumable mid-epoch: the loader's state, which Lightning checkpoints, says
+    where it stopped (``EpochLoader``).
     """
 
     splits: dict[str, Dataset]
@@ -93,18 +97,22 @@ class SplitLoaders(L.LightningDataModule):
     num_workers: int
     num_classes: int
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> EpochLoader:
+        """This rank's training loader. Lightning then hands it the checkpoint's loader state,
+        if any, before the first batch (``EpochLoader.load_state_dict``)."""
         trainer = self.trainer
         if trainer is None:
             return self.train_loader()
-        done = self._batches_done(trainer)
         return self.train_loader(
-            trainer.world_size, trainer.global_rank, trainer.current_epoch, done
+            trainer.world_size,
+            trainer.global_rank,
+            trainer.current_epoch,
+            self._batches_stepped(trainer),
         )
 
     def train_loader(
         self, world_size: int = 1, rank: int = 0, epoch: int = 0, batches_done: int = 0
-    ) -> DataLoader:
+    ) -> EpochLoader:
         """Rank ``rank``'s training batches of ``epoch``, after the first ``batches_done``;
         what they hold over all ranks is ``train_epoch``'s count."""
         dataset = self.splits["train"]
@@ -112,8 +120,9 @@ class SplitLoaders(L.LightningDataModule):
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed
         )
         drop_last = sampler.num_samples > self.batch_size  # this rank's share, not the split's
-        sampler.resume_at(epoch, batches_done, self.batch_size, drop_last)
-        return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **self._loader_options())
+        loader = EpochLoader(dataset, sampler, drop_last=drop_last, **self._loader_options())
+        loader.start_after(epoch, batches_done)
+        return loader
 
     def train_epoch(self, world_size: int) -> tuple[int, int]:
         """``(batches, images)``: the batches each rank trains per epoch and the images they
@@ -129,10 +138,14 @@ class SplitLoaders(L.LightningDataModule):
         batches = share // self.batch_size
         return batches, batches * self.batch_size * world_size
 
-    @staticmethod
-    def _batches_done(trainer) -> int:
-        """Batches of the current epoch trained before the checkpoint this fit restored."""
-        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    def _batches_stepped(self, trainer) -> int:
+        """The batches of the current epoch that the restored global step accounts for:
+        where checkpoints written before the loader had a state (Lightning loads none from
+        them) resume, as they always did. Read from public counters, so right only in a loader
+        built after the restore (``LinearProbe.on_fit_start``); a loader state wins."""
+        batches = self.train_epoch(trainer.world_size)[0]
+        steps_per_epoch = -(-batches // trainer.accumulate_grad_batches)
+        return trainer.global_step % steps_per_epoch * trainer.accumulate_grad_batches
 
     @property
     def has_heldout(self) -> bool:
@@ -246,6 +259,7 @@ class ProbeDataModule(SplitLoaders):
             "heldout": TransformedSubset(train, np.sort(heldout_idx), self.eval_transform),
             "test": TransformedSubset(test, test_idx, self.eval_transform),
         }
+        log.info("%s", self.describe())
 
     def _subsample(self, targets: np.ndarray, size: int | None, key: str) -> np.ndarray:
         """A stratified, seeded subset of ``size`` indices (all of them when ``size`` is None),
@@ -317,6 +331,22 @@ class ProbeDataModule(SplitLoaders):
             held.append(members[:count])
             kept.append(members[count:])
         return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+    def describe(self) -> str:
+        """How much data the run learns and is judged on, said once by every task that reads
+        images (``setup``), so a number in a table can be read against its data."""
+        train, heldout, test = (len(self.splits[split]) for split in ("train", "heldout", "test"))
+        text = (
+            f"Dataset {self.name!r}: {train} train, {heldout} held-out, {test} test images "
+            f"of {self.num_classes} classes"
+        )
+        if self.low_shot:
+            per_class = f"{self.shots} images" if self.shots else f"a fraction {self.fraction}"
+            text += (
+                f"; low-shot: {per_class} of each class (train and held-out together), "
+                f"subset seed {self.subset_seed}"
+            )
+        return text
 
     def subset_listing(self) -> str:
         """The train and held-out images of a low-shot subset, one per line: split, index in

@@ -13,7 +13,7 @@ from tests.signals import signal_once
 
 pytestmark = pytest.mark.slow
 
-# 3 epochs of 11 steps (180 training images, batch 16), a checkpoint every 4 steps.
+# 3 epochs of 9 steps (150 training images, batch 16), a checkpoint every 4 steps.
 RESUMABLE = [*FAST, "aggregator=abmilp", "probe.epochs=3", "probe.checkpoint_every_n_steps=4"]
 TIMING = ("backbone_images_per_s", "train_images_per_s", "wall_time_s")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import time
 
@@ -257,7 +258,7 @@ class LinearProbe(L.LightningModule):
             )
         groups = [group for group in groups if group["params"]]
         optimizer = OPTIMIZERS[self.optimizer_name](groups, self.momentum)
-        total = max(1, trainer.estimated_stepping_batches)
+        total = max(1, self._optimizer_steps())
         warmup = round(total * self.warmup_epochs / max(1, trainer.max_epochs))
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -279,12 +280,17 @@ class LinearProbe(L.LightningModule):
             )
         return min(nominal, epoch_images)
 
-    def on_fit_start(self) -> None:
-        """Drop the train loader that ``estimated_stepping_batches`` built in
-        ``configure_optimizers``, before a checkpoint was restored: the loader built after the
-        restore starts at the restored epoch and batch (``ProbeDataModule.train_dataloader``).
-        """
-        self.trainer.fit_loop._combined_loader = None
+    def _optimizer_steps(self) -> int:
+        """The schedule's length as Lightning's ``estimated_stepping_batches`` counts it
+        (optimizer steps per epoch x epochs, at most ``max_steps``), from the data module's
+        count: Lightning's estimate builds the train loader here, before a checkpoint is
+        restored, and that loader would then never receive its saved position."""
+        trainer = self.trainer
+        batches, _ = trainer.datamodule.train_epoch(trainer.world_size)
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # ------------------------------------------------------------------ timing, checkpoints
     def on_train_start(self) -> None:

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import subprocess
 
 import pytest
 import torch
@@ -95,3 +96,24 @@ def test_a_new_config_group_renames_no_existing_run(task):
     with open_dict(cfg):
         cfg.dataset.name = "another"  # a group it reads does count
     assert config_hash(result_config(cfg)) != before
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_no_half_checkpoint(tmp_path):
+    """A real full disk (a 60 KB tmpfs): the checkpoint that does not fit is never left
+    half-written, so the rerun is not told to delete a truncated last.ckpt."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60k", "tmpfs", str(disk)])
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        cfg = compose_config(
+            ["debug=fast", "dataset=digits", "probe.epochs=1", "probe.warmup_epochs=0"], disk
+        )
+        with pytest.raises(DiskFull, match="No space left"):
+            run_task(cfg)
+        checkpoint = disk / "run" / "checkpoints" / "last.ckpt"
+        assert not checkpoint.exists() or torch.load(checkpoint, weights_only=True)
+        assert json.loads((disk / "run" / "run.json").read_text())["status"] == "failed"
+    finally:
+        subprocess.run(["umount", str(disk)])

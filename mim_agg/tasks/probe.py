@@ -19,6 +19,7 @@ from mim_agg.cache import CachedDataModule, CachedTokens, open_cache
 from mim_agg.data.datamodule import SplitLoaders
 from mim_agg.errors import ConfigError
 from mim_agg.probe import LinearProbe
+from mim_agg.probe.checkpoint_io import AtomicCheckpointIO
 from mim_agg.probe.flops import added_gflops
 from mim_agg.probe.progress import ProbeProgressBar
 from mim_agg.runs.preemption import SignalWatch, StopOnSignal
@@ -142,7 +143,9 @@ def build_trainer(
     callbacks += [instantiate(callback) for callback in cfg.callbacks.values()]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(ProbeProgressBar())
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(output_dir),
@@ -189,7 +192,7 @@ def accumulation(cfg: DictConfig, world_size: int) -> int:
 
 
 def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    last = output_dir / "checkpoints" / "last.ckpt"  # replaced atomically, never half-written
+    last = output_dir / "checkpoints" / "last.ckpt"  # replaced atomically (AtomicCheckpointIO)
     if not (cfg.resume and last.is_file()):
         return None
     check_resumable(last)

@@ -164,11 +164,10 @@ def register_configs() -> None:
 
 def _run_dir(*, _root_: DictConfig) -> str:
     """``hydra.run.dir`` and ``hydra.sweep.subdir``: ``outputs/runs/<run_name>``, absolute (a
-    sweep's jobs live beside single runs, not inside the sweep folder); a report writes into
-    the sweep it reads."""
-    if _root_.task == "report":
-        folder = _root_.report.out_dir or _first(_root_.report.sweep_dir) or "."
-        return str(under_root(_root_.paths.root_dir, folder))
+    sweep's jobs live beside single runs, not inside the sweep folder); a report's is the root,
+    which exists (it writes into ``report.out_dir`` or the sweep it reads)."""
+    if _root_.task == "report":  # writes where report.out_dir says; Hydra must make nothing
+        return str(under_root(_root_.paths.root_dir, "."))
     if _root_.task == "extract":  # the cache is its output; it picks its own folder by key
         return os.path.abspath(_root_.paths.cache_dir)
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default={})
@@ -182,7 +181,3 @@ def under_root(root_dir: str, path: str) -> Path:
     (``MIM_AGG_ROOT``), where the outputs, data, weights and caches are, not from the current
     folder."""
     return Path(os.path.abspath(Path(root_dir) / os.path.expanduser(path)))
-
-
-def _first(sweep_dir):
-    return sweep_dir[0] if OmegaConf.is_list(sweep_dir) else sweep_dir

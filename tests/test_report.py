@@ -11,6 +11,7 @@ import statistics
 import pytest
 from omegaconf import OmegaConf
 
+from mim_agg.errors import UserError
 from mim_agg.report.table import cells, head_rows, varying_keys
 from mim_agg.runs.runner import run_task
 from mim_agg.utils.results import HEAD_COLUMNS, write_csv
@@ -205,3 +206,12 @@ def test_a_relative_sweep_folder_is_taken_from_the_project_root(tmp_path, monkey
     assert run_task(cfg)["out_dir"] == str(sweep_dir)
     assert (sweep_dir / "results.md").is_file()
     assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_sweep_of_analyses_is_pointed_to_the_figure_that_compares_them(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, ["seed=0,1"])
+    for seed in (0, 1):
+        run_dir = fake_job(sweep_dir, seed, ["task=analyze", f"seed={seed}"])
+        (run_dir / "heads.csv").unlink()  # an analysis trains no heads
+    with pytest.raises(UserError, match="trained no heads .* scripts/compare_attention.py"):
+        run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))

@@ -26,22 +26,30 @@ class SweepEnd(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from mim_agg.report.runs import read_sweep
+        from mim_agg.tasks import TASKS
         from mim_agg.tasks.report import report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if self.report:
             report([sweep_dir], sweep_dir)
         jobs = read_sweep(sweep_dir)
-        counts = {
-            s: sum(job.status == s for job in jobs) for s in dict.fromkeys(j.status for j in jobs)
-        }
-        log.info(
-            "Sweep ended: %s. Its table: python run.py task=report report.sweep_dir=%s",
-            ", ".join(f"{n} {status}" for status, n in counts.items()),
-            sweep_dir,
-        )
+        if TASKS[config.task].USES_RUN_FOLDER:  # extractions keep no run folder to count
+            log.info("Sweep ended: %s. %s", how_jobs_ended(jobs), next_step(config.task, sweep_dir))
         failed = [job for job in jobs if job.status == "failed"]
         for job in failed:
             log.error("Failed: %s: %s", job.name or "(no overrides)", job.error)
         if failed:
             raise SystemExit(1)
+
+
+def how_jobs_ended(jobs) -> str:
+    """``3 done, 1 failed``."""
+    statuses = [job.status for job in jobs]
+    return ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+
+
+def next_step(task: str, sweep_dir: Path) -> str:
+    """What to run on a finished sweep: its table, or for analyses the overlay figure."""
+    if task == "analyze":
+        return f"Its figure: python scripts/compare_attention.py {sweep_dir}"
+    return f"Its table: python run.py task=report report.sweep_dir={sweep_dir}"

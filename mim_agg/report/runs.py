@@ -113,7 +113,7 @@ def read_job(path: Path, name=" ".join) -> Job:
     if "backbone" in config:  # a label, not part of the run's identity: columns group by it
         config["backbone"]["family"] = OmegaConf.select(full, "backbone.family")
     heads = []
-    if status == "done":
+    if status == "done" and (path / "heads.csv").is_file():  # an analysis trains no heads
         with open(path / "heads.csv") as handle:
             heads = list(csv.DictReader(handle))
     return Job(name, status, path, config, heads, record.get("error"))

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig
 from mim_agg.analysis.figures import save_figure
 from mim_agg.config import under_root
 from mim_agg.errors import UserError
+from mim_agg.report import how_jobs_ended
 from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
 from mim_agg.report.runs import Job, read_sweeps
 from mim_agg.report.table import cells, constant_context, head_rows, markdown, varying_keys
@@ -74,13 +75,19 @@ def report_title(jobs: list[Job]) -> str:
     parts = [f"{key}={value}" for key, value in shared.items()]
     if jobs and differing:
         parts.append(f"{', '.join(differing)}: per column")
-    return "test top-1 (%) of the held-out-selected head\n" + ", ".join(parts)
+    return "\n".join(["test top-1 (%) of the held-out-selected head", ", ".join(parts)]).strip()
 
 
 def report(sweeps: list[Path], out: Path) -> dict:
     """Read the sweeps, print the table, write results.{csv,md,png} into ``out``."""
     jobs = read_sweeps(sweeps)
     finished = [job for job in jobs if job.status == "done"]
+    if finished and not any(job.heads for job in finished):
+        raise UserError(
+            f"The finished jobs of {', '.join(map(str, sweeps))} trained no heads (task=analyze"
+            "): there is no accuracy to tabulate. Overlay their attention statistics with "
+            "python scripts/compare_attention.py <sweep folder>."
+        )
     out.mkdir(parents=True, exist_ok=True)
     keys = varying_keys(finished)  # the table shows finished jobs; the others are listed
     title = report_title(finished)
@@ -96,5 +103,7 @@ def report(sweeps: list[Path], out: Path) -> dict:
         if BLOCK in keys and blocks_are_absolute(table, keys):
             save_figure(blocks_figure(table, keys, title), out / "results_blocks.png")
     counts = {s: sum(job.status == s for job in jobs) for s in sorted({j.status for j in jobs})}
-    log.info("Report of %d jobs (%s) -> %s/results.{csv,md,png}", len(jobs), counts, out)
+    log.info(
+        "Report of %d jobs (%s) -> %s/results.{csv,md,png}", len(jobs), how_jobs_ended(jobs), out
+    )
     return {"jobs": counts, "out_dir": str(out)}

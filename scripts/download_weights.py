@@ -39,6 +39,8 @@ def main(overrides: list[str]) -> int:
 
     def check(path) -> None:
         held.append(describe_checkpoint(path, fix))
+        arch_kwargs = backbone.arch_kwargs or {}
+        create_model(backbone.arch, str(path), backbone.img_size, **arch_kwargs)  # it fits
 
     try:
         path = download(backbone.url, backbone.weights, backbone.sha256, check=check)

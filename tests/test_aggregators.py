@@ -375,3 +375,14 @@ def test_a_refused_option_of_an_extra_head_names_its_own_key():
     cfg = compose_config([*FAST, "aggregator=center_crop"])
     with pytest.raises(ConfigError, match=r"^aggregator\.k=4 must lie in \[1, 2\]"):
         check_heads(cfg, backbone_layout(cfg))
+
+
+def test_the_readmes_small_image_bench8_example_fits():
+    from mim_agg.builders import backbone_layout, check_heads
+    from tests.helpers import PROJECT_ROOT, compose_config
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    example = "experiment=quickstart heads=bench8 heads.center_crop.k=2 heads.topk_attn.k=4"
+    assert example in readme
+    cfg = compose_config(example.split())
+    check_heads(cfg, backbone_layout(cfg))

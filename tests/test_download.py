@@ -268,3 +268,23 @@ def test_the_script_prefetches_a_timm_tag_that_then_loads_offline(tmp_path):
     backbone = FrozenBackbone(TINY_ARCH, weights=tag, img_size=224)  # offline, from that cache
     for key, value in backbone.model.state_dict().items():
         torch.testing.assert_close(value, weights[key], msg=key)
+
+
+def test_the_script_refuses_weights_of_another_architecture(tmp_path, tiny_state_dict, capsys):
+    """Weights that load as a checkpoint but do not fit the backbone's architecture (ViT-Ti
+    served for MoCo v3 ViT-S) are not called ready: a run would refuse them."""
+    import runpy
+
+    served = tmp_path / "tiny.pth"
+    torch.save(tiny_state_dict, served)
+    server = Server(served.read_bytes())
+    script = runpy.run_path(str(PROJECT_ROOT / "scripts" / "download_weights.py"))
+    try:
+        status = script["main"](
+            ["backbone=mocov3_vits", f"backbone.url={server.url}", f"paths.root_dir={tmp_path}"]
+        )
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert status == 2 and "does not fit backbone.arch=vit_small_patch16_224" in err
+    assert (tmp_path / "weights" / "mocov3_vit-s-300ep.pth.tar.bad").is_file()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import pytest
 import torch
@@ -219,3 +220,21 @@ def test_a_misfit_names_the_format_and_the_keys(tmp_path):
         ValueError, match=r"(?s)\(mocov3 format\) does not fit.*missing keys: blocks.1.mlp.fc2.bias"
     ):
         backbone(tmp_path / "m.pth", heads=12)
+
+
+class SystemCall:
+    """The classic payload: ``os.system`` (posix.system), a module torch blocks outright."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_calls_os_system_is_named_as_such(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"model": {"x": torch.zeros(1)}, "args": SystemCall(marker)}, tmp_path / "c.pth")
+    with pytest.raises(UserError, match=r"it pickles posix\.system, which could run code"):
+        backbone(tmp_path / "c.pth", heads=6)
+    assert not marker.exists()

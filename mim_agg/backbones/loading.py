@@ -102,11 +102,19 @@ def unreadable(path: Path, error: Exception, fix: str) -> str:
     return f"Checkpoint {str(path)!r} {why}; {fix}."
 
 
+# torch's words for a global its safe loader will not import: an allowed-list miss, and (for
+# modules such as os, posix or subprocess) a blocked module.
+REFUSED_GLOBAL = (
+    r"Unsupported global: GLOBAL (\S+) was not an allowed global"
+    r"|Trying to load unsupported GLOBAL (\S+) whose module \S+ is blocked"
+)
+
+
 def refused_global(path: Path, error: Exception) -> str | None:
     """The object torch's safe loader refused in a complete checkpoint (a zip archive whose
     pickle reads back whole, checksum and all), else None: a cut through a pickle can leave half
     a name that torch reports as refused too, and such a file is damaged, not crafted."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+) was not an allowed global", str(error))
+    found = re.search(REFUSED_GLOBAL, str(error))
     if found is None or not zipfile.is_zipfile(path):
         return None
     try:
@@ -116,7 +124,7 @@ def refused_global(path: Path, error: Exception) -> str | None:
                     archive.read(name)
     except (zipfile.BadZipFile, OSError, EOFError):
         return None
-    return found.group(1)
+    return found.group(1) or found.group(2)
 
 
 def text_start(path: Path, size: int = 64) -> str | None:

@@ -6,6 +6,8 @@ message names the key, the value and what would be valid.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from omegaconf import DictConfig
 
@@ -46,6 +48,14 @@ RULES = {
     "dataset.shots": (lambda v, c: v is None or v >= 1, "null or >= 1"),
     "dataset.fraction": (lambda v, c: v is None or 0 < v <= 1, "null or in (0, 1]"),
     "backbone.img_size": (lambda v, c: v >= 1, ">= 1"),
+    "backbone.mean": (
+        lambda v, c: v is None or (len(v) == 3 and all(math.isfinite(x) for x in v)),
+        "null or three finite numbers",
+    ),
+    "backbone.std": (
+        lambda v, c: v is None or (len(v) == 3 and all(0 < x < math.inf for x in v)),
+        "null or three finite numbers > 0",
+    ),
     "backbone.family": (lambda v, c: v in FAMILIES, "one of " + ", ".join(FAMILIES)),
     "probe.features": (lambda v, c: v in ("online", "cached"), "online or cached"),
     "cache.dtype": (

@@ -40,9 +40,12 @@ def test_every_head_diverging_fails_the_run_with_rates_to_try(tmp_path):
     assert record["status"] == "failed" and not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_non_finite_features_stop_the_run_at_once(tmp_path):
+def test_non_finite_normalisation_is_refused_before_anything_runs(tmp_path):
     cfg = compose_config([*FAST, "aggregator=mean", "backbone.mean=[nan,nan,nan]"], tmp_path)
-    with pytest.raises(UserError, match="non-finite.*backbone.mean"):
+    with pytest.raises(UserError, match=r"backbone.mean=\[nan, nan, nan\] is invalid"):
+        run_task(cfg)
+    cfg = compose_config([*FAST, "aggregator=mean", "backbone.std=[1,0,1]"], tmp_path)
+    with pytest.raises(UserError, match=r"backbone.std=\[1.0, 0.0, 1.0\] is invalid"):
         run_task(cfg)
 
 
@@ -55,9 +58,26 @@ def nan_weights(tmp_path, tiny_state_dict):
     return path
 
 
+def test_a_weights_file_holding_nans_is_refused_as_it_loads(nan_weights, tmp_path):
+    """NaNs in a weights file are refused before anything runs: some never reach the tokens
+    (an attention kernel can absorb them), and a number computed from a broken file is none."""
+    overrides = [*FAST, "task=knn", "knn.k=[5]", f"backbone.weights={nan_weights}"]
+    with pytest.raises(UserError, match=r"weights in .*nan\.safetensors' are non-finite"):
+        run_task(compose_config(overrides, tmp_path))
+
+
+@pytest.fixture
+def overflowing_weights(tmp_path, tiny_state_dict) -> str:
+    """Finite weights whose tokens are not: one MLP scaled past float32's range."""
+    tiny_state_dict["blocks.5.mlp.fc2.weight"] *= 1e37
+    path = tmp_path / "overflow.safetensors"
+    save_file(tiny_state_dict, str(path))
+    return f"backbone.weights={path}"
+
+
 @pytest.mark.parametrize("task", ["probe", "knn", "extract", "analyze"])
-def test_nan_weights_give_no_number_and_no_cache_in_any_task(task, nan_weights, tmp_path):
-    overrides = [*FAST, f"task={task}", "aggregator=mean", f"backbone.weights={nan_weights}"]
+def test_nan_tokens_give_no_number_and_no_cache_in_any_task(task, overflowing_weights, tmp_path):
+    overrides = [*FAST, f"task={task}", "aggregator=mean", overflowing_weights]
     overrides += ["knn.k=[5]", "analysis.num_images=8", "analysis.batch_size=8"]
     with pytest.raises(UserError, match=r"non-finite \(NaN or inf\).*backbone.weights"):
         run_task(compose_config(overrides, tmp_path))
@@ -67,13 +87,12 @@ def test_nan_weights_give_no_number_and_no_cache_in_any_task(task, nan_weights, 
 
 
 def test_knn_refuses_the_nan_features_of_a_cache_filled_before_that_was_checked(
-    nan_weights, tmp_path, monkeypatch
+    overflowing_weights, tmp_path, monkeypatch
 ):
     """Caches filled before extraction refused NaN tokens may hold them: k-NN reads them as
     features and refuses."""
     monkeypatch.setattr(extract, "require_finite", lambda *args, **kwargs: None)
-    overrides = [*FAST, "task=knn", "knn.k=[5]", "aggregator=mean"]
-    overrides.append(f"backbone.weights={nan_weights}")
+    overrides = [*FAST, "task=knn", "knn.k=[5]", "aggregator=mean", overflowing_weights]
     with pytest.raises(UserError, match=r"k-NN features of head 'mean'.*non-finite"):
         run_task(compose_config(overrides, tmp_path))
     assert list((tmp_path / "cache").rglob("*.safetensors"))  # the NaN cache was read

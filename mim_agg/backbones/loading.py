@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mim_agg.backbones.formats import recognise
+from mim_agg.backbones.tokens import require_finite
 from mim_agg.errors import ConfigError, MissingFile, UserError
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,11 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
             "num_heads) to the architecture the checkpoint was trained with, or "
             "backbone.weights to a checkpoint of this one."
         )
+    require_finite(
+        f"Values of the weights in {str(path)!r}",
+        state_dict.values(),
+        "the file: fetch it again, or pass a checkpoint saved before its training diverged",
+    )
     model.load_state_dict(state_dict, strict=False)
     log.info(
         "Loaded %s (%s format) into backbone.arch=%s: all %d tensors it reads, none missing; "

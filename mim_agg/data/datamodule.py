@@ -61,26 +61,33 @@ class TransformedSubset(Dataset):
         return self.transform(image), target
 
 
-def verify_images(source: Dataset, split: str, workers: int) -> None:
-    """Decode every image file of ``source`` (``dataset.verify=true``), in parallel threads
-    with a progress bar; all broken files are named at once, before any weights load."""
-    paths = [path for path, _ in getattr(source, "samples", [])]  # in-memory sets have none
-    if not paths:
-        return
-    broken = []
+def verify_images(sources: dict[str, Dataset], workers: int) -> None:
+    """Decode every image file of every split (``dataset.verify=true``), in parallel threads
+    with a progress bar; all broken files of all splits are named at once, before any weights
+    load, so one pass of fixes is enough."""
+    broken, counts = [], []
+    for split, source in sources.items():
+        paths = [path for path, _ in getattr(source, "samples", [])]  # in-memory sets have none
+        found = []
 
-    def check(path: str) -> None:
-        try:
-            load_image(path)
-        except UnreadableImage as error:
-            broken.append(unreadable(path, error.__cause__))
+        def check(path: str, found=found) -> None:
+            try:
+                load_image(path)
+            except UnreadableImage as error:
+                found.append(unreadable(path, error.__cause__))
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for _ in tqdm(pool.map(check, paths), total=len(paths), desc=f"verify {split}", unit="img"):
-            pass
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            progress = tqdm(
+                pool.map(check, paths), total=len(paths), desc=f"verify {split}", unit="img"
+            )
+            for _ in progress:
+                pass
+        if found:
+            counts.append(f"{split}: {len(found)} of {len(paths)}")
+            broken += sorted(found)
     if broken:
-        shown = "\n  ".join(sorted(broken)[:20])
-        raise DataError(f"{len(broken)} of {len(paths)} {split} images cannot be read:\n  {shown}")
+        shown = "\n  ".join(broken[:20])
+        raise DataError(f"{len(broken)} images cannot be read ({', '.join(counts)}):\n  {shown}")
 
 
 class SplitLoaders(L.LightningDataModule):
@@ -243,8 +250,8 @@ class ProbeDataModule(SplitLoaders):
         self.num_classes = self._resolve_num_classes(classes_of(train), labels)
         for split, source in (("train", train), ("test", test)):
             self._check_labels(split, targets_of(source))
-            if self.verify:
-                verify_images(source, split, self.num_workers)
+        if self.verify:
+            verify_images({"train": train, "test": test}, self.num_workers)
         train_idx = self._subsample(targets_of(train), self.train_size, "train_size")
         train_idx = self._low_shot(targets_of(train), train_idx)
         test_idx = self._subsample(targets_of(test), self.test_size, "test_size")

@@ -5,6 +5,7 @@ is opened as a run opens it before it counts as downloaded."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import random
@@ -288,3 +289,18 @@ def test_the_script_refuses_weights_of_another_architecture(tmp_path, tiny_state
     err = capsys.readouterr().err
     assert status == 2 and "does not fit backbone.arch=vit_small_patch16_224" in err
     assert (tmp_path / "weights" / "mocov3_vit-s-300ep.pth.tar.bad").is_file()
+
+
+def test_a_url_that_is_not_found_says_to_check_it_not_to_rerun(tmp_path):
+    served = tmp_path / "empty"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/nothing.pth"
+    try:
+        with pytest.raises(UserError, match=r"answers 404 .*Check backbone.url") as refused:
+            download(url, tmp_path / "weights.pth")
+    finally:
+        httpd.shutdown()
+    assert "Rerun" not in str(refused.value) and not (tmp_path / "weights.pth").exists()

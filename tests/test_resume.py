@@ -67,6 +67,7 @@ def test_resumed_run_equals_uninterrupted(scenario, uninterrupted, tmp_path):
     assert "Resuming from" in (run_dir / "cli.log").read_text()
     assert results(run_dir) == uninterrupted
     assert "not resumable" not in second.stderr  # Lightning restored the loader's position
+    assert "exists and is not empty" not in second.stderr  # the checkpoint being resumed
     record = json.loads((run_dir / "run.json").read_text())
     if signum == "SIGKILL":  # the dead process's lock is free: taken over with a message
         assert "ended without a word (killed?); taking over" in second.stdout

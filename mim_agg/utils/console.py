@@ -4,7 +4,8 @@ Lightning advertises a cloud logger when a trainer starts, warns that our frozen
 in eval mode (on purpose: ``FrozenBackbone.train``), passes on a deprecation from its own
 use of torch's pytree, and under DDP asks for ``sync_dist`` on every epoch-level value (ours
 come from torchmetrics, which already reduce over all processes; the training loss is a
-per-process monitor); none of it is about the user's run.
+per-process monitor), and on every resume that the checkpoint folder is not empty (it holds
+the checkpoint being resumed); none of it is about the user's run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ NOISE = (
     r".*module\(s\) in eval mode.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*It is recommended to use `self\.log\(.*sync_dist=True.*",
+    r"Checkpoint directory .* exists and is not empty\.",
 )
 
 

@@ -56,6 +56,16 @@ def _download(url: str, target: Path, sha256: str | None, timeout: float) -> Non
     done = part.stat().st_size if part.is_file() else 0
     try:
         _fetch(url, part, done, timeout)
+    except urllib.error.HTTPError as error:
+        if error.code >= 500:
+            raise UserError(
+                f"Downloading {url} stopped: the server answers {error.code} ({error.reason}); "
+                f"rerun the same command later, or fetch the file by other means to {target}."
+            ) from None
+        raise UserError(
+            f"{url} answers {error.code} ({error.reason}): the file is not there for us. Check "
+            f"backbone.url, or fetch the file by other means to {target}."
+        ) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
         kept = part.stat().st_size if part.is_file() else 0
         progress = f"{kept} bytes are kept in {part}. " if kept else ""

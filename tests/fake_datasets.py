@@ -36,7 +36,7 @@ class FakeInfo:
 def _jpeg(path: Path, label: int, index: int = 0) -> None:
     """Write a 16x16 RGB JPEG in the colour of ``label``, a little lighter for each ``index``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    colour = tuple(min(c + 12 * index, 255) for c in _COLOURS[label])
+    colour = tuple(min(c + 12 * index, 255) for c in _COLOURS[label % len(_COLOURS)])
     Image.new("RGB", (16, 16), colour).save(path, format="JPEG")
 
 
@@ -48,8 +48,8 @@ def _splits(*train_side: str, test: str) -> dict[str, int]:
     return {first: TRAIN_PER_CLASS - 1, second: 1, test: TEST_PER_CLASS}
 
 
-def _info() -> FakeInfo:
-    return FakeInfo(NUM_CLASSES, NUM_CLASSES * TRAIN_PER_CLASS, NUM_CLASSES * TEST_PER_CLASS)
+def _info(classes: int = NUM_CLASSES) -> FakeInfo:
+    return FakeInfo(classes, classes * TRAIN_PER_CLASS, classes * TEST_PER_CLASS)
 
 
 def _lines(path: Path, lines: list[str]) -> None:
@@ -60,7 +60,8 @@ def _lines(path: Path, lines: list[str]) -> None:
 def flowers102(root: Path) -> FakeInfo:
     """torchvision.datasets.Flowers102 reads ``flowers-102/imagelabels.mat`` (``labels``: the
     1-based class of image id i at position i-1), ``flowers-102/setid.mat`` (``trnid``, ``valid``,
-    ``tstid``: 1-based image ids) and ``flowers-102/jpg/image_{id:05d}.jpg``."""
+    ``tstid``: 1-based image ids) and ``flowers-102/jpg/image_{id:05d}.jpg``. Its 102 classes
+    are fixed, so every one gets images (a class without any would be refused)."""
     from scipy.io import savemat
 
     base = root / "flowers-102"
@@ -68,7 +69,7 @@ def flowers102(root: Path) -> FakeInfo:
     set_ids: dict[str, list[int]] = {}
     for key, per_class in _splits("trnid", "valid", test="tstid").items():
         set_ids[key] = []
-        for label in range(NUM_CLASSES):
+        for label in range(102):
             for k in range(per_class):
                 labels.append(label + 1)
                 image_id = len(labels)
@@ -78,7 +79,7 @@ def flowers102(root: Path) -> FakeInfo:
     # (each list has several ids: a single one would squeeze to a scalar).
     savemat(base / "imagelabels.mat", {"labels": np.array(labels, dtype=np.uint8)})
     savemat(base / "setid.mat", {k: np.array(v, dtype=np.uint16) for k, v in set_ids.items()})
-    return _info()
+    return _info(102)
 
 
 def food101(root: Path) -> FakeInfo:
@@ -108,9 +109,11 @@ def oxford_pets(root: Path) -> FakeInfo:
     """torchvision.datasets.OxfordIIITPet reads ``oxford-iiit-pet/annotations/{trainval,test}.txt``
     (lines "<Breed>_<n> <class id, 1-based> <species: 1 cat, 2 dog> <breed id in species>") and
     ``oxford-iiit-pet/images/<Breed>_<n>.jpg``; class names come from the image ids (cat breeds
-    are capitalised, dog breeds lower case, as in the official files)."""
+    are capitalised, dog breeds lower case, as in the official files). All 37 breeds get images:
+    torchvision names 37 classes, and a class without any would be refused."""
     base = root / "oxford-iiit-pet"
-    breeds = [("Abyssinian", 1, 1), ("american_bulldog", 2, 1), ("american_pit_bull_terrier", 2, 2)]
+    cats = [(f"Cat{i}", 1, i + 1) for i in range(12)]
+    breeds = [("Abyssinian", 1, 1), *cats[1:], *[(f"dog{i}", 2, i + 1) for i in range(25)]]
     number = 0
     for split, per_class in _splits("trainval", test="test").items():
         lines = []
@@ -120,7 +123,7 @@ def oxford_pets(root: Path) -> FakeInfo:
                 lines.append(f"{breed}_{number} {label + 1} {species} {breed_id}")
                 _jpeg(base / "images" / f"{breed}_{number}.jpg", label, k)
         _lines(base / "annotations" / f"{split}.txt", lines)
-    return _info()
+    return _info(len(breeds))
 
 
 def _annotations(rows: list[tuple[str, int]]) -> np.ndarray:

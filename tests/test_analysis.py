@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import runpy
 import subprocess
 import sys
 
@@ -429,3 +430,17 @@ def test_compare_lines_are_labelled_by_the_config_values_that_differ(analysis_sw
     for part in ("backbone.arch=vit_base_patch16_224", "dataset.name=digits", "analysis.split=val"):
         assert part in title
     assert "540 images" in title and "backbone.weights" not in title  # it differs: the legend
+
+
+def test_compare_takes_a_relative_sweep_folder_from_the_project_root(
+    analysis_sweep, monkeypatch, tmp_path
+):
+    """As the runs do: ``MIM_AGG_ROOT`` (or the current folder) is where ``outputs/`` is."""
+    root = analysis_sweep.parent.parent
+    monkeypatch.setenv("MIM_AGG_ROOT", str(root))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # anywhere but the root
+    relative = analysis_sweep.relative_to(root)
+    monkeypatch.setattr(sys, "argv", ["compare_attention.py", str(relative)])
+    runpy.run_path(str(PROJECT_ROOT / "scripts" / "compare_attention.py"), run_name="__main__")
+    assert (analysis_sweep / "attention_compare.png").is_file()

@@ -149,6 +149,7 @@ def test_the_script_refuses_garbage_then_fetches_the_file_and_says_how_to_pin_it
         b"<html><body>Quota exceeded</body></html>", content_type="application/octet-stream"
     )
     overrides = ["backbone=mocov3_vits", f"backbone.url={server.url}", f"paths.root_dir={tmp_path}"]
+    overrides.append("+backbone.arch_kwargs.depth=2")  # two blocks, as served
     script = [sys.executable, str(PROJECT_ROOT / "scripts" / "download_weights.py"), *overrides]
     env = cli_environment(tmp_path)
     target = tmp_path / "weights" / "mocov3_vit-s-300ep.pth.tar"

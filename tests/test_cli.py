@@ -12,6 +12,7 @@ from tests.helpers import FAST, PROJECT_ROOT, popen_cli, run_cli
 
 pytestmark = pytest.mark.slow
 
+
 def test_help_lists_tasks_every_group_and_option_and_the_scripts(tmp_path):
     result = run_cli("--help", root=tmp_path)
     assert result.returncode == 0, result.stderr

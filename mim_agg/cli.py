@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mim_agg.config import register_configs
-from mim_agg.errors import UserError
+from mim_agg.errors import UserError, one_line
 from mim_agg.report.runs import job_label, launched_overrides
 from mim_agg.runs.folder import RECORD, RunContext
 from mim_agg.runs.runner import run_task
@@ -68,10 +68,9 @@ def remove_empty_run_folder(cfg: DictConfig) -> None:
 def record_failure(context: RunContext, cfg: DictConfig, error: Exception) -> None:
     """One line in the job's log; and where no run folder records it (bad input refused
     before anything was computed leaves none), ``<sweep>/<job>.error`` for the report."""
-    message = f"{type(error).__name__}: {error}".splitlines()[0]
     print(f"Error in job {context.job_num} ({context.label}): {error}", file=sys.stderr)
     if not (Path(cfg.paths.output_dir) / RECORD).is_file():
-        write_atomic(Path(context.sweep_dir) / f"{context.job_num}.error", message + "\n")
+        write_atomic(Path(context.sweep_dir) / f"{context.job_num}.error", one_line(error) + "\n")
 
 
 def launcher_context() -> RunContext:

@@ -12,3 +12,9 @@ class ConfigError(UserError, ValueError):
 
 class MissingFile(UserError, FileNotFoundError):
     """A file the config names is not there (a checkpoint not yet downloaded, say)."""
+
+
+def one_line(error: BaseException) -> str:
+    """``ConfigError: backbone.block=99 is out of range ...``: how a run record and a sweep's
+    report name a failure."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from mim_agg.errors import UserError
+from mim_agg.runs.identity import config_hash
 from mim_agg.utils.files import read_json, sha256_of, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ def manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest without its digest, as canonical JSON (key order and spacing
     do not count, every value does)."""
     content = {key: value for key, value in manifest.items() if key != DIGEST}
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return config_hash(content, digits=64)  # manifests are strict JSON: no NaN to tell apart
 
 
 class TokenCache:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import json
 import logging
@@ -25,10 +24,10 @@ from pathlib import Path
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mim_agg.errors import UserError
+from mim_agg.errors import UserError, one_line
 from mim_agg.runs.identity import config_hash, differing_keys, result_config
 from mim_agg.runs.preemption import Preempted
-from mim_agg.utils.files import read_json, strict_json, write_atomic, write_json
+from mim_agg.utils.files import no_space, read_json, strict_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class RunFolder:
         try:
             write_json(self.path / RECORD, record)
         except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not no_space(error):
                 raise
             with open(self.path / RECORD, "r+") as file:
                 file.truncate(0)
@@ -237,7 +236,7 @@ class RunFolder:
         record["status"] = status
         record["attempts"][-1].update(ended=now(), status=status)
         if error is not None:
-            record["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+            record["error"] = one_line(error)
             try:
                 text = "".join(traceback.format_exception(error))
                 where = f"traceback in {write_atomic(self.path / 'error.txt', text)}"

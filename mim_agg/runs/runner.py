@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from mim_agg.errors import UserError
 from mim_agg.runs.folder import RunContext, RunFolder, global_rank
 from mim_agg.runs.preemption import Preempted, SignalWatch
 from mim_agg.tasks import TASKS
+from mim_agg.utils.files import no_space
 from mim_agg.validation import check_ranges
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def run_until_the_disk_fills(task, cfg: DictConfig, watch) -> dict:
     try:
         return task.run(cfg, watch)
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not no_space(error):
             raise
         where = error.filename2 or error.filename or cfg.paths.output_dir
         raise DiskFull(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -52,6 +53,11 @@ def strict_json(value):
 
 def write_json(path: Path, value) -> Path:
     return write_atomic(path, json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n")
+
+
+def no_space(error: OSError) -> bool:
+    """Whether ``error`` says the disk (or the user's quota) is full."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class DamagedFile(UserError):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mim_agg.backbones import FrozenBackbone, formats
-from mim_agg.backbones.capi import convert_capi, is_capi
+from mim_agg.backbones.formats.capi import convert_capi, is_capi
 from mim_agg.backbones.frozen import skeleton, watch_attention
 
 PATCH, REGISTERS, EPS = 14, 16, 1e-5

@@ -238,3 +238,17 @@ def test_a_checkpoint_that_calls_os_system_is_named_as_such(tmp_path):
     with pytest.raises(UserError, match=r"it pickles posix\.system, which could run code"):
         backbone(tmp_path / "c.pth", heads=6)
     assert not marker.exists()
+
+
+def test_a_file_two_formats_claim_is_refused_not_read_by_import_order(monkeypatch):
+    """Each format module registers itself; detection must not depend on which came first."""
+    from mim_agg.backbones import formats
+
+    claims_all = formats.Format("greedy", lambda checkpoint: True, dict)
+    monkeypatch.setitem(formats.FORMATS, "greedy", claims_all)
+    checkpoint = {"state_dict": {"module.base_encoder.cls_token": torch.zeros(1)}}
+    with pytest.raises(ValueError, match=r"\['mocov3', 'greedy'\] all claim one file"):
+        formats.recognise(checkpoint)
+    monkeypatch.delitem(formats.FORMATS, "greedy")
+    assert formats.recognise(checkpoint).name == "mocov3"
+    assert formats.recognise({"model": {"blocks.0.norm1.weight": torch.zeros(1)}}) is None

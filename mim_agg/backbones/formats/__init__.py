@@ -1,0 +1,73 @@
+"""The checkpoint formats of the field, each turned into a timm state dict.
+
+One module per format in this package, each registering its converter with
+``@checkpoint_format(name, detect)``: a format is recognised from the checkpoint's own keys; its
+converter keeps the evaluation encoder and renames its keys to timm's. Unknown layouts fall back
+to the generic unwrapping in ``mim_agg/backbones/loading.py`` (``{"model": ...}``, ``module.`` /
+``encoder.`` / ``backbone.`` prefixes). What a converter cannot place it keeps under the
+checkpoint's own name, so the strict load reports it, naming the recognised format.
+
+Adding a format is one module here (its ``detect`` and its converter) and one test that loads a
+file in the authors' key layout and compares the tokens with an independent reference forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    detect: Callable[[dict], bool]
+    convert: Callable[[dict], State]
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def checkpoint_format(name: str, detect: Callable[[dict], bool]):
+    """Function decorator: the decorated converter serves checkpoints ``detect`` recognises."""
+
+    def add(convert: Callable[[dict], State]) -> Callable[[dict], State]:
+        if name in FORMATS:
+            raise ValueError(f"Checkpoint format {name!r} is registered twice.")
+        FORMATS[name] = Format(name, detect, convert)
+        return convert
+
+    return add
+
+
+def recognise(checkpoint) -> Format | None:
+    """The one format whose keys ``checkpoint`` has, or None. Two formats claiming one file would
+    make the result depend on import order: a bug in a ``detect``, refused."""
+    if not isinstance(checkpoint, dict):
+        return None
+    found = [f for f in FORMATS.values() if f.detect(checkpoint)]
+    if len(found) > 1:
+        raise ValueError(f"Checkpoint formats {[f.name for f in found]} all claim one file.")
+    return found[0] if found else None
+
+
+def prefixed(state: State, prefix: str) -> State:
+    """The entries under ``prefix``, without it."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def nested(checkpoint: dict, key: str) -> dict:
+    """``checkpoint[key]`` where that is a dict, else an empty one."""
+    value = checkpoint.get(key) if isinstance(checkpoint, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["FORMATS", "Format", "State", "checkpoint_format", "nested", "prefixed", "recognise"]

@@ -95,13 +95,16 @@ def test_abmilp_weights_are_a_distribution_over_patches():
     torch.testing.assert_close(weights.sum(-1), torch.ones(3))
 
 
-def test_abmilp_all_tokens_include_cls():
-    aggregator = build("abmilp", tokens="all")
-    tokens, _ = tokens_and_attn()
+def test_abmilp_all_tokens_are_cls_and_patches_never_registers():
+    aggregator = build("abmilp", prefix=5, tokens="all")
+    tokens, _ = tokens_and_attn(prefix=5)  # [cls], 4 registers, the patches
     with torch.no_grad():
         aggregator.scorer[0].weight.zero_()
         aggregator.scorer[0].bias.zero_()
-    torch.testing.assert_close(aggregator(wrap(tokens)), tokens.mean(1))
+    expected = torch.cat([tokens[:, :1], tokens[:, 5:]], 1).mean(1)
+    torch.testing.assert_close(aggregator(wrap(tokens, prefix=5)), expected)
+    with pytest.raises(ValueError, match="aggregator.tokens=all reads"):
+        build("abmilp", prefix=0, tokens="all")  # no [cls] to read
 
 
 def test_abmilp_position_conditioning_is_fixed_and_changes_scores():

@@ -3,8 +3,9 @@
 Each YAML in ``conf/<group>/`` lists ``/schema/<group>@_here_`` first in its defaults;
 schemas live outside the groups, so they are no options. Every default lives in one place:
 the backbone and dataset schemas are derived from ``FrozenBackbone``'s and
-``ProbeDataModule``'s signatures (their YAMLs say only what differs), aggregators get one
-schema each from their keyword-only options, and the groups whose values live in their YAML
+``ProbeDataModule``'s signatures (their YAMLs say only what differs), each aggregator's
+schema, from its keyword-only options, is itself its option of the ``aggregator`` group (no
+YAML: ``register_aggregators``), and the groups whose values live in their YAML
 files (probe, analysis, report, cache, knn, W&B) declare types only (``MISSING``).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import textwrap
 import typing
 from dataclasses import Field, dataclass, field, make_dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, options_schema
@@ -154,12 +157,44 @@ def register_configs() -> None:
     store.store(group="schema", name="report", node=ReportConfig)
     store.store(group="schema", name="cache", node=CacheConfig)
     store.store(group="schema", name="knn", node=KnnConfig)
-    for name in AGGREGATORS:
-        store.store(group="schema/aggregator", name=name, node=options_schema(name))
-    resolvers = {"auto_precision": auto_precision, "run_dir": _run_dir}
+    register_aggregators(store)
+    resolvers = {
+        "auto_precision": auto_precision,
+        "run_dir": _run_dir,
+        "config_groups": config_groups,
+    }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+def register_aggregators(store: ConfigStore) -> None:
+    """Every registered aggregator as an option of the ``aggregator`` group, its options schema
+    the whole config (``aggregator=abmilp``, ``+aggregator@heads.x=abmilp``), and ``heads=all``:
+    each of them a head named by itself. Generated, so a new aggregator is its module alone;
+    called again after a registration made at runtime (a notebook, a test) to include it."""
+    for name in AGGREGATORS:
+        store.store(group="aggregator", name=name, node=options_schema(name))
+    every = [{f"/aggregator@{name}": name} for name in sorted(AGGREGATORS)]
+    store.store(group="heads", name="all", node={"defaults": every})
+
+
+def config_groups(width: int = 100) -> str:
+    """The ``--help`` rows: each config group and its options, as Hydra finds them (files in
+    ``conf/``, the registries' generated options, a searchpath's), so no list is kept by hand.
+    The config schemas (``schema``) and Hydra's own groups but its launcher are left out, as
+    is a group with nothing to choose (``local`` until a user writes one)."""
+    loader = GlobalHydra.instance().config_loader()
+    groups = [g for g in loader.list_groups("") if g not in ("hydra", "schema")]
+    groups = sorted([*groups, "hydra/launcher"])
+    indent = max(len(group) for group in groups) + 1
+    rows = []
+    for group in groups:
+        options = sorted(loader.get_group_options(group))
+        if options:
+            lines = textwrap.wrap(", ".join(options), width - indent, break_on_hyphens=False)
+            rows.append(group.ljust(indent) + f"\n{' ' * indent}".join(lines))
+    return "\n".join(rows)
 
 
 def _run_dir(*, _root_: DictConfig) -> str:

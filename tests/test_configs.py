@@ -1,5 +1,6 @@
 """Every option of every config group composes and instantiates; typos fail at composition."""
 
+import copy
 import dataclasses
 import runpy
 import subprocess
@@ -8,17 +9,19 @@ import sys
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from mim_agg.aggregators import AGGREGATORS, build_aggregator
-from mim_agg.backbones import FrozenBackbone, TokenLayout
+from mim_agg.aggregators import AGGREGATORS, Aggregator, build_aggregator, register
+from mim_agg.backbones import FrozenBackbone, TokenLayout, Tokens
 from mim_agg.backbones.frozen import is_timm_tag
 from mim_agg.builders import build_datamodule, head_grid
 from mim_agg.cli import CONFIG_DIR
-from mim_agg.config import BackboneConfig, DatasetConfig
+from mim_agg.config import BackboneConfig, DatasetConfig, register_configs
 from mim_agg.probe.module import OPTIMIZERS
 from mim_agg.tasks.probe import accumulation
 from mim_agg.utils.loggers import build_loggers
@@ -26,6 +29,13 @@ from tests.helpers import PROJECT_ROOT, compose_config
 
 
 def options(group: str) -> list[str]:
+    """The options Hydra offers for ``group``: files in ``conf/`` and generated ones (every
+    registered aggregator, ``heads=all``)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+
+
+def files(group: str) -> list[str]:
     return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
 
 
@@ -35,7 +45,7 @@ def options(group: str) -> list[str]:
 def test_config_files_say_only_what_differs_from_the_codes_defaults(group, schema):
     """A default lives in one place: the signature the schema is derived from."""
     defaults = {f.name: f.default for f in dataclasses.fields(schema)}
-    for name in options(group):
+    for name in files(group):
         values = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml"))
         repeated = [k for k, v in values.items() if k in defaults and v == defaults[k]]
         assert not repeated, f"{group}={name} repeats the default of {repeated}"
@@ -72,6 +82,12 @@ def test_backbone_options(name, tmp_path):
     assert backbone.layout.num_patches == (cfg.img_size // patch) ** 2
 
 
+def test_every_registered_aggregator_is_an_option_and_heads_all_trains_them_all():
+    assert options("aggregator") == sorted(AGGREGATORS)
+    assert not (CONFIG_DIR / "aggregator").exists()  # generated: no file repeats a name
+    assert "all" in options("heads") and not (CONFIG_DIR / "heads" / "all.yaml").exists()
+
+
 @pytest.mark.parametrize("name", options("aggregator"))
 def test_aggregator_options(name, tmp_path):
     cfg = OmegaConf.to_container(compose_config([f"aggregator={name}"], tmp_path).aggregator)
@@ -102,8 +118,9 @@ def test_dataset_options(name, tmp_path):
     )
     datamodule = build_datamodule(cfg)
     assert datamodule.num_classes == cfg.dataset.num_classes
-    if cfg.dataset.root is not None:
-        assert cfg.dataset.root.startswith(("/data/x", str(tmp_path / "data")))
+    root = cfg.dataset.get("root")  # a source that reads no files has no root
+    if root is not None:
+        assert root.startswith(("/data/x", str(tmp_path / "data")))
 
 
 @pytest.mark.parametrize("name", options("analysis"))
@@ -250,7 +267,7 @@ def test_typos_fail_at_composition(override, message):
     [
         (
             "aggregator",
-            "defaults:\n  - /schema/aggregator/topk_attn@_here_\n  - _self_\ntopk: 3\n",
+            "defaults:\n  - /aggregator/topk_attn@_here_\n  - _self_\ntopk: 3\n",
             "Key 'topk' not in 'TopKClsAttentionOptions'",
         ),
         (
@@ -281,3 +298,67 @@ def test_every_script_answers_help_with_its_usage(script, monkeypatch, capsys):
     assert exit_status.value.code in (0, None)
     out = capsys.readouterr().out
     assert f"scripts/{script}" in out or "usage:" in out
+
+
+def help_rows() -> dict[str, list[str]]:
+    """``--help``'s config groups, composed as ``run.py --help`` composes them (in-process):
+    ``{group: the options listed}``."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        header = compose("config", return_hydra_config=True).hydra.help.header
+    rows: dict[str, str] = {}
+    for line in header.split("== Config groups")[1].split("== Scripts ==")[0].splitlines()[1:]:
+        if line.strip():
+            if not line.startswith(" "):
+                name, _, line = line.partition(" ")
+            rows[name] = rows.get(name, "") + " " + line
+    return {name: row.replace(",", " ").split() for name, row in rows.items()}
+
+
+def test_help_lists_every_option_of_every_group_as_hydra_finds_them():
+    """No list is kept by hand: files in conf/ and the registries' options, a new one included."""
+    rows = help_rows()
+    folders = {path.name for path in CONFIG_DIR.iterdir() if path.is_dir()}
+    generated = {"aggregator", "hydra/launcher"}  # the registry's; Hydra's and ours
+    assert set(rows) == folders - {"hydra", "local"} | generated  # local: nothing to choose
+    for group, row in rows.items():
+        assert row == options(group), f"--help row of {group}"
+    assert "all" in rows["heads"] and "basic" in rows["hydra/launcher"]
+
+
+@pytest.fixture
+def toy_aggregator(monkeypatch):
+    """A new aggregator registered at runtime, as a notebook or a plug-in module would: its
+    module alone, no file in conf/. The ConfigStore and the registry are restored after."""
+    store = ConfigStore.instance()
+    monkeypatch.setattr(store, "repo", copy.deepcopy(store.repo))
+
+    @register("toy_sum")
+    class ToySum(Aggregator):
+        """Scaled sum of the patch tokens: the smallest aggregator with an option."""
+
+        def __init__(self, layout: TokenLayout, *, scale: float = 1.0) -> None:
+            super().__init__(layout)
+            self.scale = scale
+
+        def forward(self, tokens: Tokens) -> torch.Tensor:
+            return self.scale * tokens.patches.sum(dim=1)
+
+    register_configs()  # as mim_agg.cli does on import, before Hydra composes
+    yield "toy_sum"
+    del AGGREGATORS["toy_sum"]
+
+
+def test_a_new_aggregator_is_its_module_alone(toy_aggregator, tmp_path):
+    before = sorted(CONFIG_DIR.rglob("*"))
+    cfg = compose_config(["aggregator=toy_sum", "aggregator.scale=2"], tmp_path)
+    assert OmegaConf.to_container(cfg.aggregator) == {"name": "toy_sum", "scale": 2.0}
+    aggregator = build_aggregator(layout=TokenLayout(192, 1, True, (14, 14)), **cfg.aggregator)
+    assert aggregator.out_dim == 192 and aggregator.scale == 2.0
+    with pytest.raises(ConfigCompositionException) as typo:
+        compose_config(["aggregator=toy_sum", "aggregator.scal=2"], tmp_path)
+    assert "Key 'scal' not in 'ToySumOptions'" in str(typo.value.__cause__)
+    grid = head_grid(compose_config(["heads=all"], tmp_path))
+    assert grid["toy_sum"][0] == {"name": "toy_sum", "scale": 1.0}
+    assert {options["name"] for options, _ in grid.values()} == set(AGGREGATORS)
+    assert "toy_sum" in help_rows()["aggregator"]
+    assert sorted(CONFIG_DIR.rglob("*")) == before  # nothing was written to conf/

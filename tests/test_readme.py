@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from mim_agg.aggregators import AGGREGATORS
+from mim_agg.aggregators import AGGREGATORS, build_aggregator
+from mim_agg.backbones import TokenLayout
 from mim_agg.cli import CONFIG_DIR
 from tests.helpers import PROJECT_ROOT
 
@@ -58,6 +60,20 @@ def assert_names(names: list[str], expected, where: str) -> None:
 
 def test_the_aggregator_table_has_one_row_per_registered_aggregator():
     assert_names(first_column("aggregator"), AGGREGATORS, "aggregator table")
+
+
+def test_the_aggregator_tables_parameter_counts_are_the_code_s_at_vit_b():
+    """The "trainable at ViT-B" column: width 768, 12 heads, 14x14 patches, default options
+    (efficient-probing's for its poolers), counted on the meta device (nothing allocated)."""
+    table = README.split("\n| aggregator |", 1)[1].split("\n\n", 1)[0]
+    vit_b = TokenLayout(768, 1, True, (14, 14), num_heads=12, depth=12)
+    for row in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        name, count = cells[0].strip("`"), int(cells[2].replace(",", ""))
+        with torch.device("meta"):
+            aggregator = build_aggregator(name, vit_b)
+        trainable = sum(p.numel() for p in aggregator.parameters() if p.requires_grad)
+        assert count == trainable, f"README says {name} trains {count:,}; it trains {trainable:,}"
 
 
 def test_the_dataset_table_names_each_dataset_option_once():

@@ -2,24 +2,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim_agg.data import ProbeDataModule, build_source, sources
+from mim_agg.data import ProbeDataModule, Source, sources
 from mim_agg.data.sources import ArrayImages, DataError
 from mim_agg.data.transforms import build_transform
+from mim_agg.errors import ConfigError
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
 
 
-def datamodule(**options) -> ProbeDataModule:
-    defaults = dict(
-        name="synthetic",
-        num_classes=4,
-        img_size=32,
-        mean=MEAN,
-        std=STD,
-        batch_size=8,
-        num_workers=0,
+def datamodule(batch_size: int = 8, **dataset) -> ProbeDataModule:
+    """From ``dataset.*`` keys, flat as a config writes them (the source's own among them)."""
+    dataset = {"name": "synthetic", "num_classes": 4, "num_workers": 0, **dataset}
+    return ProbeDataModule.from_config(
+        dataset, img_size=32, mean=MEAN, std=STD, batch_size=batch_size
     )
-    return ProbeDataModule(**{**defaults, **options})
+
+
+def load(name: str, num_classes=None, **options):
+    """``(train, test)`` of source ``name`` with ``options``, from seed 0."""
+    return Source(name, options).load(num_classes, 0)
 
 
 def test_heldout_is_a_stratified_seeded_part_of_train_only():
@@ -60,12 +61,12 @@ def test_splits_use_train_and_eval_transforms():
 
 
 def test_digits_are_real_and_split_reproducibly():
-    train, test = build_source("digits", None, False, 10, 0)
+    train, test = load("digits", 10)
     assert len(train) + len(test) == 1797 and len(test) == 540
     image, label = train[0]
     assert image.size == (8, 8) and 0 <= label < 10
     assert np.asarray(image).max() > 200  # ink is scaled from 0..16 to 0..255
-    again, _ = build_source("digits", None, False, 10, 0)
+    again, _ = load("digits", 10)
     assert np.array_equal(again.targets, train.targets)
 
 
@@ -92,7 +93,7 @@ def make_image_folder(root, splits=("train", "val"), classes=("a", "b"), per_cla
 
 def test_image_folder_reads_the_imagenet_layout(tmp_path):
     make_image_folder(tmp_path)
-    train, test = build_source("image_folder", tmp_path, False, 2, 0)
+    train, test = load("image_folder", 2, root=tmp_path)
     assert len(train) == 6 and len(test) == 6 and list(train.targets) == [0, 0, 0, 1, 1, 1]
 
 
@@ -101,21 +102,21 @@ def test_image_folder_without_train_says_what_to_do(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"has no train/ folder.*root/train/<class>/<image>"
     ):
-        build_source("imagenet", tmp_path, False, 2, 0)
+        load("imagenet", 2, root=tmp_path)
 
 
 def test_corrupt_image_names_the_file(tmp_path):
     make_image_folder(tmp_path)
     broken = tmp_path / "train" / "a" / "1.png"
     broken.write_bytes(b"not a png")
-    train, _ = build_source("image_folder", tmp_path, False, 2, 0)
+    train, _ = load("image_folder", 2, root=tmp_path)
     with pytest.raises(OSError, match=r"Cannot read image '.*1\.png'"):
         train[1]
 
 
 def test_missing_torchvision_set_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"CIFAR10 not found under '.*cifar-10-batches-py'"):
-        build_source("cifar10", tmp_path, False, 10, 0)
+        load("cifar10", 10, root=tmp_path)
 
 
 def test_too_few_classes_configured_is_an_error():
@@ -130,7 +131,7 @@ def test_a_class_missing_from_one_split_is_an_error_naming_it(tmp_path):
     make_image_folder(tmp_path, splits=("train",), classes=("a", "b", "c"))
     make_image_folder(tmp_path, splits=("val",), classes=("a", "c", "d"))
     with pytest.raises(DataError, match=r"only in train/: b; only in val/: d"):
-        build_source("image_folder", tmp_path, False, None, 0)
+        load("image_folder", root=tmp_path)
 
 
 def test_image_folder_classes_are_counted_and_a_wrong_count_refused(tmp_path):
@@ -148,14 +149,12 @@ def test_an_empty_class_folder_is_named(tmp_path):
     for k in (1, 2):
         (tmp_path / "val" / "b" / f"{k}.png").rename(tmp_path / "val" / "b" / f"{k}.txt")
     with pytest.raises(DataError, match=r"In .*val: .*b"):
-        build_source("image_folder", tmp_path, False, None, 0)
+        load("image_folder", root=tmp_path)
 
 
 def test_a_test_label_out_of_range_fails_before_training(monkeypatch):
-    from mim_agg.data import sources
-
-    def shifted(root, download, num_classes, seed):
-        train, test = sources.synthetic(root, download, num_classes, seed)
+    def shifted(num_classes, seed):
+        train, test = sources.synthetic(num_classes, seed)
         test.targets = test.targets + 1  # the last class becomes label 4 of 4
         return train, test
 
@@ -207,39 +206,40 @@ def test_split_files_list_images_with_labels(tmp_path):
             Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(path)
             lines.append(f"pictures/{split} {index}.png {index % 2}")
         (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    train, test = build_source(
-        "image_folder", tmp_path, False, 2, 0, split_file=str(tmp_path / "{split}.txt")
-    )
+    train, test = load("image_folder", 2, root=tmp_path, split_file=str(tmp_path / "{split}.txt"))
     assert len(train) == 4 and len(test) == 2 and train.targets == [0, 1, 0, 1]
     image, label = test[1]
     assert image.size == (8, 8) and label == 1
 
     (tmp_path / "val.txt").write_text("pictures/val 0.png zero\n")
     with pytest.raises(DataError, match=r"val.txt:1: expected '<path> <integer label>'"):
-        build_source(
-            "image_folder", tmp_path, False, 2, 0, split_file=str(tmp_path / "{split}.txt")
-        )
+        load("image_folder", 2, root=tmp_path, split_file=str(tmp_path / "{split}.txt"))
     (tmp_path / "val.txt").write_text("pictures/gone.png 0\n")
     with pytest.raises(DataError, match="1 images listed in .*val.txt do not exist"):
-        build_source(
-            "image_folder", tmp_path, False, 2, 0, split_file=str(tmp_path / "{split}.txt")
-        )
+        load("image_folder", 2, root=tmp_path, split_file=str(tmp_path / "{split}.txt"))
 
 
-def test_a_source_option_for_another_source_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="dataset.split_file does not apply to dataset 'digits'"):
-        build_source("digits", tmp_path, False, 10, 0, split_file="x/{split}.txt")
+def test_a_source_option_for_another_source_is_refused():
+    """Outside Hydra too (a config refuses it at composition: tests/test_dataset_sources.py)."""
+    with pytest.raises(
+        ConfigError,
+        match="dataset.split_file does not apply to dataset 'digits'; it is an option of "
+        "image_folder / imagenet",
+    ):
+        Source("digits", {"split_file": "x/{split}.txt"})
+    with pytest.raises(ConfigError, match="dataset=image_folder needs dataset.root"):
+        Source("image_folder")
 
 
-def test_every_source_option_is_reachable_and_none_keeps_the_sources_default(tmp_path):
-    """``dataset.test_fraction`` reaches digits (1,797 images, default 0.3); null is not passed
-    on (scikit-learn would read it as its own 0.25)."""
-    _, default = build_source("digits", tmp_path, False, 10, 0, test_fraction=None)
-    _, half = build_source("digits", tmp_path, False, 10, 0, test_fraction=0.5)
+def test_every_source_option_is_reachable():
+    """``test_fraction`` reaches digits (1,797 images, default 0.3); ``per_class`` and
+    ``image_size`` reach synthetic."""
+    _, default = load("digits", 10)
+    _, half = load("digits", 10, test_fraction=0.5)
     assert (len(default), len(half)) == (540, 899)
-    with pytest.raises(ValueError, match="it is an option of digits"):
-        build_source("synthetic", tmp_path, False, 4, 0, test_fraction=0.5)
-    train, test = build_source("synthetic", tmp_path, False, 4, 0, per_class=[3, 2], image_size=8)
+    with pytest.raises(ConfigError, match="it is an option of digits"):
+        load("synthetic", 4, test_fraction=0.5)
+    train, test = load("synthetic", 4, per_class=[3, 2], image_size=8)
     assert (len(train), len(test)) == (12, 8) and train[0][0].size == (8, 8)
 
 
@@ -296,7 +296,7 @@ def test_gaps_and_test_only_classes_are_refused_with_the_fix(tmp_path, labels):
         listed_data(tmp_path, split_files(tmp_path, labels), None).setup()
 
 
-def rare_class(root, download, num_classes, seed):
+def rare_class(num_classes, seed):
     """60 + 60 images of classes 0 and 1, two of class 2."""
     labels = np.array([0] * 60 + [1] * 60 + [2] * 2)
     images = np.full((len(labels), 8, 8), 128, dtype=np.uint8)

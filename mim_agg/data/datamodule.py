@@ -6,8 +6,11 @@ split, evaluated with the eval transform. The test split is never used to choose
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -20,8 +23,8 @@ from tqdm import tqdm
 from mim_agg.data.sampling import EpochLoader, EpochSampler, seeded_random
 from mim_agg.data.sources import (
     DataError,
+    Source,
     UnreadableImage,
-    build_source,
     classes_of,
     listed,
     load_image,
@@ -185,7 +188,14 @@ class SplitLoaders(L.LightningDataModule):
 
 
 class ProbeDataModule(SplitLoaders):
-    """Images of a labeled source, split into train / held-out / test."""
+    """Images of a labeled source, split into train / held-out / test.
+
+    ``name`` and ``source_options`` pick the source and configure it (``sources.Source``);
+    everything else here is what every source shares: the class count, the splits, low-shot
+    subsets and transforms. ``mim_agg.config.DatasetConfig`` is derived from this signature,
+    each source's schema adds its own options (flat under ``dataset.``; ``from_config`` splits
+    them off again).
+    """
 
     def __init__(
         self,
@@ -195,8 +205,7 @@ class ProbeDataModule(SplitLoaders):
         mean,
         std,
         batch_size: int,
-        root: str | None = None,
-        download: bool = False,
+        source_options: Mapping[str, Any] | None = None,
         train_size: int | None = None,
         test_size: int | None = None,
         heldout_fraction: float = 0.1,
@@ -207,17 +216,12 @@ class ProbeDataModule(SplitLoaders):
         shots: int | None = None,
         fraction: float | None = None,
         subset_seed: int = 0,
-        test_split: str | None = None,
-        split_file: str | None = None,
-        test_fraction: float | None = None,
-        per_class: list[int] | None = None,
-        image_size: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= heldout_fraction < 1.0:
             raise ValueError(f"dataset.heldout_fraction={heldout_fraction} must lie in [0, 1).")
-        self.name, self.root, self.download = name, root, download
-        self.num_classes, self.seed = num_classes, seed
+        self.source = Source(name, dict(source_options or {}))
+        self.name, self.num_classes, self.seed = name, num_classes, seed
         self.train_size, self.test_size = train_size, test_size
         self.heldout_fraction = heldout_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -228,24 +232,25 @@ class ProbeDataModule(SplitLoaders):
                 "subset; set one of them (the other null)."
             )
         self.shots, self.fraction, self.subset_seed = shots, fraction, subset_seed
-        self.source_options = {  # options of some sources only; None: the source's default
-            "test_split": test_split,  # image_folder / imagenet
-            "split_file": split_file,  # image_folder / imagenet
-            "test_fraction": test_fraction,  # digits: the test share
-            "per_class": per_class,  # synthetic: [train, test] images per class
-            "image_size": image_size,  # synthetic: the generated images' side, before resizing
-        }
         self.augment = augment  # false: train on the eval transform (centre crop), as a cache can
         self.train_transform = build_transform(augment, img_size, mean, std)
         self.eval_transform = build_transform(False, img_size, mean, std)
         self.splits: dict[str, TransformedSubset] = {}
 
+    @classmethod
+    def from_config(cls, dataset: Mapping[str, Any], **inputs) -> ProbeDataModule:
+        """From ``dataset.*`` as composed, flat: the keys of this signature, and the source's
+        own options (the rest). ``inputs``: what the backbone and probe decide (``img_size``,
+        ``mean``, ``std``, ``batch_size``)."""
+        shared = inspect.signature(cls).parameters
+        options = {key: value for key, value in dataset.items() if key not in shared}
+        kept = {key: value for key, value in dataset.items() if key in shared}
+        return cls(**kept, **inputs, source_options=options)
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        train, test = build_source(
-            self.name, self.root, self.download, self.num_classes, self.seed, **self.source_options
-        )
+        train, test = self.source.load(self.num_classes, self.seed)
         labels = np.concatenate([targets_of(train), targets_of(test)])
         self.num_classes = self._resolve_num_classes(classes_of(train), labels)
         for split, source in (("train", train), ("test", test)):
@@ -422,7 +427,7 @@ class ProbeDataModule(SplitLoaders):
         if largest_label < present:
             fix = f"set dataset.num_classes={present}, or null to count the labels"
         else:
-            where = " in dataset.split_file" if self.source_options["split_file"] else ""
+            where = " in dataset.split_file" if self.source.options.get("split_file") else ""
             fix = (
                 f"add training images of them{where}, or remove their labels and number the "
                 f"classes 0..{present - 1}"

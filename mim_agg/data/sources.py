@@ -1,15 +1,31 @@
-"""Where labeled images come from: one builder per ``dataset.name``.
+"""Where labeled images come from: one registered builder per ``dataset.name``.
 
-Every builder takes ``(root, download, num_classes, seed)`` and returns ``(train, test)``
+A builder is ``builder(num_classes, seed, *, <its options>) -> (train, test)``: every source is
+given ``dataset.num_classes`` (null: not known yet) and ``dataset.seed``; its keyword-only
+arguments are its own options, with their types and defaults, and nothing else (a source that
+reads no files takes no ``root``). ``mim_agg.config.dataset_schema`` turns them into the source's
+config schema, so an option of another source fails at composition. It returns ``(train, test)``
 datasets of ``(PIL image, int label)`` with a ``targets`` sequence, untransformed: the data
 module applies train or eval transforms per split.
+
+Source options stay flat under ``dataset.`` (``dataset.split_file``, not
+``dataset.source.split_file``): users write the keys they always wrote, one dataset is one
+namespace whatever part of the code reads a key, and flat costs no safety, since each dataset's
+YAML composes its own schema (the shared keys plus its source's), so another source's key is
+refused at composition as a typo is. A nested group would buy only a visible boundary, at the
+price of every command and sweep that sets a source option.
+
+A new source is one module in ``mim_agg/data/`` (imported by the package, so ``@source`` runs),
+its YAML in ``conf/dataset/`` and one test.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torchvision
@@ -25,31 +41,49 @@ class DataError(UserError, FileNotFoundError):
     """Data that cannot give honest labels: the message names the folder or file."""
 
 
-def source(name: str):
+def source(*names: str):
+    """Register a builder under one or more ``dataset.name`` values."""
+
     def add(builder):
-        SOURCES[name] = builder
+        for name in names:
+            SOURCES[name] = builder
         return builder
 
     return add
 
 
-def build_source(name: str, root, download: bool, num_classes: int, seed: int, **options):
-    """``(train, test)`` of source ``name``. ``options`` (e.g. ``split_file``) go to the sources
-    that take them; one set for a source that does not is refused, never ignored."""
+def source_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options of source ``name``: its builder's keyword-only arguments."""
     if name not in SOURCES:
-        raise ValueError(f"Unknown dataset {name!r}; available: {', '.join(sorted(SOURCES))}.")
-    builder = SOURCES[name]
-    accepted = inspect.signature(builder).parameters
-    given = {k: v for k, v in options.items() if v is not None}  # None: the source's default
-    ignored = [k for k in given if k not in accepted]
-    if ignored:
-        option = ignored[0]
-        takers = sorted(n for n, b in SOURCES.items() if option in inspect.signature(b).parameters)
-        raise ConfigError(
-            f"dataset.{option} does not apply to dataset {name!r}; it is an option of "
-            f"{' / '.join(takers)}. Remove it."
-        )
-    return builder(root, download, num_classes, seed, **given)
+        raise ConfigError(f"Unknown dataset {name!r}; available: {', '.join(sorted(SOURCES))}.")
+    parameters = inspect.signature(SOURCES[name]).parameters.values()
+    return {p.name: p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered source and the options given to it; checked as it is made, so an option of
+    another source (or a required one left out) is refused before anything is read."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        accepted = source_options(self.name)
+        for option in self.options:
+            if option not in accepted:
+                takers = sorted(n for n in SOURCES if option in source_options(n))
+                owner = f"it is an option of {' / '.join(takers)}" if takers else "no source has it"
+                raise ConfigError(
+                    f"dataset.{option} does not apply to dataset {self.name!r}; {owner}. Remove it."
+                )
+        for option, parameter in accepted.items():
+            if parameter.default is inspect.Parameter.empty and option not in self.options:
+                raise ConfigError(f"dataset={self.name} needs dataset.{option}.")
+
+    def load(self, num_classes: int | None, seed: int) -> tuple[Dataset, Dataset]:
+        """``(train, test)``, untransformed."""
+        return SOURCES[self.name](num_classes, seed, **self.options)
 
 
 def classes_of(dataset: Dataset) -> int | None:
@@ -80,7 +114,7 @@ class ArrayImages(Dataset):
 
 
 @source("digits")
-def digits(root, download, num_classes, seed, test_fraction: float = 0.3):
+def digits(num_classes, seed, *, test_fraction: float = 0.3):
     """scikit-learn's bundled 8x8 handwritten digits: 1,797 real images, no download.
 
     The train/test split is stratified and fixed by ``seed``."""
@@ -96,10 +130,15 @@ def digits(root, download, num_classes, seed, test_fraction: float = 0.3):
 
 
 @source("synthetic")
-def synthetic(root, download, num_classes, seed, per_class=(50, 20), image_size: int = 32):
+def synthetic(num_classes, seed, *, per_class: tuple[int, int] = (50, 20), image_size: int = 32):
     """Deterministic, learnable images: a per-class smooth colour template plus noise.
 
-    ``per_class`` images per class for train and test; ``dataset.train_size`` subsamples."""
+    ``per_class``: images per class for train and test (``dataset.train_size`` subsamples);
+    ``image_size``: their side before the transform resizes them."""
+    if num_classes is None:  # the data cannot say how many: it is made from this number
+        raise ConfigError(
+            "dataset=synthetic makes dataset.num_classes classes; set it to a number (e.g. 4)."
+        )
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, size=(num_classes, 4, 4, 3)).astype(np.uint8)
     templates = np.stack(
@@ -117,15 +156,16 @@ def synthetic(root, download, num_classes, seed, per_class=(50, 20), image_size:
     return make(per_class[0] * num_classes, 1), make(per_class[1] * num_classes, 2)
 
 
-@source("image_folder")
-def image_folder(root, download, num_classes, seed, test_split=None, split_file=None):
+@source("image_folder", "imagenet")
+def image_folder(
+    num_classes, seed, *, root: str, test_split: str = "val", split_file: str | None = None
+):
     """``root/train/<class>/<image>`` and ``root/<test_split>/<class>/<image>`` (ImageNet), or
-    the images listed by ``split_file``.
+    the images listed by ``split_file`` (see ``listed_images``).
 
     Both splits must hold the same class folders: labels are indices into their sorted names,
     so a class missing from one split would shift every later label of that split."""
-    root = Path(root)
-    test_split = test_split or "val"
+    root = Path(root).expanduser()
     if split_file is not None:
         return tuple(listed_images(root, split_file, split) for split in ("train", test_split))
     for split in ("train", test_split):
@@ -167,9 +207,6 @@ def listed(names: list, limit: int = 10) -> str:
     return shown + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-SOURCES["imagenet"] = image_folder
-
-
 class FileList(Dataset):
     """Labeled image files, decoded by ``load_image`` (8-bit RGB, the file named on error)."""
 
@@ -188,16 +225,9 @@ class FileList(Dataset):
 
 
 def listed_images(root: Path, split_file: str, split: str) -> FileList:
-    """``split_file`` with ``{split}`` replaced (``lists/{split}.txt``): one ``path label``
-    line per image, the path relative to ``root`` (or absolute), the label an integer."""
-    listing = Path(split_file.format(split=split))
-    if "{split}" not in split_file:
-        raise ConfigError(
-            f"dataset.split_file={split_file!r} must contain {{split}}, e.g. lists/{{split}}.txt: "
-            f"it names one file per split (train and {split})."
-        )
-    if not listing.is_file():
-        raise DataError(f"dataset.split_file: {listing} does not exist (the {split} split).")
+    """The images that ``split_listing`` names for ``split``: one ``path label`` line per image,
+    the path relative to ``root`` (or absolute), the label an integer; blank lines are skipped."""
+    listing = split_listing(root, split_file, split)
     samples = []
     for number, line in enumerate(listing.read_text().splitlines(), 1):
         if not line.strip():
@@ -206,6 +236,8 @@ def listed_images(root: Path, split_file: str, split: str) -> FileList:
         if not path or not label.lstrip("-").isdigit():
             raise DataError(f"{listing}:{number}: expected '<path> <integer label>', got {line!r}.")
         samples.append((root / path, int(label)))
+    if not samples:
+        raise DataError(f"dataset.split_file: {listing} lists no images (the {split} split).")
     missing = [str(path) for path, _ in samples if not Path(path).is_file()]
     if missing:
         raise DataError(
@@ -213,6 +245,26 @@ def listed_images(root: Path, split_file: str, split: str) -> FileList:
             "are taken relative to dataset.root."
         )
     return FileList(root, samples, classes=None)
+
+
+def split_listing(root: Path, split_file: str, split: str) -> Path:
+    """``split_file`` with ``{split}`` replaced (``lists/{split}.txt``): one file per split. A
+    relative one is taken from ``dataset.root``, as the image paths in it are, so a dataset
+    folder carries its own lists and the command works from any folder."""
+    if "{split}" not in split_file:
+        empty = "is empty" if not split_file.strip() else f"={split_file!r} lacks {{split}}"
+        raise ConfigError(
+            f"dataset.split_file {empty}: it names one file per split (train and {split}), e.g. "
+            "'dataset.split_file=\"lists/{split}.txt\"' (relative to dataset.root); null reads "
+            "the class folders root/train/<class>/ instead."
+        )
+    listing = root / Path(split_file.format(split=split)).expanduser()
+    if not listing.is_file():
+        raise DataError(
+            f"dataset.split_file: {listing} does not exist (the {split} split; a relative "
+            "split_file is taken from dataset.root)."
+        )
+    return listing
 
 
 class UnreadableImage(DataError):
@@ -261,26 +313,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _torchvision(cls, folder_name: str, split_kwargs: tuple[dict, dict]):
-    def build(root, download, num_classes, seed):
+TRAIN_TEST = ({"train": True}, {"train": False})
+
+
+def torchvision_set(name: str, cls, folder_name: str, split_kwargs=TRAIN_TEST) -> None:
+    """Register torchvision's ``cls`` as source ``name``: train and test by ``split_kwargs``."""
+
+    @source(name)
+    def build(num_classes, seed, *, root: str, download: bool = False):
         try:
             return tuple(cls(str(root), download=download, **kwargs) for kwargs in split_kwargs)
         except (RuntimeError, OSError) as error:
-            raise FileNotFoundError(
+            raise DataError(
                 f"{cls.__name__} not found under {str(Path(root) / folder_name)!r} ({error}). "
                 f"Put the torchvision files there, or set dataset.download=true on a machine "
                 "with internet access."
             ) from error
 
-    return build
 
-
-TRAIN_TEST = ({"train": True}, {"train": False})
-SOURCES["cifar10"] = _torchvision(torchvision.datasets.CIFAR10, "cifar-10-batches-py", TRAIN_TEST)
-SOURCES["cifar100"] = _torchvision(torchvision.datasets.CIFAR100, "cifar-100-python", TRAIN_TEST)
-SOURCES["fashion_mnist"] = _torchvision(
-    torchvision.datasets.FashionMNIST, "FashionMNIST/raw", TRAIN_TEST
-)
-SOURCES["stl10"] = _torchvision(
-    torchvision.datasets.STL10, "stl10_binary", ({"split": "train"}, {"split": "test"})
+torchvision_set("cifar10", torchvision.datasets.CIFAR10, "cifar-10-batches-py")
+torchvision_set("cifar100", torchvision.datasets.CIFAR100, "cifar-100-python")
+torchvision_set("fashion_mnist", torchvision.datasets.FashionMNIST, "FashionMNIST/raw")
+torchvision_set(
+    "stl10", torchvision.datasets.STL10, "stl10_binary", ({"split": "train"}, {"split": "test"})
 )

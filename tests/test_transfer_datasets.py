@@ -3,14 +3,21 @@ tests/fake_datasets.py from torchvision's own readers), with its official splits
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
+from torchvision import datasets as tv
 
 from mim_agg.builders import build_datamodule
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.data import TRANSFER
 from mim_agg.data.sources import DataError
-from tests.fake_datasets import make_fake
+from mim_agg.data.torchvision_private import pet_files
+from mim_agg.data.transfer import files
+from tests.fake_datasets import fake_checksums, make_fake
 from tests.helpers import FAST, compose_config
 
 OFFICIAL_CLASSES = {
@@ -25,6 +32,12 @@ OFFICIAL_CLASSES = {
     "places365": 365,
     "inaturalist": 10000,
 }
+
+
+@pytest.fixture(autouse=True)
+def _fake_checksums():
+    with fake_checksums():
+        yield
 
 
 def test_every_transfer_set_has_a_config_with_its_official_class_count():
@@ -62,3 +75,38 @@ def test_sun397_without_its_partition_files_says_where_they_go(tmp_path):
     datamodule = build_datamodule(compose_config([*FAST, *overrides], tmp_path))
     with pytest.raises(DataError, match="Testing_01.txt is missing"):
         datamodule.setup()
+
+
+# name -> (the class, its constructor's split arguments) of every set read with loader=str
+LOADED_BY_PATH = {
+    "flowers102": (tv.Flowers102, {"split": "test"}),
+    "food101": (tv.Food101, {"split": "test"}),
+    "stanford_cars": (tv.StanfordCars, {"split": "test"}),
+    "fgvc_aircraft": (tv.FGVCAircraft, {"split": "test", "annotation_level": "variant"}),
+    "dtd": (tv.DTD, {"split": "test", "partition": 1}),
+    "sun397": (tv.SUN397, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOADED_BY_PATH))
+def test_loader_str_gives_each_items_file_and_label(name, tmp_path):
+    """``files`` reads torchvision's public ``__getitem__`` with ``loader=str``: the files and
+    labels are those of the decoded items, in the same order."""
+    make_fake(name, tmp_path)
+    cls, kwargs = LOADED_BY_PATH[name]
+    listed = files(cls(tmp_path, loader=str, **kwargs))
+    decoded = cls(tmp_path, loader=lambda path: (path, Image.open(path).size), **kwargs)
+    assert listed == [(str(path), label) for (path, _), label in decoded]
+
+
+def test_the_torchvision_private_reach_in_still_holds(tmp_path):
+    """``pet_files`` reads OxfordIIITPet's private ``_images`` / ``_labels``: an upgrade that
+    renames them, reorders them or adds a public way fails here, not in a user's run."""
+    make_fake("oxford_pets", tmp_path)
+    pets = tv.OxfordIIITPet(tmp_path, split="test", target_types="category")
+    assert "loader" not in inspect.signature(tv.OxfordIIITPet).parameters, (
+        "OxfordIIITPet takes a loader now: read it with files() like the other sets"
+    )
+    listed = pet_files(pets)
+    assert [label for _, label in listed] == [pets[i][1] for i in range(len(pets))]
+    assert all(Path(path).is_file() for path, _ in listed) and len(listed) == len(pets)

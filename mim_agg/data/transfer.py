@@ -4,6 +4,10 @@ torchvision reads each set's own layout and annotation files; what it found is t
 ``FileList`` per side (``samples`` of (file, label), ``targets``, ``classes``, ``root``), so
 every set is read, verified, split and cached like an image folder. Where an official split
 has a validation part, it joins the training side: the held-out split is carved from it.
+
+Only torchvision's public API is used: the file lists come from ``__getitem__`` with
+``loader=str`` (``files``), and torchvision checks its annotation files' checksums itself. The
+one set without that argument, Oxford-IIIT Pets, is read in ``torchvision_private``.
 """
 
 from __future__ import annotations
@@ -13,72 +17,61 @@ from pathlib import Path
 
 from torchvision import datasets as tv
 
-from mim_agg.data.sources import SOURCES, DataError, FileList
+from mim_agg.data.sources import DataError, FileList, source
+from mim_agg.data.torchvision_private import pet_files
 
 
 def joined(*parts: FileList) -> FileList:
     return FileList(parts[0].root, [s for part in parts for s in part.samples], parts[0].classes)
 
 
-def _files(dataset, files: str = "_image_files", labels: str = "_labels") -> list:
-    return list(zip(getattr(dataset, files), getattr(dataset, labels), strict=True))
-
-
-class _Flowers102(tv.Flowers102):
-    """Flowers102 checks its annotation files' MD5 sums on every start; existence is enough
-    here (a damaged file fails when it is parsed)."""
-
-    def _check_integrity(self) -> bool:
-        annotations = [self._file_dict[key][0] for key in ("label", "setid")]
-        return self._images_folder.is_dir() and all(
-            (self._base_folder / name).is_file() for name in annotations
-        )
-
-
-class _Places365(tv.Places365):
-    """Places365 likewise: its category and file lists need only exist."""
-
-    def _check_integrity(self, file: str, md5: str, download: bool) -> bool:
-        if not Path(file).is_file() and not download:
-            raise RuntimeError(f"{file} is missing")
-        return Path(file).is_file()
+def files(dataset) -> list[tuple[str, int]]:
+    """``(file, label)`` of every item of a torchvision set made with ``loader=str``: its public
+    way (``__getitem__``) then gives each image's file instead of decoding it."""
+    return [dataset[index] for index in range(len(dataset))]
 
 
 def flowers102(root, download: bool):
-    sides = {s: _Flowers102(root, split=s, download=download) for s in ("train", "val", "test")}
+    sides = {
+        s: tv.Flowers102(root, split=s, download=download, loader=str)
+        for s in ("train", "val", "test")
+    }
     classes = range(102)  # torchvision keeps no names
-    lists = {s: FileList(root, _files(d), classes) for s, d in sides.items()}
+    lists = {s: FileList(root, files(d), classes) for s, d in sides.items()}
     return joined(lists["train"], lists["val"]), lists["test"]
 
 
 def food101(root, download: bool):
-    sides = [tv.Food101(root, split=s, download=download) for s in ("train", "test")]
-    return tuple(FileList(root, _files(d), d.classes) for d in sides)
+    sides = [tv.Food101(root, split=s, download=download, loader=str) for s in ("train", "test")]
+    return tuple(FileList(root, files(d), d.classes) for d in sides)
 
 
 def oxford_pets(root, download: bool):
     sides = [tv.OxfordIIITPet(root, split=s, download=download) for s in ("trainval", "test")]
-    return tuple(FileList(root, _files(d, files="_images"), range(37)) for d in sides)
+    return tuple(FileList(root, pet_files(d), range(37)) for d in sides)
 
 
 def stanford_cars(root, download: bool):
-    sides = [tv.StanfordCars(root, split=s, download=download) for s in ("train", "test")]
-    return tuple(FileList(root, d._samples, d.classes) for d in sides)
+    sides = [
+        tv.StanfordCars(root, split=s, download=download, loader=str) for s in ("train", "test")
+    ]
+    return tuple(FileList(root, files(d), d.classes) for d in sides)
 
 
 def fgvc_aircraft(root, download: bool):
     sides = [
-        tv.FGVCAircraft(root, split=s, annotation_level="variant", download=download)
+        tv.FGVCAircraft(root, split=s, annotation_level="variant", download=download, loader=str)
         for s in ("trainval", "test")
     ]
-    return tuple(FileList(root, _files(d), d.classes) for d in sides)
+    return tuple(FileList(root, files(d), d.classes) for d in sides)
 
 
 def dtd(root, download: bool):
     sides = {
-        s: tv.DTD(root, split=s, partition=1, download=download) for s in ("train", "val", "test")
+        s: tv.DTD(root, split=s, partition=1, download=download, loader=str)
+        for s in ("train", "val", "test")
     }
-    lists = {s: FileList(root, _files(d), d.classes) for s, d in sides.items()}
+    lists = {s: FileList(root, files(d), d.classes) for s, d in sides.items()}
     return joined(lists["train"], lists["val"]), lists["test"]
 
 
@@ -86,9 +79,9 @@ def sun397(root, download: bool):
     """SUN397 has no split in torchvision; the standard one is the first of the authors' ten
     partitions (50 train and 50 test images per class): ``SUN397/Training_01.txt`` and
     ``SUN397/Testing_01.txt`` from their Partitions.zip, placed beside ``ClassName.txt``."""
-    every = tv.SUN397(root, download=download)
-    data_dir = Path(every._data_dir)
-    label_of = {Path(path): label for path, label in _files(every)}
+    every = tv.SUN397(root, download=download, loader=str)
+    data_dir = Path(root) / "SUN397"  # torchvision's layout
+    label_of = {Path(path): label for path, label in files(every)}
     sides = []
     for name in ("Training_01.txt", "Testing_01.txt"):
         listing = data_dir / name
@@ -113,7 +106,8 @@ def country211(root, download: bool):
 
 def places365(root, download: bool):
     sides = [
-        _Places365(root, split=s, small=True, download=download) for s in ("train-standard", "val")
+        tv.Places365(root, split=s, small=True, download=download)
+        for s in ("train-standard", "val")
     ]
     return tuple(FileList(root, d.imgs, d.classes) for d in sides)
 
@@ -145,7 +139,7 @@ TRANSFER: dict[str, Callable] = {
 
 
 def _registered(name: str, read: Callable) -> Callable:
-    def build(root, download, num_classes, seed):
+    def build(num_classes, seed, *, root: str, download: bool = False):
         try:
             return read(root, download)
         except DataError:
@@ -161,4 +155,4 @@ def _registered(name: str, read: Callable) -> Callable:
 
 
 for _name, _read in TRANSFER.items():
-    SOURCES[_name] = _registered(_name, _read)
+    source(_name)(_registered(_name, _read))

@@ -26,7 +26,7 @@ from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, options_schema
 from mim_agg.backbones import FrozenBackbone
-from mim_agg.data import ProbeDataModule
+from mim_agg.data import SOURCES, ProbeDataModule
 from mim_agg.runs.identity import run_name
 
 
@@ -131,13 +131,39 @@ BackboneConfig = signature_schema(
     family=MISSING,  # mim | jea | vlm | none: figures and reports read it, so each config says it
     arch_kwargs=field(default_factory=dict),  # a mapping, so +backbone.arch_kwargs.depth=2 adds
 )
+# What every dataset shares: ProbeDataModule's options. Each source's schema (dataset_schema)
+# adds its builder's own, flat under `dataset.` (see mim_agg/data/sources.py for why).
+# Three seeds, each fixing one thing:
+# - `seed` (top level): the run's random state: the heads' initial weights, a backbone's random
+#   weights (`backbone.weights=null`); and the default of `dataset.subset_seed`;
+# - `dataset.seed`: the data: the held-out split, `train_size` / `test_size` subsets, the
+#   training order and augmentations, and what a source draws (digits' train/test split,
+#   synthetic images); fixed by default, so the data stays put while `seed` varies;
+# - `dataset.subset_seed`: the low-shot subset alone (`shots` / `fraction`); it follows `seed`,
+#   so `seed=0,1,2` averages three subsets; fix it to hold one subset.
 DatasetConfig = signature_schema(
     "DatasetConfig",
     ProbeDataModule.__init__,
-    skip=("img_size", "mean", "std", "batch_size"),  # the backbone's and the probe's
+    skip=("img_size", "mean", "std", "batch_size", "source_options"),  # backbone, probe, source
     num_classes=None,  # null: the data's own count (class folders, torchvision)
-    subset_seed=II("seed"),  # the low-shot subset follows the run's seed unless fixed
+    subset_seed=II("seed"),
 )
+
+
+def dataset_schema(name: str) -> type:
+    """The schema of ``conf/dataset/<name>.yaml``: ``DatasetConfig`` plus source ``name``'s own
+    options (its builder's keyword-only arguments), ``name`` defaulting to itself. Named
+    ``DatasetConfig`` as well, the name Hydra's refusal of a key gives."""
+    own = signature_schema("DatasetConfig", SOURCES[name], skip=("num_classes", "seed"))
+    named = [("name", str, field(default=name))]
+    return make_dataclass("DatasetConfig", named, bases=(own, DatasetConfig))
+
+
+def register_datasets(store: ConfigStore) -> None:
+    """Every registered source's schema as ``/schema/dataset/<name>``, which its YAML lists
+    first; called again after a registration made at runtime to include it."""
+    for name in SOURCES:
+        store.store(group="schema/dataset", name=name, node=dataset_schema(name))
 
 
 def auto_precision() -> str:
@@ -150,7 +176,7 @@ def auto_precision() -> str:
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="schema", name="backbone", node=BackboneConfig)
-    store.store(group="schema", name="dataset", node=DatasetConfig)
+    register_datasets(store)
     store.store(group="schema", name="probe", node=ProbeConfig)
     store.store(group="schema", name="logger", node=LoggerConfig)
     store.store(group="schema", name="analysis", node=AnalysisConfig)

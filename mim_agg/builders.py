@@ -1,12 +1,15 @@
-"""Objects built from config, in one place for every task: data, heads, token source, probe.
+"""Objects built from config, in one place for every task: data, aggregators and heads, token
+source, probe.
 
-Heads are built first, on the backbone's architecture alone (``skeleton``: no weights, no
-download), so a head that cannot serve this backbone refuses before anything is fetched; what
-they need is then merged into one ``TokenRequest`` for the token source.
+Aggregators (and the heads around them) are built first and once per run, on the backbone's
+architecture alone (``skeleton``: no weights, no download), so one that cannot serve this
+backbone refuses before anything is fetched; what they read is then merged into one
+``TokenRequest`` for the token source (``token_request``), a cache's plan included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -16,15 +19,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mim_agg.aggregators import build_aggregator
-from mim_agg.backbones import (
-    FrozenBackbone,
-    LiveBlocks,
-    LiveTokens,
-    TokenLayout,
-    TokenRequest,
-    TokenSource,
-)
+from mim_agg.aggregators import Aggregator, build_aggregator, token_request
+from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, TokenSource
 from mim_agg.backbones.frozen import is_timm_tag, resolve_normalization, skeleton
 from mim_agg.backbones.loading import read_run_checkpoint, require_file
 from mim_agg.backbones.tokens import require_finite
@@ -38,8 +34,8 @@ log = logging.getLogger(__name__)
 def build_datamodule(cfg: DictConfig) -> ProbeDataModule:
     """Images of ``dataset``, normalised for ``backbone``, batched by ``probe.batch_size``."""
     mean, std = resolve_normalization(cfg.backbone.weights, cfg.backbone.mean, cfg.backbone.std)
-    return ProbeDataModule(
-        **cfg.dataset,
+    return ProbeDataModule.from_config(
+        OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=True),
         img_size=cfg.backbone.img_size,
         mean=mean,
         std=std,
@@ -53,7 +49,8 @@ def backbone_layout(cfg: DictConfig) -> TokenLayout:
 
 
 def aggregator_configs(cfg: DictConfig) -> dict[str, DictConfig]:
-    """``aggregator`` plus the named entries of ``heads``, by head name."""
+    """``aggregator`` plus the named entries of ``heads``, by config key (``aggregator``'s is
+    its name)."""
     aggregators = {cfg.aggregator.name: cfg.aggregator}
     for key, options in cfg.heads.items():
         if key in aggregators and options != aggregators[key]:
@@ -65,26 +62,49 @@ def aggregator_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     return aggregators
 
 
-def grid_aggregators(cfg: DictConfig) -> list[dict]:
-    """The options of every distinct aggregator of the run (learning rates aside)."""
-    return [OmegaConf.to_container(o) for o in aggregator_configs(cfg).values()]
+def build_aggregators(cfg: DictConfig, layout: TokenLayout) -> dict[str, Aggregator]:
+    """The run's aggregators on ``layout``, by config key, for what they read (a cache's plan)
+    or, parameter-free, for k-NN; learned ones draw their weights without moving the random
+    state (a probe's heads are ``build_heads``', initialised from ``seed``)."""
+    aggregators = {}
+    for key, options in aggregator_configs(cfg).items():
+        with named_by_config_key(cfg, key), torch.random.fork_rng(devices=[]):
+            aggregators[key] = build_aggregator(layout=layout, **OmegaConf.to_container(options))
+    return aggregators
+
+
+@contextlib.contextmanager
+def named_by_config_key(cfg: DictConfig, key: str):
+    """A refused option names the key the user sets (``heads.center_crop.k``, not the
+    aggregator's ``k`` alone)."""
+    prefix = "aggregator." if key == cfg.aggregator.name else f"heads.{key}."
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("aggregator.", prefix, 1)) from None
+
+
+def learning_rates(cfg: DictConfig) -> list[float]:
+    """``probe.blrs`` (or ``probe.blr`` alone); a choice among several heads needs held-out
+    data to be made on."""
+    blrs = list(cfg.probe.blrs or [cfg.probe.blr])
+    if len(aggregator_configs(cfg)) * len(blrs) > 1 and cfg.dataset.heldout_fraction == 0:
+        raise ConfigError(
+            "Choosing among several heads needs held-out data; set dataset.heldout_fraction > 0."
+        )
+    return blrs
 
 
 def head_grid(cfg: DictConfig) -> dict[str, tuple[dict, float]]:
     """Every (aggregator options, base learning rate) pair of the run, by head name.
 
-    The aggregators are those of ``aggregator_configs``; the rates are ``probe.blrs`` (or
-    ``probe.blr`` alone). One rate keeps plain aggregator names.
+    The aggregators are those of ``aggregator_configs``; the rates are ``learning_rates``.
+    One rate keeps plain aggregator names.
     """
-    aggregators = aggregator_configs(cfg)
-    blrs = list(cfg.probe.blrs or [cfg.probe.blr])
-    if len(aggregators) * len(blrs) > 1 and cfg.dataset.heldout_fraction == 0:
-        raise ConfigError(
-            "Choosing among several heads needs held-out data; set dataset.heldout_fraction > 0."
-        )
+    blrs = learning_rates(cfg)
     return {
         head_name(key, blr, len(blrs)): (OmegaConf.to_container(options), blr)
-        for key, options in aggregators.items()
+        for key, options in aggregator_configs(cfg).items()
         for blr in blrs
     }
 
@@ -101,36 +121,18 @@ def build_head(seed: int, layout: TokenLayout, options: dict, num_classes: int) 
         return ProbeHead(build_aggregator(layout=layout, **options), num_classes)
 
 
-def check_heads(cfg: DictConfig, layout: TokenLayout) -> None:
-    """Every head's options fit the layout, before anything is built for real; a refusal
-    names the key the user sets (``heads.center_crop.k``, not the aggregator's ``k`` alone)."""
-    for key, options in aggregator_configs(cfg).items():
-        prefix = "aggregator." if key == cfg.aggregator.name else f"heads.{key}."
-        try:
-            with torch.random.fork_rng(devices=[]):
-                build_aggregator(layout=layout, **OmegaConf.to_container(options))
-        except ConfigError as error:
-            raise ConfigError(str(error).replace("aggregator.", prefix, 1)) from None
-
-
 def build_heads(cfg: DictConfig, layout: TokenLayout, num_classes: int) -> dict[str, ProbeHead]:
-    check_heads(cfg, layout)
-    return {
-        name: build_head(cfg.seed, layout, options, num_classes)
-        for name, (options, _) in head_grid(cfg).items()
-    }
-
-
-def head_request(aggregators, cached: bool = False) -> TokenRequest:
-    """What the heads read, merged; from a cache, parameter-free aggregators read only their
-    stored outputs (``pooled``), and the tokens are stored only when a learned one needs them."""
-    request = TokenRequest()
-    for aggregator in aggregators:
-        if cached and aggregator.parameter_free:
-            request = request | TokenRequest(pooled=(aggregator.cache_key,))
-        else:
-            request = request | aggregator.request()
-    return request
+    """One head per (aggregator, learning rate) of ``head_grid``, by head name: the run's
+    aggregators, built once, here (a cache's plan reads the heads' own)."""
+    blrs = learning_rates(cfg)
+    heads = {}
+    for key, options in aggregator_configs(cfg).items():
+        options = OmegaConf.to_container(options)
+        with named_by_config_key(cfg, key):
+            for blr in blrs:
+                head = build_head(cfg.seed, layout, options, num_classes)
+                heads[head_name(key, blr, len(blrs))] = head
+    return heads
 
 
 def build_backbone(cfg: DictConfig) -> FrozenBackbone:
@@ -146,25 +148,17 @@ def build_backbone(cfg: DictConfig) -> FrozenBackbone:
         return FrozenBackbone(**cfg.backbone)
 
 
-def build_live_source(cfg: DictConfig, request: TokenRequest) -> LiveTokens:
-    """The frozen backbone (and oracle) serving ``request``; checked on the architecture
-    first, so a request it cannot serve fails before the weights are fetched."""
-    skeleton(**cfg.backbone).provide(request)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # a random oracle, too, is the seed's
-        return LiveTokens(build_backbone(cfg), request)
-
-
-def build_live_blocks(cfg: DictConfig, requests: dict[int, TokenRequest]) -> LiveBlocks:
-    """The frozen backbone kept up to the deepest of ``requests``' blocks (``0 .. depth-1``),
-    serving each block its request from one pass; checked on the architecture first."""
+def build_live_source(cfg: DictConfig, requests: dict[int, TokenRequest]) -> LiveTokens:
+    """The frozen backbone (and oracle) kept up to the deepest of ``requests``' blocks
+    (``0 .. depth-1``), serving each block its request from one pass; checked on the
+    architecture first, so a request it cannot serve fails before the weights are fetched."""
     deepest = cfg_at_block(cfg, max(requests))
     check = skeleton(**deepest.backbone)
     for block, request in requests.items():
         check.provide(request, block)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return LiveBlocks(build_backbone(deepest), requests)
+        torch.manual_seed(cfg.seed)  # a random oracle, too, is the seed's
+        return LiveTokens(build_backbone(deepest), requests)
 
 
 def cfg_at_block(cfg: DictConfig, block: int) -> DictConfig:
@@ -175,14 +169,20 @@ def cfg_at_block(cfg: DictConfig, block: int) -> DictConfig:
 
 
 def build_probe(
-    cfg: DictConfig, num_classes: int | None = None, source: TokenSource | None = None
+    cfg: DictConfig,
+    num_classes: int | None = None,
+    source: TokenSource | None = None,
+    heads: dict[str, ProbeHead] | None = None,
 ) -> LinearProbe:
-    """One head per grid point over one token source (default: the live backbone).
+    """One head per grid point (``heads``, when a cache's plan was made from them; else built
+    here) over one token source (default: the live backbone serving what they read).
     ``num_classes``: the data's count (default: ``dataset.num_classes``)."""
     num_classes = num_classes or cfg.dataset.num_classes
-    heads = build_heads(cfg, source.layout if source else backbone_layout(cfg), num_classes)
+    layout = source.layout if source else backbone_layout(cfg)
+    heads = heads or build_heads(cfg, layout, num_classes)
     if source is None:
-        source = build_live_source(cfg, head_request(h.aggregator for h in heads.values()))
+        request = token_request(head.aggregator for head in heads.values())
+        source = build_live_source(cfg, {layout.depth - 1: request})
     return LinearProbe(
         source,
         heads,

@@ -27,7 +27,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
-from mim_agg.backbones import FrozenBackbone, LiveBlocks, TokenLayout, TokenRequest, Tokens
+from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, Tokens
 from mim_agg.backbones.frozen import skeleton
 from mim_agg.cache import TokenCache
 from mim_agg.cache.data import CachedSplit
@@ -190,7 +190,7 @@ def extract_overhead(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = timm.create_model(args.arch, img_size=args.img_size, num_classes=0).to(device).eval()
     backbone = FrozenBackbone(args.arch, img_size=args.img_size)
-    source = LiveBlocks(backbone, {backbone.block: TokenRequest()})
+    source = LiveTokens(backbone, {backbone.block: TokenRequest()})
     rates = {}
     for name, dtype, precision in (
         ("fp32", "float32", "32-true"),
@@ -223,7 +223,7 @@ def _extraction(source, images: torch.Tensor, batch_size: int, dtype: str, preci
     """One shard of every image through ``mim_agg.cache.extract``, into a temporary cache."""
     split = TensorDataset(images, torch.zeros(len(images), dtype=torch.int64))
     plan = SplitPlan(len(images), views=1, shard_size=len(images))
-    layout = source.backbone.layout
+    layout = source.layout
     with tempfile.TemporaryDirectory() as root:
         cache = TokenCache(root)
         cache.start({"key": "benchmark", "splits": {"train": {"plan": asdict(plan), "shards": []}}})

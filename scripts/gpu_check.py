@@ -62,7 +62,8 @@ def throughput(args: argparse.Namespace, device: str) -> dict:
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
-    source = LiveTokens(FrozenBackbone(arch, img_size=size), TokenRequest(tokens=True)).to(device)
+    backbone = FrozenBackbone(arch, img_size=size)
+    source = LiveTokens(backbone, {backbone.block: TokenRequest(tokens=True)}).to(device)
     images = torch.randn(batch, 3, size, size, device=device)
     layout = source.layout
     host = torch.empty(batch, layout.num_tokens, layout.dim, dtype=torch.bfloat16, pin_memory=cuda)

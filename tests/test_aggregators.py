@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import inspect
 from pathlib import Path
@@ -6,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mim_agg.aggregators import AGGREGATORS, aggregate, build_aggregator, options_schema
+from mim_agg.aggregators import AGGREGATORS, build_aggregator, options_schema, token_request
 from mim_agg.backbones import TokenLayout, TokenRequest, Tokens
 from mim_agg.cli import CONFIG_DIR
 
@@ -319,9 +320,22 @@ def test_requests_merge_over_heads():
 
 
 def test_keys_name_every_option_with_defaults_filled_in():
-    assert build("topk_attn").cache_key == build("topk_attn", k=16).cache_key == "topk_attn(k=16)"
-    assert build("topk_attn", k=4).cache_key != build("topk_attn").cache_key
-    assert build("cls").cache_key == "cls()"
+    assert build("topk_attn").output_key == build("topk_attn", k=16).output_key
+    assert build("topk_attn").output_key == "topk_attn(k=16)"
+    assert build("topk_attn", k=4).output_key != build("topk_attn").output_key
+    assert build("cls").output_key == "cls()"
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_every_aggregator_owns_its_key_however_built_or_copied(name):
+    """The key is captured at construction, by the class itself: built by class or by name,
+    copied (checkpoint selection copies heads), and whatever its own attributes are named
+    (attention poolers have a ``key`` projection), it names the aggregator and its options."""
+    options = {"oracle_weights": None} if name == "oracle_attn" else {}
+    by_name = build(name, **options)
+    by_class = AGGREGATORS[name](layout(), **options)
+    assert by_name.output_key == by_class.output_key == copy.deepcopy(by_name).output_key
+    assert by_name.output_key.startswith(f"{name}(")
 
 
 def test_parameter_free_aggregators_are_those_a_cache_can_store_pooled():
@@ -332,14 +346,24 @@ def test_parameter_free_aggregators_are_those_a_cache_can_store_pooled():
     }  # fmt: skip
 
 
-def test_a_served_output_replaces_the_computation():
+def test_a_served_output_is_what_the_aggregator_returns():
+    """From a cache, calling a parameter-free aggregator returns its stored output (no tokens
+    needed); another aggregator's stored output is not its own."""
     tokens, attn = tokens_and_attn()
-    aggregator = build("attn_mean")
-    served = wrap(None, pooled={aggregator.cache_key: torch.ones(3, DIM)})
-    torch.testing.assert_close(aggregate(aggregator, served), torch.ones(3, DIM))
-    torch.testing.assert_close(
-        aggregate(aggregator, wrap(tokens, attn)), aggregator(wrap(tokens, attn))
+    aggregator = AGGREGATORS["topk_attn"](layout(), k=4)  # built by its class: same contract
+    stored = {"topk_attn(k=4)": torch.ones(3, DIM), "topk_attn(k=16)": torch.zeros(3, DIM)}
+    torch.testing.assert_close(aggregator(wrap(None, pooled=stored)), torch.ones(3, DIM))
+    computed = aggregator.forward(wrap(tokens, attn))
+    torch.testing.assert_close(aggregator(wrap(tokens, attn)), computed)
+    assert not torch.equal(computed, torch.ones(3, DIM))
+
+
+def test_from_a_cache_parameter_free_aggregators_read_only_their_outputs():
+    aggregators = [build("topk_attn", k=4), build("last_n_cls", n=2), build("abmilp")]
+    assert token_request(aggregators, cached=True) == TokenRequest(
+        tokens=True, pooled=("last_n_cls(n=2,with_mean=True)", "topk_attn(k=4)")
     )
+    assert token_request(aggregators) == TokenRequest(tokens=True, cls_attn=True, cls_blocks=2)
 
 
 AGGREGATOR_CONFIGS = sorted((CONFIG_DIR / "aggregator").glob("*.yaml"))
@@ -368,24 +392,25 @@ def test_aggregator_configs_name_the_class_that_documents_their_options():
 
 
 def test_a_refused_option_of_an_extra_head_names_its_own_key():
-    from mim_agg.builders import backbone_layout, check_heads
+    from mim_agg.builders import backbone_layout, build_aggregators, build_heads
     from mim_agg.errors import ConfigError
     from tests.helpers import FAST, compose_config
 
     cfg = compose_config([*FAST, "heads=bench8"])  # 32 px: a 2 x 2 grid, center_crop k=4
-    with pytest.raises(ConfigError, match=r"^heads\.center_crop\.k=4 must lie in \[1, 2\]"):
-        check_heads(cfg, backbone_layout(cfg))
+    for build_run in (build_aggregators, lambda *a: build_heads(*a, num_classes=10)):
+        with pytest.raises(ConfigError, match=r"^heads\.center_crop\.k=4 must lie in \[1, 2\]"):
+            build_run(cfg, backbone_layout(cfg))
     cfg = compose_config([*FAST, "aggregator=center_crop"])
     with pytest.raises(ConfigError, match=r"^aggregator\.k=4 must lie in \[1, 2\]"):
-        check_heads(cfg, backbone_layout(cfg))
+        build_aggregators(cfg, backbone_layout(cfg))
 
 
 def test_the_readmes_small_image_bench8_example_fits():
-    from mim_agg.builders import backbone_layout, check_heads
+    from mim_agg.builders import backbone_layout, build_aggregators
     from tests.helpers import PROJECT_ROOT, compose_config
 
     readme = (PROJECT_ROOT / "README.md").read_text()
     example = "experiment=quickstart heads=bench8 heads.center_crop.k=2 heads.topk_attn.k=4"
     assert example in readme
     cfg = compose_config(example.split())
-    check_heads(cfg, backbone_layout(cfg))
+    build_aggregators(cfg, backbone_layout(cfg))

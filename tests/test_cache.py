@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from mim_agg.aggregators import aggregate
 from mim_agg.backbones import FrozenBackbone
-from mim_agg.builders import build_datamodule, build_probe
+from mim_agg.builders import backbone_layout, build_aggregators, build_datamodule, build_probe
 from mim_agg.cache import CachedTokens, CacheError, TokenCache, open_cache
 from mim_agg.cache.data import CachedSplit
 from mim_agg.cache.store import dequantize, quantize
@@ -39,7 +38,13 @@ def cache_for(overrides, tmp_path, **kwargs):
     L.seed_everything(cfg.seed)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
-    return cfg, datamodule, open_cache(cfg, datamodule, **kwargs)
+    return cfg, datamodule, open_run_cache(cfg, datamodule, **kwargs)
+
+
+def open_run_cache(cfg, datamodule, **kwargs):
+    """``open_cache`` for the config's aggregators, as ``task=extract`` opens it."""
+    aggregators = build_aggregators(cfg, backbone_layout(cfg)).values()
+    return open_cache(cfg, datamodule, list(aggregators), **kwargs)
 
 
 def first_batch(cache: TokenCache, split: str, size: int = 8, epoch: int | None = None):
@@ -64,11 +69,11 @@ def test_fp32_cache_serves_every_head_exactly_what_the_live_backbone_gives(tmp_p
     assert torch.equal(targets, live_targets)
     torch.testing.assert_close(cached.all, live.all, rtol=0, atol=1e-6)
     assert set(cached.pooled) == {
-        h.aggregator.cache_key for h in probe.heads.values() if h.aggregator.parameter_free
+        h.aggregator.output_key for h in probe.heads.values() if h.aggregator.parameter_free
     }
     with torch.no_grad():
         for name, head in probe.heads.items():
-            served, computed = aggregate(head.aggregator, cached), aggregate(head.aggregator, live)
+            served, computed = head.aggregator(cached), head.aggregator(live)
             torch.testing.assert_close(served, computed, msg=name)
 
 
@@ -81,7 +86,7 @@ def test_bf16_cache_is_within_bf16_rounding_and_stores_only_pooled_vectors(tmp_p
     cached, _ = first_batch(cache, "heldout")
     assert cached.all is None and cached.pooled["cls()"].dtype == torch.bfloat16
     for head in probe.heads.values():
-        served = aggregate(head.aggregator, cached).float()
+        served = head.aggregator(cached).float()
         torch.testing.assert_close(served, head.aggregator(live), rtol=2**-8, atol=1e-6)
 
 
@@ -146,7 +151,7 @@ def test_damaged_truncated_or_foreign_caches_are_refused_before_training(tmp_pat
 
     other = compose_config([*GRID_4x4, *overrides, "backbone.block=5"], tmp_path)
     with pytest.raises(CacheError, match="No complete token cache.*python run.py task=extract"):
-        open_cache(other, datamodule, build=False)
+        open_run_cache(other, datamodule, build=False)
 
 
 def test_a_cache_never_serves_another_request_or_other_data(tmp_path):

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mim_agg.cache import CacheError, open_cache
+from mim_agg.cache import CacheError
 from mim_agg.errors import ConfigError
 from mim_agg.runs.runner import run_task
 from mim_agg.validation import check_ranges
 from tests.helpers import compose_config
-from tests.test_cache import GRID_4x4, cache_for, first_batch, image_folder
+from tests.test_cache import GRID_4x4, cache_for, first_batch, image_folder, open_run_cache
 
 MEAN = ["aggregator=mean", "dataset.num_workers=0"]
 SMALL = [*MEAN, "dataset.train_size=60", "dataset.test_size=20"]  # a third of the images
@@ -98,7 +98,7 @@ def test_an_edited_manifest_is_refused_with_the_rebuild_command(tmp_path, damage
     else:  # a shard damaged, its digest "fixed" to match
         edit_manifest(cache, lambda m: m["splits"]["test"]["shards"][0].update(sha256="0" * 64))
     with pytest.raises(CacheError, match=r"manifest.json is changed .* rebuild it: python run.py"):
-        open_cache(cfg, datamodule)
+        open_run_cache(cfg, datamodule)
 
 
 def test_full_verification_finds_a_damaged_shard_whose_time_was_restored(tmp_path):
@@ -109,10 +109,10 @@ def test_full_verification_finds_a_damaged_shard_whose_time_was_restored(tmp_pat
     damaged[-1] ^= 0xFF
     shard.write_bytes(bytes(damaged))
     os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
-    open_cache(cfg, datamodule)  # documented: hashed again only when its size or time change
+    open_run_cache(cfg, datamodule)  # documented: hashed again only when its size or time change
     full = compose_config([*GRID_4x4, *SMALL, "cache.verify=full"], tmp_path)
     with pytest.raises(CacheError, match=r"shard-00000.safetensors is damaged.*rebuild it"):
-        open_cache(full, datamodule)
+        open_run_cache(full, datamodule)
 
 
 def test_cache_verify_takes_true_false_or_full(tmp_path):

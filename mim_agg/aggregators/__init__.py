@@ -8,11 +8,11 @@ from mim_agg.aggregators.base import (
     AGGREGATORS,
     Aggregator,
     WeightedPatchPool,
-    aggregate,
     build_aggregator,
     options_schema,
     pool,
     register,
+    token_request,
 )
 
 for _module in pkgutil.iter_modules(__path__):
@@ -22,9 +22,9 @@ __all__ = [
     "AGGREGATORS",
     "Aggregator",
     "WeightedPatchPool",
-    "aggregate",
     "build_aggregator",
     "options_schema",
     "pool",
     "register",
+    "token_request",
 ]

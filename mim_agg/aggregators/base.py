@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -22,13 +23,24 @@ class Aggregator(nn.Module):
     Built from a ``TokenLayout``; options are keyword-only constructor arguments, which are
     the aggregator's config schema. ``request()`` says what ``forward`` reads from the token
     source (by default the block's tokens); ``needs_cls`` makes construction fail on
-    backbones without a ``[cls]`` token. ``cache_key`` names the aggregator and all its options:
-    a cache stores parameter-free aggregators' outputs under it.
+    backbones without a ``[cls]`` token.
+
+    ``output_key`` names the aggregator and every option it was built with
+    (``topk_attn(k=16)``), captured at construction for every subclass: a token cache stores a
+    parameter-free aggregator's output under it, and calling the aggregator on tokens that hold
+    it returns it. (Not ``key``: attention modules name their projections so.)
     """
 
     name: ClassVar[str]
     needs_cls: ClassVar[bool] = False
-    cache_key: str
+    output_key: str
+
+    def __new__(cls, *args, **options) -> Aggregator:
+        """Name the aggregator by the options it is built with before any subclass's
+        ``__init__`` runs, so no subclass has anything to do for its ``output_key``."""
+        aggregator = super().__new__(cls)
+        aggregator.output_key = aggregator_key(cls, options)
+        return aggregator
 
     def __init__(self, layout: TokenLayout) -> None:
         super().__init__()
@@ -58,6 +70,12 @@ class Aggregator(nn.Module):
         store the output instead of the tokens."""
         return not any(True for _ in self.parameters())
 
+    def __call__(self, tokens: Tokens) -> torch.Tensor:
+        """The representation of ``tokens``: the stored output when their source holds this
+        aggregator's (a cache of a parameter-free aggregator), else ``forward``'s."""
+        stored = tokens.pooled.get(self.output_key)
+        return super().__call__(tokens) if stored is None else stored
+
     def forward(self, tokens: Tokens) -> torch.Tensor:
         raise NotImplementedError
 
@@ -74,13 +92,17 @@ class WeightedPatchPool(Aggregator):
         return pool(self.pooling_weights(tokens), tokens.patches)
 
 
-def aggregate(aggregator: Aggregator, tokens: Tokens) -> torch.Tensor:
-    """The aggregator's representation of ``tokens``: served by the token source when it holds
-    it (a cache of a parameter-free aggregator), else computed."""
-    key = getattr(aggregator, "cache_key", None)  # absent when built without build_aggregator
-    if key in tokens.pooled:
-        return tokens.pooled[key]
-    return aggregator(tokens)
+def token_request(aggregators: Iterable[Aggregator], cached: bool = False) -> TokenRequest:
+    """What ``aggregators`` read, merged. From a cache (``cached``) a parameter-free aggregator
+    reads only its own stored output (``pooled``, by ``output_key``), so a cache stores the tokens
+    only when a learned aggregator reads them."""
+    request = TokenRequest()
+    for aggregator in aggregators:
+        if cached and aggregator.parameter_free:
+            request = request | TokenRequest(pooled=(aggregator.output_key,))
+        else:
+            request = request | aggregator.request()
+    return request
 
 
 def pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -133,19 +155,17 @@ def get_aggregator_class(name: str) -> type[Aggregator]:
 
 def build_aggregator(name: str, layout: TokenLayout, **options) -> Aggregator:
     """Build a registered aggregator by name, inside or outside Hydra."""
-    cls = get_aggregator_class(name)
-    aggregator = cls(layout, **options)
-    aggregator.cache_key = aggregator_key(name, options)
-    return aggregator
+    return get_aggregator_class(name)(layout, **options)
 
 
-def aggregator_key(name: str, options: dict) -> str:
-    """``topk_attn(k=16)``: the name and every option, defaults filled in, so the same
-    aggregator has one key however its config spells it."""
+def aggregator_key(cls: type[Aggregator], options: dict) -> str:
+    """``topk_attn(k=16)``: the name and every option (keyword-only argument), defaults filled
+    in, so the same aggregator has one key however its config spells it."""
     defaults = {
         param.name: param.default
-        for param in inspect.signature(get_aggregator_class(name).__init__).parameters.values()
+        for param in inspect.signature(cls.__init__).parameters.values()
         if param.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    values = {**defaults, **{k: v for k, v in options.items() if k != "name"}}
+    values = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
+    name = getattr(cls, "name", cls.__name__)  # a class not registered (yet) has no name
     return f"{name}({','.join(f'{k}={v}' for k, v in sorted(values.items()))})"

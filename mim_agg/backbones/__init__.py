@@ -2,12 +2,11 @@
 
 from mim_agg.backbones import capi  # noqa: F401  (registers capi_vitl14 with timm)
 from mim_agg.backbones.frozen import FrozenBackbone
-from mim_agg.backbones.source import LiveBlocks, LiveTokens, TokenSource
+from mim_agg.backbones.source import LiveTokens, TokenSource
 from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
 
 __all__ = [
     "FrozenBackbone",
-    "LiveBlocks",
     "LiveTokens",
     "TokenLayout",
     "TokenRequest",

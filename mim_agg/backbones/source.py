@@ -18,38 +18,24 @@ from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
 
 
 class TokenSource(nn.Module):
-    """``forward(inputs) -> Tokens`` holding every field of ``request``, shaped by ``layout``.
+    """``forward(inputs) -> Tokens`` holding every field the heads asked for, shaped by
+    ``layout``.
 
     ``inputs`` is what the source's data loader yields besides the targets: images for a
     live source, stored fields for a cache.
     """
 
     layout: TokenLayout
-    request: TokenRequest
 
 
 class LiveTokens(TokenSource):
-    """A frozen backbone, and the attention oracle when a head asks for one, run per batch."""
+    """A frozen backbone, and the attention oracle when a request names one, run per batch.
 
-    def __init__(self, backbone: FrozenBackbone, request: TokenRequest) -> None:
-        super().__init__()
-        backbone.provide(request)
-        self.backbone = backbone
-        self.layout = backbone.layout
-        self.request = request
-        self.oracle = build_oracle(backbone, request)
-
-    @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> Tokens:
-        tokens = self.backbone(images)
-        if self.oracle is not None:
-            tokens.oracle_attn = self.oracle(images)
-        return tokens
-
-
-class LiveBlocks(nn.Module):
-    """Several blocks' ``Tokens`` from one pass of a frozen backbone, each for its own
-    request: a layer-wise sweep extracts every block's cache for the cost of the deepest."""
+    ``requests`` maps blocks (``0 .. backbone.block``) to what each must provide; one pass
+    serves them all, so a layer-wise sweep extracts every block's cache for the cost of the
+    deepest. ``forward`` gives the probed block's ``Tokens`` (``backbone.block``, laid out as
+    ``layout``), ``forward_blocks`` every requested block's.
+    """
 
     def __init__(self, backbone: FrozenBackbone, requests: dict[int, TokenRequest]) -> None:
         super().__init__()
@@ -57,11 +43,15 @@ class LiveBlocks(nn.Module):
             backbone.provide(request, block)
         merged = functools.reduce(operator.or_, requests.values())
         self.backbone = backbone
+        self.layout = backbone.layout
         self.oracle = build_oracle(backbone, merged)
         self.oracle_blocks = {b for b, r in requests.items() if r.oracle is not None}
 
+    def forward(self, images: torch.Tensor) -> Tokens:
+        return self.forward_blocks(images)[self.backbone.block]
+
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> dict[int, Tokens]:
+    def forward_blocks(self, images: torch.Tensor) -> dict[int, Tokens]:
         tokens = self.backbone.forward_blocks(images)
         if self.oracle is not None:
             oracle_attn = self.oracle(images)  # one oracle pass serves every block

@@ -64,7 +64,8 @@ class TokenRequest:
         ``[cls]`` row only: the full ``[B, H, T, T]`` map is never kept).
     cls_blocks: how many last blocks' ``[cls]`` tokens ``block_cls`` holds (1: none).
     oracle: ``(arch, weights)`` of another model whose ``[cls]`` attention is wanted.
-    pooled: keys of parameter-free aggregators whose outputs a cache serves directly.
+    pooled: the keys (``Aggregator.output_key``) of parameter-free aggregators whose outputs a cache
+        stores and serves instead of the fields they read.
     """
 
     tokens: bool = False
@@ -74,13 +75,8 @@ class TokenRequest:
     pooled: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
-        """Plain JSON values (a cache's manifest); ``TokenRequest.of`` reads them back."""
+        """Plain JSON values (a cache's identity and manifest)."""
         return {**asdict(self), "oracle": list(self.oracle) if self.oracle else None}
-
-    @classmethod
-    def of(cls, values: dict) -> TokenRequest:
-        oracle = tuple(values["oracle"]) if values.get("oracle") else None
-        return cls(**{**values, "oracle": oracle, "pooled": tuple(values["pooled"])})
 
     def __or__(self, other: TokenRequest) -> TokenRequest:
         if self.oracle and other.oracle and self.oracle != other.oracle:
@@ -106,7 +102,8 @@ class Tokens:
 
     ``all``: ``[B, P + N, D]`` (``None`` when a cache serves only pooled vectors);
     ``cls_attn``: ``[B, H, N]``; ``block_cls``: ``[B, n, D]``; ``oracle_attn``: ``[B, N]``;
-    ``pooled``: parameter-free aggregators' outputs by key (from a cache only).
+    ``pooled``: the stored outputs of parameter-free aggregators by their ``output_key`` (from
+    a cache only): calling such an aggregator on these ``Tokens`` returns its own.
     """
 
     layout: TokenLayout

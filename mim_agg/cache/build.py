@@ -1,9 +1,9 @@
 """The cache a run needs: planned from config, found by its key, extracted when missing.
 
-Planning needs no weights: heads are built on the architecture alone, their merged request
-says which fields to store (pooled vectors for parameter-free heads, tokens only when a learned
-head reads them), and the data module's splits give the images. Only when shards are missing
-is the backbone loaded and run.
+Planning needs no weights: the run's aggregators, built on the architecture alone, say which
+fields to store (``token_request``: the outputs of parameter-free aggregators, the tokens only
+when a learned one reads them), and the data module's splits give the images. Only when shards
+are missing is the backbone loaded and run.
 """
 
 from __future__ import annotations
@@ -18,16 +18,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mim_agg.aggregators import Aggregator, build_aggregator
+from mim_agg.aggregators import Aggregator, token_request
 from mim_agg.backbones import TokenLayout, TokenRequest
 from mim_agg.backbones.frozen import skeleton
-from mim_agg.builders import (
-    backbone_layout,
-    build_live_blocks,
-    cfg_at_block,
-    grid_aggregators,
-    head_request,
-)
+from mim_agg.builders import backbone_layout, build_aggregators, build_live_source, cfg_at_block
 from mim_agg.cache.extract import Target, bytes_per_view, check_disk, extract, field_shapes, human
 from mim_agg.cache.identity import cache_identity, cache_key, split_identity
 from mim_agg.cache.store import FORMAT, CacheError, SplitPlan, TokenCache
@@ -42,8 +36,8 @@ SPLITS = ("train", "heldout", "test")
 @dataclass
 class PlannedCache:
     """One cache as config and data define it, before anything is read or run: where it
-    lives, its key and identity, the heads it serves, what it stores and what the backbone
-    must provide for that."""
+    lives, its key and identity, the aggregators it serves (by ``output_key``), what it stores and
+    what the backbone must provide for that."""
 
     cache: TokenCache
     key: str
@@ -59,17 +53,14 @@ def plan_cache(
     cfg: DictConfig,
     datamodule: ProbeDataModule,
     split_ids: dict[str, str],
-    aggregators: list[Aggregator] | None = None,
+    aggregators: list[Aggregator],
 ) -> PlannedCache:
-    """The cache of ``aggregators`` (default: the config's heads) on this backbone block and
-    data; needs no weights."""
+    """The cache of ``aggregators`` (the run's, built once) on this backbone block and data;
+    needs no weights."""
     layout = backbone_layout(cfg)
-    if aggregators is None:
-        with torch.random.fork_rng(devices=[]):  # learned heads are built for their request only
-            aggregators = [build_aggregator(layout=layout, **o) for o in grid_aggregators(cfg)]
-    by_key = {a.cache_key: a for a in aggregators}
-    request = head_request(by_key.values(), cached=True)
-    live_request = head_request(by_key.values())
+    by_key = {a.output_key: a for a in aggregators}  # a grid of learning rates repeats each key
+    request = token_request(by_key.values(), cached=True)
+    live_request = token_request(by_key.values())
     views = split_views(cfg, datamodule)
     identity = cache_identity(
         cfg, request, split_ids, views, datamodule.num_classes, live_request.oracle
@@ -92,14 +83,14 @@ def plan_cache(
 def open_cache(
     cfg: DictConfig,
     datamodule: ProbeDataModule,
+    aggregators: list[Aggregator],
     watch=None,
     build: bool = True,
-    aggregators: list[Aggregator] | None = None,
 ) -> TokenCache:
-    """The complete, checked cache for ``aggregators`` (default: this run's heads) on this
-    data; missing shards are extracted first when ``build`` (else refused with the command
-    that builds them), together with the caches of the blocks ``cache.blocks`` lists (the
-    config's heads at those blocks) in the same backbone pass.
+    """The complete, checked cache for ``aggregators`` (this run's) on this data; missing
+    shards are extracted first when ``build`` (else refused with the command that builds
+    them), together with the caches of the blocks ``cache.blocks`` lists (the config's
+    aggregators at those blocks) in the same backbone pass.
 
     A complete cache is read without a lock (so from a read-only mount too): nothing writes
     to it again. Its shards were renamed into place before the manifest that completes it,
@@ -113,12 +104,18 @@ def open_cache(
     if not cache.complete:
         if not build:
             raise CacheError(f"No complete token cache at {cache.root}. Build it: {cache.rebuild}")
-        blocks = other_blocks(cfg)
-        others = [plan_cache(cfg_at_block(cfg, block), datamodule, split_ids) for block in blocks]
+        others = [plan_block(cfg, b, datamodule, split_ids) for b in other_blocks(cfg)]
         fill([planned, *(p for p in others if not p.cache.complete)], cfg, datamodule, watch)
     log.info("Checking the token cache %s", cache.root)
     cache.check(planned.key, cfg.cache.verify)
     return cache
+
+
+def plan_block(cfg: DictConfig, block: int, datamodule, split_ids) -> PlannedCache:
+    """The cache of this run's aggregators at another block, built on that block's layout."""
+    moved = cfg_at_block(cfg, block)
+    aggregators = build_aggregators(moved, backbone_layout(moved))
+    return plan_cache(moved, datamodule, split_ids, list(aggregators.values()))
 
 
 def other_blocks(cfg: DictConfig) -> list[int]:
@@ -158,15 +155,14 @@ def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, 
     for entry in entries:
         describe(entry, cfg)
         block = entry.layout.depth - 1
-        pooled = entry.request.pooled
-        poolers = {k: a for k, a in entry.aggregators.items() if k in pooled}
-        targets.append(Target(entry.cache, block, entry.shapes, poolers))
+        stored = {k: a for k, a in entry.aggregators.items() if k in entry.request.pooled}
+        targets.append(Target(entry.cache, block, entry.shapes, stored))
         requests[block] = requests.get(block, TokenRequest()) | entry.live_request
     warn_single_view(plans, datamodule.augment)
     check_disk(targets, plans, cfg.cache.dtype)
     extract(
         targets,
-        build_live_blocks(cfg, requests),
+        build_live_source(cfg, requests),
         datamodule.splits,
         plans,
         cfg.cache.dtype,
@@ -226,12 +222,12 @@ def describe(entry: PlannedCache, cfg) -> None:
     learned = sorted({a.name for a in entry.aggregators.values() if not a.parameter_free})
     if "all" in shapes:
         log.info(
-            "Full tokens are stored (%s per view) because learned heads read them: %s.",
+            "Full tokens are stored (%s per view) because learned aggregators read them: %s.",
             human(bytes_per_view({"all": shapes["all"]}, dtype)),
             ", ".join(learned),
         )
     else:
-        log.info("Only the parameter-free heads' pooled vectors are stored (no learned head).")
+        log.info("Only the parameter-free aggregators' outputs are stored (none is learned).")
 
 
 def warn_single_view(plans: dict, augment: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from mim_agg.backbones import TokenLayout, TokenRequest, Tokens, TokenSource
+from mim_agg.backbones import TokenLayout, Tokens, TokenSource
 from mim_agg.backbones.tokens import TENSOR_FIELDS
 from mim_agg.cache.extract import POOLED
 from mim_agg.cache.store import SplitPlan, TokenCache, dequantize
@@ -62,20 +62,17 @@ class CachedDataModule(SplitLoaders):
 
 
 class CachedTokens(TokenSource):
-    """``Tokens`` from a batch of stored fields: dequantised on the device they arrive on."""
+    """``Tokens`` from a batch of stored fields: dequantised on the device they arrive on. A
+    stored aggregator output (``pooled/<key>``) is what that aggregator returns on them."""
 
-    def __init__(self, layout: TokenLayout, request: TokenRequest) -> None:
+    def __init__(self, layout: TokenLayout) -> None:
         super().__init__()
-        self.layout, self.request = layout, request
+        self.layout = layout
 
     @classmethod
     def of(cls, cache: TokenCache) -> CachedTokens:
-        manifest = cache.manifest
-        layout = manifest["layout"]
-        return cls(
-            TokenLayout(**{**layout, "grid": tuple(layout["grid"])}),
-            TokenRequest.of(manifest["request"]),
-        )
+        layout = cache.manifest["layout"]
+        return cls(TokenLayout(**{**layout, "grid": tuple(layout["grid"])}))
 
     def forward(self, fields: dict[str, torch.Tensor]) -> Tokens:
         values = dequantize(fields)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mim_agg.aggregators import Aggregator
-from mim_agg.backbones import LiveBlocks, TokenLayout, TokenRequest, Tokens
+from mim_agg.backbones import LiveTokens, TokenLayout, TokenRequest, Tokens
 from mim_agg.backbones.tokens import TENSOR_FIELDS, require_finite
 from mim_agg.cache.store import DTYPES, CacheError, SplitPlan, TokenCache, quantize
 
@@ -30,8 +30,9 @@ POOLED = "pooled/"
 
 def field_shapes(layout: TokenLayout, request: TokenRequest, out_dims: dict) -> dict:
     """Per image and view, the shape of every field a cache for ``request`` stores: the
-    requested ``Tokens`` fields (shaped as ``Tokens.example`` makes them) and one pooled vector
-    per parameter-free aggregator key."""
+    requested ``Tokens`` fields (shaped as ``Tokens.example`` makes them) and the output of
+    each parameter-free aggregator it stores, ``pooled/<its output_key>`` (``out_dims`` by
+    that key)."""
     example = Tokens.example(layout, request)
     shapes = {name: tuple(getattr(example, name).shape[1:]) for name in stored_names(example)}
     for key in request.pooled:
@@ -82,14 +83,14 @@ class Views(Dataset):
 
 
 def stored_fields(
-    tokens: Tokens, shapes: dict, poolers: dict[str, Aggregator], dtype: str
+    tokens: Tokens, shapes: dict, aggregators: dict[str, Aggregator], dtype: str
 ) -> dict[str, torch.Tensor]:
     """What the cache keeps of a batch: the fields of ``shapes`` in ``dtype``, on the CPU;
-    ``pooled/<key>`` is the output of the parameter-free aggregator with that key."""
+    ``pooled/<key>`` is what the aggregator with that key (of ``aggregators``) returns."""
     stored = {}
     for name in shapes:
         if name.startswith(POOLED):
-            value = poolers[name[len(POOLED) :]](tokens)
+            value = aggregators[name[len(POOLED) :]](tokens)
         else:
             value = getattr(tokens, name)
         for suffix, tensor in quantize(value.float(), dtype).items():
@@ -100,12 +101,12 @@ def stored_fields(
 @dataclass
 class Target:
     """One cache an extraction pass fills: the (non-negative) block whose tokens it stores,
-    the fields it keeps and the parameter-free aggregators whose outputs it stores."""
+    the fields it keeps and the parameter-free aggregators whose outputs it stores, by key."""
 
     cache: TokenCache
     block: int
     shapes: dict
-    poolers: dict[str, Aggregator]
+    aggregators: dict[str, Aggregator]
 
 
 def check_disk(targets: list[Target], plans: dict[str, SplitPlan], dtype: str) -> None:
@@ -151,10 +152,10 @@ def extract_batch(source, images, targets: list[Target], dtype: str, batch_size:
     parts: list[dict[str, list[torch.Tensor]]] = [{} for _ in targets]
     for chunk in images.split(batch_size):
         with torch.inference_mode(), autocast:
-            blocks = source(chunk.to(device))
+            blocks = source.forward_blocks(chunk.to(device))
             for target, target_parts in zip(targets, parts, strict=True):
                 tokens = blocks[target.block]
-                fields = stored_fields(tokens, target.shapes, target.poolers, dtype)
+                fields = stored_fields(tokens, target.shapes, target.aggregators, dtype)
                 require_finite(f"Block {target.block}'s values to cache", fields.values())
                 for name, tensor in fields.items():
                     target_parts.setdefault(name, []).append(tensor)
@@ -163,7 +164,7 @@ def extract_batch(source, images, targets: list[Target], dtype: str, batch_size:
 
 def extract(
     targets: list[Target],
-    source: LiveBlocks,
+    source: LiveTokens,
     splits: dict[str, Dataset],
     plans: dict[str, SplitPlan],
     dtype: str,
@@ -180,7 +181,7 @@ def extract(
     source.to(device)
     bf16 = precision.startswith("bf16")
     for target in targets:
-        for aggregator in target.poolers.values():
+        for aggregator in target.aggregators.values():
             aggregator.to(device)
     for name, plan in plans.items():
         done = [target.cache.shards_done(name) for target in targets]

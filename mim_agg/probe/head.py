@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mim_agg.aggregators import Aggregator, aggregate
+from mim_agg.aggregators import Aggregator
 from mim_agg.backbones import Tokens
 
 
@@ -22,8 +22,7 @@ class ProbeHead(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
-        features = aggregate(self.aggregator, tokens)
-        return self.classifier(self.norm(features))
+        return self.classifier(self.norm(self.aggregator(tokens)))
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,6 +1,6 @@
 """The ``extract`` task: fill the token cache that ``probe.features=cached`` trains from.
 
-It stores what this run's heads need (``aggregator`` and ``heads``), for every split; rerun
+It stores what this run's aggregators need (``aggregator`` and ``heads``), for every split; rerun
 after an interruption, it continues after the last complete shard. Its folder is the cache's.
 """
 
@@ -10,7 +10,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from mim_agg.builders import build_datamodule
+from mim_agg.builders import backbone_layout, build_aggregators, build_datamodule
 from mim_agg.cache import open_cache
 from mim_agg.cache.extract import human
 
@@ -22,7 +22,8 @@ USES_RUN_FOLDER = False
 def run(cfg: DictConfig, watch=None) -> dict:
     datamodule = build_datamodule(cfg)
     datamodule.setup()
-    cache = open_cache(cfg, datamodule, watch=watch)
+    aggregators = build_aggregators(cfg, backbone_layout(cfg))
+    cache = open_cache(cfg, datamodule, list(aggregators.values()), watch)
     manifest = cache.manifest
     total = sum(shard["bytes"] for s in manifest["splits"].values() for shard in s["shards"])
     counts = {split: entry["plan"]["count"] for split, entry in manifest["splits"].items()}

@@ -1,11 +1,12 @@
 """The ``knn`` task: weighted k-NN on the aggregated features of frozen tokens (DINO's protocol).
 
-Every head (``aggregator`` plus ``heads``, parameter-free, or the winning head of a trained
-probe via ``knn.probe_ckpt``) is evaluated from one pass over the token cache: features are
-L2-normalised; a query's ``k`` most cosine-similar training images vote with weight
-``exp(sim / T)``. ``k`` and ``T`` are chosen per head on the held-out split (taken from train,
-as for probes) and the test split is scored once with the chosen pair. Training images are
-the bank and never all in memory: they stream through in chunks, merged into a running top-k.
+Every aggregator (``aggregator`` plus ``heads``, parameter-free, or the aggregator of a
+trained probe's winning head via ``knn.probe_ckpt``) is evaluated from one pass over the token
+cache: features are L2-normalised; a query's ``k`` most cosine-similar training images vote
+with weight ``exp(sim / T)``. ``k`` and ``T`` are chosen per aggregator on the held-out split
+(taken from train, as for probes) and the test split is scored once with the chosen pair.
+Training images are the bank and never all in memory: they stream through in chunks, merged
+into a running top-k.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from rich.table import Table
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mim_agg.aggregators import aggregate, build_aggregator
+from mim_agg.aggregators import Aggregator
 from mim_agg.backbones.tokens import TOKEN_CAUSES, require_finite
-from mim_agg.builders import aggregator_configs, backbone_layout, build_datamodule, load_probe_head
+from mim_agg.builders import backbone_layout, build_aggregators, build_datamodule, load_probe_head
 from mim_agg.cache import CachedTokens, open_cache
 from mim_agg.cache.data import CachedSplit
 from mim_agg.errors import ConfigError
@@ -52,17 +53,19 @@ def run(cfg: DictConfig, watch=None) -> dict:
     datamodule.setup()
     if datamodule.low_shot:
         write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
-    heads = knn_heads(cfg)
-    check_grid(cfg, datamodule, len(heads))
-    cache = open_cache(cfg, datamodule, watch, aggregators=list(heads.values()))
+    aggregators = knn_aggregators(cfg)
+    check_grid(cfg, datamodule, len(aggregators))
+    cache = open_cache(cfg, datamodule, list(aggregators.values()), watch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = CachedTokens.of(cache).to(device)
-    for aggregator in heads.values():
+    for aggregator in aggregators.values():
         aggregator.to(device).eval()
-    features = {s: split_features(cfg, cache, s, heads, source, device) for s in QUERY_SPLITS}
+    features = {s: split_features(cfg, cache, s, aggregators, source, device) for s in QUERY_SPLITS}
     k = max(cfg.knn.k)
-    found = {s: {n: NearestNeighbours(features[s][0][n], k) for n in heads} for s in QUERY_SPLITS}
-    for bank, labels in stream_features(cfg, cache, "train", heads, source, device, watch):
+    found = {
+        s: {n: NearestNeighbours(features[s][0][n], k) for n in aggregators} for s in QUERY_SPLITS
+    }
+    for bank, labels in stream_features(cfg, cache, "train", aggregators, source, device, watch):
         for split in QUERY_SPLITS:
             for name, neighbours in found[split].items():
                 neighbours.add(bank[name], labels)
@@ -77,31 +80,33 @@ def run(cfg: DictConfig, watch=None) -> dict:
             [features[s][1] for s in QUERY_SPLITS],
             datamodule.num_classes,
         )
-        for name in heads
+        for name in aggregators
     }
     winner = max(results, key=lambda n: results[n]["val/acc1_best"] or 0.0)
     summary = {"winner": winner, **results[winner], "heads": results}
     show(summary)
-    rows = [{"head": n, "aggregator": heads[n].name, **r} for n, r in results.items()]
+    rows = [{"head": n, "aggregator": aggregators[n].name, **r} for n, r in results.items()]
     write_csv(output_dir / "heads.csv", rows, COLUMNS)
     write_json(output_dir / "metrics.json", summary)
     return summary
 
 
-def check_grid(cfg: DictConfig, datamodule, num_heads: int) -> None:
-    """Before any work: k fits the training images, and a choice among heads and (k, T) has
-    held-out data (the winner is chosen there, never on test)."""
+def check_grid(cfg: DictConfig, datamodule, num_aggregators: int) -> None:
+    """Before any work: k fits the training images, and a choice among aggregators and
+    (k, T) has held-out data (the winner is chosen there, never on test)."""
     bank_size = len(datamodule.splits["train"])
     if max(cfg.knn.k) > bank_size:
         raise ConfigError(
             f"knn.k={list(cfg.knn.k)} asks for more neighbours than the {bank_size} training "
             f"images; use k <= {bank_size}."
         )
-    if not datamodule.has_heldout and num_heads * len(cfg.knn.k) * len(cfg.knn.temperatures) > 1:
+    choices = num_aggregators * len(cfg.knn.k) * len(cfg.knn.temperatures)
+    if not datamodule.has_heldout and choices > 1:
         raise ConfigError(
-            f"Choosing among {num_heads} head(s) x knn.k={list(cfg.knn.k)} x knn.temperatures="
-            f"{list(cfg.knn.temperatures)} needs held-out data; set dataset.heldout_fraction > 0 "
-            "or evaluate one head with one k and one temperature."
+            f"Choosing among {num_aggregators} aggregator(s) x knn.k={list(cfg.knn.k)} x "
+            f"knn.temperatures={list(cfg.knn.temperatures)} needs held-out data; set "
+            "dataset.heldout_fraction > 0 or evaluate one aggregator with one k and one "
+            "temperature."
         )
 
 
@@ -120,28 +125,27 @@ def evaluation_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def knn_heads(cfg: DictConfig) -> dict:
-    """The aggregators to evaluate, by head name: the grid's (parameter-free: there is no
-    training here) and, with ``knn.probe_ckpt``, the trained probe's winning head."""
+def knn_aggregators(cfg: DictConfig) -> dict[str, Aggregator]:
+    """The aggregators to evaluate, by config key: the run's (parameter-free: there is no
+    training here) and, with ``knn.probe_ckpt``, the trained probe's winning head's."""
     layout = backbone_layout(cfg)
-    heads = {}
-    for name, options in aggregator_configs(cfg).items():
-        aggregator = build_aggregator(layout=layout, **OmegaConf.to_container(options))
+    aggregators = build_aggregators(cfg, layout)
+    for aggregator in aggregators.values():
         if not aggregator.parameter_free:
             raise ConfigError(
-                f"aggregator {options['name']!r} has trainable parameters, and k-NN trains "
+                f"aggregator {aggregator.name!r} has trainable parameters, and k-NN trains "
                 "nothing. Train it with task=probe, then pass knn.probe_ckpt=<that run>/"
                 "checkpoints/last.ckpt (with a parameter-free aggregator=, e.g. cls)."
             )
-        heads[name] = aggregator
     if cfg.knn.probe_ckpt:
         probe = load_probe_head(cfg, cfg.knn.probe_ckpt, layout)
-        heads[f"probe_{probe.aggregator.name}"] = probe.aggregator.requires_grad_(False)
-    return heads
+        aggregators[f"probe_{probe.aggregator.name}"] = probe.aggregator.requires_grad_(False)
+    return aggregators
 
 
-def stream_features(cfg, cache, split: str, heads: dict, source, device: str, watch=None):
-    """``({head: features [b, D]}, labels [b])`` per batch of a cached split."""
+def stream_features(cfg, cache, split: str, aggregators: dict, source, device: str, watch=None):
+    """``({name: features [b, D]}, labels [b])`` per batch of a cached split, one entry per
+    aggregator of ``aggregators``."""
     loader = DataLoader(
         CachedSplit(cache, split),
         batch_size=cfg.knn.batch_size,
@@ -153,19 +157,19 @@ def stream_features(cfg, cache, split: str, heads: dict, source, device: str, wa
         tokens = source({k: v.to(device) for k, v in fields.items()})
         tokens = tokens.map(lambda t: t.float())
         with torch.no_grad():
-            features = {name: aggregate(a, tokens) for name, a in heads.items()}
+            features = {name: aggregator(tokens) for name, aggregator in aggregators.items()}
         for name, values in features.items():
             require_finite(f"The k-NN features of head {name!r} ({split} split)", [values], CAUSES)
         yield features, labels.to(device)
 
 
-def split_features(cfg, cache, split: str, heads: dict, source, device: str):
-    """All features of a query split: ``({head: [N, D]}, labels [N])``."""
-    batches = list(stream_features(cfg, cache, split, heads, source, device))
+def split_features(cfg, cache, split: str, aggregators: dict, source, device: str):
+    """All features of a query split: ``({name: [N, D]}, labels [N])``."""
+    batches = list(stream_features(cfg, cache, split, aggregators, source, device))
     if not batches:  # no held-out split
-        empty = {name: torch.empty(0, a.out_dim, device=device) for name, a in heads.items()}
+        empty = {n: torch.empty(0, a.out_dim, device=device) for n, a in aggregators.items()}
         return empty, torch.empty(0, dtype=torch.int64, device=device)
-    features = {name: torch.cat([b[0][name] for b in batches]) for name in heads}
+    features = {name: torch.cat([b[0][name] for b in batches]) for name in aggregators}
     return features, torch.cat([b[1] for b in batches])
 
 
@@ -192,7 +196,7 @@ def evaluate(cfg, heldout: NearestNeighbours, test: NearestNeighbours, targets, 
 
 def show(summary: dict) -> None:
     chosen = summary["heads"][summary["winner"]]["val/acc1_best"] is not None
-    how = "k and T chosen on held-out" if chosen else "one head, one k and T: nothing chosen"
+    how = "k and T chosen on held-out" if chosen else "one aggregator, one k and T: nothing chosen"
     table = Table(title=f"mim_agg k-NN (test accuracy; {how})")
     for column in ("head", "test acc1", "test acc5", "held-out acc1", "k", "T"):
         table.add_column(column, justify="left" if column == "head" else "right")

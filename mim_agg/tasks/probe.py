@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from mim_agg.backbones.loading import read_run_checkpoint
-from mim_agg.builders import build_datamodule, build_probe, head_grid
+from mim_agg.builders import backbone_layout, build_datamodule, build_heads, build_probe, head_grid
 from mim_agg.cache import CachedDataModule, CachedTokens, open_cache
 from mim_agg.data.datamodule import SplitLoaders
 from mim_agg.errors import ConfigError
@@ -55,14 +55,15 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
     datamodule.setup("fit")  # bad data fails before any weights are fetched
     if datamodule.low_shot:
         write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
+    heads = build_heads(cfg, backbone_layout(cfg), datamodule.num_classes)
     source = None
     if cfg.probe.features == "cached":
-        cache = open_cache(cfg, datamodule, watch)
+        cache = open_cache(cfg, datamodule, [head.aggregator for head in heads.values()], watch)
         datamodule = CachedDataModule(
             cache, cfg.probe.batch_size, cfg.dataset.num_workers, cfg.dataset.seed
         )
         source = CachedTokens.of(cache)
-    model = build_probe(cfg, datamodule.num_classes, source)
+    model = build_probe(cfg, datamodule.num_classes, source, heads)
     loggers = build_loggers(cfg)
     try:
         trainer = build_trainer(cfg, output_dir, loggers, watch, datamodule)

@@ -18,7 +18,7 @@ from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
 
 
 class TokenSource(nn.Module):
-    """``forward(inputs) -> Tokens`` holding every field the heads asked for, shaped by
+    """``forward(inputs) -> Tokens`` holding every field the aggregators asked for, shaped by
     ``layout``.
 
     ``inputs`` is what the source's data loader yields besides the targets: images for a

@@ -57,7 +57,7 @@ class TokenLayout:
 
 @dataclass(frozen=True)
 class TokenRequest:
-    """What heads read from the backbone stage; ``a | b`` is what both need.
+    """What aggregators read from the backbone stage; ``a | b`` is what both need.
 
     tokens: the probed block's tokens ``[B, P + N, D]``.
     cls_attn: that block's ``[cls]`` -> patch attention of every head, ``[B, H, N]`` (the
@@ -81,8 +81,9 @@ class TokenRequest:
     def __or__(self, other: TokenRequest) -> TokenRequest:
         if self.oracle and other.oracle and self.oracle != other.oracle:
             raise ConfigError(
-                f"One run holds one attention oracle; the heads ask for {self.oracle} and "
-                f"{other.oracle}. Give every oracle_attn head the same oracle_arch/oracle_weights."
+                f"One run holds one attention oracle; the aggregators ask for {self.oracle} and "
+                f"{other.oracle}. Give every oracle_attn aggregator the same oracle_arch and "
+                "oracle_weights."
             )
         return TokenRequest(
             tokens=self.tokens or other.tokens,
@@ -130,8 +131,8 @@ class Tokens:
         value = getattr(self, name)
         if value is None:
             raise ValueError(
-                f"The token source did not provide {name!r}: no head's request() asked for it, "
-                "or the token cache holds other fields (see its manifest.json)."
+                f"The token source did not provide {name!r}: no aggregator's request() asked for "
+                "it, or the token cache holds other fields (see its manifest.json)."
             )
         return value
 

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator, options_schema, token_request
+from mim_agg.aggregators.center_attention import window_attention
 from mim_agg.backbones import TokenLayout, TokenRequest, Tokens
 from mim_agg.cli import CONFIG_DIR
 
@@ -47,6 +48,7 @@ def full(tokens, attn, prefix=1) -> Tokens:
         prefix,
         block_cls=torch.randn(len(tokens), 4, DIM, generator=generator),
         oracle_attn=torch.rand(len(tokens), NUM_PATCHES, generator=generator).softmax(-1),
+        center_attn=window_attention(attn, layout(prefix), SIDE),  # the largest window
     )
 
 
@@ -342,7 +344,7 @@ def test_parameter_free_aggregators_are_those_a_cache_can_store_pooled():
     free = {name for name in AGGREGATORS if build(name).parameter_free}
     assert free == {
         "cls", "mean", "cls_mean", "center_crop", "max", "last_n_cls",
-        "attn_mean", "topk_attn", "attn_min_entropy", "oracle_attn",
+        "attn_mean", "topk_attn", "attn_min_entropy", "oracle_attn", "center_attn",
     }  # fmt: skip
 
 

@@ -14,42 +14,37 @@ The math of the aggregator, from the authors' code (gmum/beyond_cls ``models_vit
 4. The representation is ``mean_i w_i z_i`` over the ``N`` patches: the weighted *sum*
    divided by ``N`` (their ``(fm * attn_ss.unsqueeze(2)).mean(dim=1)``; kept).
 
-The token source today hands over the ``[cls]`` attention row only, so the aggregator is not
-registered yet: ``window_attention`` is what the source would keep per image (the head-mean
-attention rows of the largest window any head asks for; windows of smaller ``k`` nest inside
-it, see ``inner_window``), ``center_attention`` what the aggregator computes from them.
+The token source keeps what ``window_attention`` gives (``Tokens.center_attn``: the head-mean
+attention rows of the largest window any head asks for, ``TokenRequest.center_rows``); windows
+of smaller ``k`` nest inside it (``inner_window``), and ``center_attention`` is what the
+aggregator computes from them. The source-side rule (``center_window``, ``window_attention``)
+lives with the token hand-over, ``mim_agg.backbones.tokens``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from mim_agg.backbones.tokens import TokenLayout
+from mim_agg.aggregators.base import Aggregator, register
+from mim_agg.backbones.tokens import (
+    TokenLayout,
+    TokenRequest,
+    Tokens,
+    center_window,
+    window_attention,
+)
 from mim_agg.errors import ConfigError
 
-
-def center_window(side: int, k: int) -> slice:
-    """The authors' central window of a grid side: ``[side//2 - ceil(k/2), side//2 +
-    floor(k/2))``; refused where it would leave the grid."""
-    start = side // 2 - (k + 1) // 2
-    if k < 1 or start < 0:
-        raise ConfigError(
-            f"aggregator.k={k} must lie in [1, {2 * (side // 2)}] on a grid of side {side}."
-        )
-    return slice(start, start + k)
-
-
-def window_attention(attn: torch.Tensor, layout: TokenLayout, k: int) -> torch.Tensor:
-    """From the probed block's full attention ``[B, H, T, T]`` (``T = P + N``), the head-mean
-    attention that each patch of the central ``k x k`` window pays every patch: ``[B, k*k, N]``,
-    window rows in row-major order, prefix tokens' rows and columns left out, rows not
-    renormalised."""
-    rows, columns = layout.grid
-    prefix = layout.num_prefix_tokens
-    patch_attn = attn.mean(dim=1)[:, prefix:, prefix:]  # [B, N, N]
-    grid = patch_attn.unflatten(1, (rows, columns))  # [B, rows, columns, N]
-    window = grid[:, center_window(rows, k), center_window(columns, k)]
-    return window.flatten(1, 2)
+__all__ = [
+    "CenterAttention",
+    "center_attention",
+    "center_attention_weights",
+    "center_window",
+    "inner_window",
+    "window_attention",
+]
 
 
 def inner_window(window_attn: torch.Tensor, outer: int, k: int) -> torch.Tensor:
@@ -75,3 +70,40 @@ def center_attention(patches: torch.Tensor, window_attn: torch.Tensor) -> torch.
     (the weighted sum over ``N``, as the authors compute it)."""
     weights = center_attention_weights(window_attn)
     return torch.bmm(weights.unsqueeze(1).to(patches.dtype), patches).squeeze(1) / patches.shape[1]
+
+
+@register("center_attn")
+class CenterAttention(Aggregator):
+    """Patches weighted by the head-mean attention that the central ``k x k`` window of patches
+    pays them in the probed block ("Beyond [cls]", its ``ca<k>``): no parameters, no ``[cls]``.
+
+    Options:
+        k: the window's side, on both grid axes from 1 to twice half the side (the authors'
+            window, ``center_window``, must fit the grid). The authors ran ``k`` = 1..4 and
+            name no best; the default 2 is the centred window of an even grid (14 x 14 at
+            ViT-B/16, 224 px) and fits every grid from 2 x 2.
+    """
+
+    def __init__(self, layout: TokenLayout, *, k: int = 2):
+        super().__init__(layout)
+        rows, columns = layout.grid
+        center_window(rows, k)
+        center_window(columns, k)
+        self.k = k
+
+    def request(self) -> TokenRequest:
+        return TokenRequest(tokens=True, center_rows=self.k)
+
+    def window_rows(self, tokens: Tokens) -> torch.Tensor:
+        """This window's attention rows ``[B, k*k, N]``, from the (possibly larger) window the
+        source kept."""
+        kept = tokens.require("center_attn")
+        return inner_window(kept, math.isqrt(kept.shape[1]), self.k)
+
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        return center_attention(tokens.patches, self.window_rows(tokens))
+
+    def pooling_weights(self, tokens: Tokens) -> torch.Tensor:
+        """The weight ``forward`` gives each patch: ``w_i / N`` (the authors' mean over
+        patches of ``w_i z_i``)."""
+        return center_attention_weights(self.window_rows(tokens)) / self.num_patches

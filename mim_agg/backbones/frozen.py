@@ -12,7 +12,13 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from mim_agg.backbones.loading import load_checkpoint_into
-from mim_agg.backbones.tokens import TokenLayout, TokenRequest, Tokens
+from mim_agg.backbones.tokens import (
+    TokenLayout,
+    TokenRequest,
+    Tokens,
+    center_window,
+    window_attention,
+)
 from mim_agg.errors import ConfigError, UserError
 
 
@@ -22,9 +28,10 @@ class FrozenBackbone(nn.Module):
     Blocks after ``block`` are pruned, so asking for an early block also saves compute. The
     module stays in eval mode whatever Lightning asks, holds no trainable parameters and runs
     under ``torch.inference_mode``. What it returns besides the block's tokens is set by
-    ``provide(request)``: the ``[cls]`` row of the block's attention (only that block computes
-    explicit attention, every other keeps timm's fused kernel, and only the row is kept), and
-    the ``[cls]`` of the last blocks (DINOv2's linear probe). Earlier blocks can be tapped in
+    ``provide(request)``: the ``[cls]`` row of the block's attention and the head-mean rows of
+    its central ``K x K`` window of patches (only that block computes explicit attention, every
+    other keeps timm's fused kernel, and only those rows are kept), and the ``[cls]`` of the
+    last blocks (DINOv2's linear probe). Earlier blocks can be tapped in
     the same pass (``provide(request, block)``, ``forward_blocks``).
     """
 
@@ -78,7 +85,8 @@ class FrozenBackbone(nn.Module):
         self.mean, self.std = resolve_normalization(weights, mean, std)
         self.layout = self.layout_at(self.block)
         self.requests = {self.block: TokenRequest(tokens=True)}
-        self._cls_attn: dict[int, torch.Tensor] = {}
+        self._watched: set[int] = set()  # blocks whose attention rows are kept
+        self._attention: dict[int, dict[str, torch.Tensor]] = {}
         self.requires_grad_(False)
         self.eval()
 
@@ -117,16 +125,31 @@ class FrozenBackbone(nn.Module):
                 "The heads read the [cls] token's attention or several blocks' [cls]; this "
                 "backbone has no [cls] token."
             )
-        previous = self.requests.get(block, TokenRequest(tokens=True))
-        if request.cls_attn and not (block in self.requests and previous.cls_attn):
-            keep = functools.partial(self._keep_cls_row, block)
+        if request.center_rows:  # the window must fit both grid axes
+            center_window(layout.grid[0], request.center_rows)
+            center_window(layout.grid[1], request.center_rows)
+        own_part = TokenRequest(
+            cls_attn=request.cls_attn,
+            cls_blocks=request.cls_blocks,
+            center_rows=request.center_rows,
+        )  # the oracle and pooled parts are others'
+        merged = self.requests.get(block, TokenRequest(tokens=True)) | own_part
+        if (merged.cls_attn or merged.center_rows) and block not in self._watched:
+            keep = functools.partial(self._keep_rows, block, layout)
             watch_attention(self.model.blocks[block].attn, keep)
-        own_part = TokenRequest(cls_attn=request.cls_attn, cls_blocks=request.cls_blocks)
-        self.requests[block] = previous | own_part  # the oracle and pooled parts are others'
+            self._watched.add(block)
+        self.requests[block] = merged
 
-    def _keep_cls_row(self, block: int, attn: torch.Tensor) -> None:
-        """The ``[cls]`` -> patch row, copied, so the full ``[B, H, T, T]`` map is freed."""
-        self._cls_attn[block] = attn[:, :, 0, self.layout.num_prefix_tokens :].clone()
+    def _keep_rows(self, block: int, layout: TokenLayout, attn: torch.Tensor) -> None:
+        """The rows block ``block``'s request asks for, copied, so the full ``[B, H, T, T]``
+        map is freed: the ``[cls]`` -> patch row of every head, the head-mean rows of the
+        central window."""
+        request, kept = self.requests[block], {}
+        if request.cls_attn:
+            kept["cls_attn"] = attn[:, :, 0, layout.num_prefix_tokens :].clone()
+        if request.center_rows:
+            kept["center_attn"] = window_attention(attn, layout, request.center_rows)
+        self._attention[block] = kept
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         """Stay in eval mode: dropout, drop-path and batch statistics must never change."""
@@ -157,12 +180,13 @@ class FrozenBackbone(nn.Module):
             intermediates_only=True,
         )
         by_index = dict(zip(indices, outputs, strict=True))
-        cls_attn, self._cls_attn = self._cls_attn, {}
+        attention, self._attention = self._attention, {}
         return {
-            block: self._tokens_of(block, by_index, cls_attn.get(block)) for block in self.requests
+            block: self._tokens_of(block, by_index, attention.get(block, {}))
+            for block in self.requests
         }
 
-    def _tokens_of(self, block: int, by_index: dict, cls_attn) -> Tokens:
+    def _tokens_of(self, block: int, by_index: dict, attention: dict) -> Tokens:
         """``forward_intermediates`` gives ``(patches, prefix)`` when the model has prefix
         tokens; ``Tokens.all`` is prefix first."""
         output = by_index[block]
@@ -172,7 +196,7 @@ class FrozenBackbone(nn.Module):
         if cls_blocks > 1:
             taken = range(block - cls_blocks + 1, block + 1)
             block_cls = torch.stack([by_index[i][1][:, 0] for i in taken], dim=1)
-        return Tokens(self.layout_at(block), block_out, cls_attn=cls_attn, block_cls=block_cls)
+        return Tokens(self.layout_at(block), block_out, block_cls=block_cls, **attention)
 
 
 def watch_attention(attn_module: nn.Module, keep) -> torch.utils.hooks.RemovableHandle:

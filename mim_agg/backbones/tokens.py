@@ -63,6 +63,9 @@ class TokenRequest:
     cls_attn: that block's ``[cls]`` -> patch attention of every head, ``[B, H, N]`` (the
         ``[cls]`` row only: the full ``[B, H, T, T]`` map is never kept).
     cls_blocks: how many last blocks' ``[cls]`` tokens ``block_cls`` holds (1: none).
+    center_rows: the side ``K`` of the central window of patches whose head-mean attention rows
+        ``center_attn`` holds (0: none); merged by ``max``, as every smaller central window
+        lies inside it (``center_window``).
     oracle: ``(arch, weights)`` of another model whose ``[cls]`` attention is wanted.
     pooled: the keys (``Aggregator.output_key``) of parameter-free aggregators whose outputs a cache
         stores and serves instead of the fields they read.
@@ -71,12 +74,17 @@ class TokenRequest:
     tokens: bool = False
     cls_attn: bool = False
     cls_blocks: int = 1
+    center_rows: int = 0
     oracle: tuple[str, str | None] | None = None
     pooled: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
-        """Plain JSON values (a cache's identity and manifest)."""
-        return {**asdict(self), "oracle": list(self.oracle) if self.oracle else None}
+        """Plain JSON values (a cache's identity and manifest). ``center_rows`` is named only
+        when set, so the caches of requests without it keep the keys they had before it."""
+        values = {**asdict(self), "oracle": list(self.oracle) if self.oracle else None}
+        if not self.center_rows:
+            del values["center_rows"]
+        return values
 
     def __or__(self, other: TokenRequest) -> TokenRequest:
         if self.oracle and other.oracle and self.oracle != other.oracle:
@@ -89,12 +97,13 @@ class TokenRequest:
             tokens=self.tokens or other.tokens,
             cls_attn=self.cls_attn or other.cls_attn,
             cls_blocks=max(self.cls_blocks, other.cls_blocks),
+            center_rows=max(self.center_rows, other.center_rows),
             oracle=self.oracle or other.oracle,
             pooled=tuple(sorted(set(self.pooled) | set(other.pooled))),
         )
 
 
-TENSOR_FIELDS = ("all", "cls_attn", "block_cls", "oracle_attn")
+TENSOR_FIELDS = ("all", "cls_attn", "block_cls", "oracle_attn", "center_attn")
 
 
 @dataclass
@@ -103,6 +112,8 @@ class Tokens:
 
     ``all``: ``[B, P + N, D]`` (``None`` when a cache serves only pooled vectors);
     ``cls_attn``: ``[B, H, N]``; ``block_cls``: ``[B, n, D]``; ``oracle_attn``: ``[B, N]``;
+    ``center_attn``: ``[B, K*K, N]``, the head-mean attention rows of the central ``K x K``
+    window of patches (``window_attention``);
     ``pooled``: the stored outputs of parameter-free aggregators by their ``output_key`` (from
     a cache only): calling such an aggregator on these ``Tokens`` returns its own.
     """
@@ -112,6 +123,7 @@ class Tokens:
     cls_attn: torch.Tensor | None = None
     block_cls: torch.Tensor | None = None
     oracle_attn: torch.Tensor | None = None
+    center_attn: torch.Tensor | None = None
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -183,4 +195,33 @@ class Tokens:
             if request.cls_blocks > 1
             else None,
             oracle_attn=distribution(batch, num_patches) if request.oracle else None,
+            center_attn=distribution(batch, request.center_rows**2, num_patches)
+            if request.center_rows
+            else None,
         )
+
+
+def center_window(side: int, k: int) -> slice:
+    """The central window of ``k`` rows (or columns) of a grid side, by the rule of "Beyond
+    [cls]"'s code (gmum/beyond_cls ``ca<k>``): ``[side//2 - ceil(k/2), side//2 + floor(k/2))``;
+    refused where it would leave the grid. Windows nest: the ``k``-window lies inside the
+    ``K``-window for ``k <= K``, ``ceil(K/2) - ceil(k/2)`` in, whatever the side."""
+    start = side // 2 - (k + 1) // 2
+    if k < 1 or start < 0:
+        raise ConfigError(
+            f"aggregator.k={k} must lie in [1, {2 * (side // 2)}] on a grid of side {side}."
+        )
+    return slice(start, start + k)
+
+
+def window_attention(attn: torch.Tensor, layout: TokenLayout, k: int) -> torch.Tensor:
+    """From a block's full attention ``[B, H, T, T]`` (``T = P + N``), the head-mean attention
+    that each patch of the central ``k x k`` window pays every patch: ``[B, k*k, N]``, window
+    rows in row-major order, prefix tokens' rows and columns left out, rows not renormalised.
+    What a source keeps as ``Tokens.center_attn`` (a copy: the full map is freed)."""
+    rows, columns = layout.grid
+    prefix = layout.num_prefix_tokens
+    patch_attn = attn.mean(dim=1)[:, prefix:, prefix:]  # [B, N, N]
+    grid = patch_attn.unflatten(1, (rows, columns))  # [B, rows, columns, N]
+    window = grid[:, center_window(rows, k), center_window(columns, k)]
+    return window.flatten(1, 2).clone()

@@ -16,7 +16,6 @@ import os
 import textwrap
 import typing
 from dataclasses import Field, dataclass, field, make_dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +27,8 @@ from mim_agg.aggregators import AGGREGATORS, options_schema
 from mim_agg.backbones import FrozenBackbone
 from mim_agg.data import SOURCES, ProbeDataModule
 from mim_agg.runs.identity import run_name
+from mim_agg.tasks import TASKS
+from mim_agg.utils.files import under_root
 
 
 @dataclass
@@ -53,32 +54,6 @@ class CacheConfig:  # values and their meaning: conf/cache/default.yaml
     batch_size: int = MISSING
     verify: Any = MISSING  # true | false | full (OmegaConf has no bool-or-str type)
     blocks: list[int] | None = MISSING
-
-
-@dataclass
-class AnalysisConfig:  # values and their meaning: conf/analysis/default.yaml
-    split: str = MISSING
-    num_images: int = MISSING
-    batch_size: int = MISSING
-    map_images: int = MISSING
-    probe_ckpt: str | None = MISSING
-    embedding: list[str] = MISSING
-    embedding_images: int = MISSING
-    embedding_classes: int = MISSING
-
-
-@dataclass
-class KnnConfig:  # values and their meaning: conf/knn/default.yaml
-    k: list[int] = MISSING
-    temperatures: list[float] = MISSING
-    batch_size: int = MISSING
-    probe_ckpt: str | None = MISSING
-
-
-@dataclass
-class ReportConfig:  # values and their meaning: conf/report/default.yaml
-    sweep_dir: Any = MISSING
-    out_dir: str | None = MISSING
 
 
 @dataclass
@@ -179,15 +154,16 @@ def register_configs() -> None:
     register_datasets(store)
     store.store(group="schema", name="probe", node=ProbeConfig)
     store.store(group="schema", name="logger", node=LoggerConfig)
-    store.store(group="schema", name="analysis", node=AnalysisConfig)
-    store.store(group="schema", name="report", node=ReportConfig)
     store.store(group="schema", name="cache", node=CacheConfig)
-    store.store(group="schema", name="knn", node=KnnConfig)
+    for task in TASKS.values():
+        if task.Settings is not None:  # the schema of the task's own group (analysis, knn, ...)
+            store.store(group="schema", name=task.SETTINGS_GROUP, node=task.Settings)
     register_aggregators(store)
     resolvers = {
         "auto_precision": auto_precision,
         "run_dir": _run_dir,
         "config_groups": config_groups,
+        "tasks": task_list,
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -223,6 +199,12 @@ def config_groups(width: int = 100) -> str:
     return "\n".join(rows)
 
 
+def task_list() -> str:
+    """The ``--help`` rows of the tasks: each task module's name and ``SUMMARY``."""
+    width = max(len(name) for name in TASKS) + 2
+    return "\n".join(f"  {name.ljust(width)}{task.SUMMARY}" for name, task in TASKS.items())
+
+
 def _run_dir(*, _root_: DictConfig) -> str:
     """``hydra.run.dir`` and ``hydra.sweep.subdir``: ``outputs/runs/<run_name>``, absolute (a
     sweep's jobs live beside single runs, not inside the sweep folder); a report's is the root,
@@ -231,14 +213,9 @@ def _run_dir(*, _root_: DictConfig) -> str:
         return str(under_root(_root_.paths.root_dir, "."))
     if _root_.task == "extract":  # the cache is its output; it picks its own folder by key
         return os.path.abspath(_root_.paths.cache_dir)
+    if _root_.task not in TASKS:  # no identity to name it by: the runner refuses it by name
+        return os.path.abspath(os.path.join(_root_.paths.output_root, "runs", "unknown-task"))
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default={})
     return os.path.abspath(
         os.path.join(_root_.paths.output_root, "runs", run_name(_root_, choices))
     )
-
-
-def under_root(root_dir: str, path: str) -> Path:
-    """``path`` as the runs read it: absolute, a relative one taken from ``paths.root_dir``
-    (``MIM_AGG_ROOT``), where the outputs, data, weights and caches are, not from the current
-    folder."""
-    return Path(os.path.abspath(Path(root_dir) / os.path.expanduser(path)))

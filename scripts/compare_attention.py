@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 from mim_agg.analysis.figures import context, save_figure, statistics_figure
 from mim_agg.cli import CONFIG_DIR
-from mim_agg.config import under_root
 from mim_agg.report.runs import Job
 from mim_agg.report.table import column_label, flatten, natural, varying_keys
 from mim_agg.runs.identity import result_config
+from mim_agg.utils.files import under_root
 
 STATS = "attention_stats.json"
 

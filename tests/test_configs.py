@@ -25,7 +25,7 @@ from mim_agg.config import BackboneConfig, DatasetConfig, register_configs
 from mim_agg.probe.module import OPTIMIZERS
 from mim_agg.tasks.probe import accumulation
 from mim_agg.utils.loggers import build_loggers
-from tests.helpers import PROJECT_ROOT, compose_config
+from tests.helpers import FAST, PROJECT_ROOT, compose_config
 
 
 def options(group: str) -> list[str]:
@@ -362,3 +362,14 @@ def test_a_new_aggregator_is_its_module_alone(toy_aggregator, tmp_path):
     assert {options["name"] for options, _ in grid.values()} == set(AGGREGATORS)
     assert "toy_sum" in help_rows()["aggregator"]
     assert sorted(CONFIG_DIR.rglob("*")) == before  # nothing was written to conf/
+
+
+def test_an_unknown_task_is_refused_by_name_listing_the_tasks(tmp_path):
+    from mim_agg.errors import ConfigError
+    from mim_agg.runs.runner import run_task
+    from mim_agg.tasks import TASKS
+
+    cfg = compose_config([*FAST, "task=probs"], tmp_path)
+    with pytest.raises(ConfigError, match="task=probs is no task; the tasks are analyze, "):
+        run_task(cfg)
+    assert set(TASKS) == {"analyze", "extract", "knn", "probe", "report"}

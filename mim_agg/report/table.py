@@ -30,11 +30,16 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
 
 
 def varying_keys(jobs: list[Job]) -> list[str]:
-    """Config keys whose values differ between the jobs (absent counts as a value)."""
+    """Config keys whose values differ between the jobs (absent counts as a value), less the
+    keys that only some jobs have where a key every job has differs in the same group: those
+    follow from that choice (``dataset.per_class`` exists because ``dataset.name=synthetic``)."""
     flats = [flatten(job.config) for job in jobs]
     keys = sorted({k for flat in flats for k in flat})
     varying = [k for k in keys if len({repr(flat.get(k)) for flat in flats}) > 1]
-    return [k for k in varying if not k.startswith(SELECTED_OVER)]
+    varying = [k for k in varying if not k.startswith(SELECTED_OVER)]
+    everywhere = {k for k in varying if all(k in flat for flat in flats)}
+    chosen_groups = {k.split(".")[0] for k in everywhere}
+    return [k for k in varying if k in everywhere or k.split(".")[0] not in chosen_groups]
 
 
 def constant_context(jobs: list[Job], keys=("backbone.arch", "backbone.weights", "dataset.name")):

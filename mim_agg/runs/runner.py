@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from mim_agg.errors import UserError
+from mim_agg.errors import ConfigError, UserError
 from mim_agg.runs.folder import RunContext, RunFolder, global_rank
 from mim_agg.runs.preemption import Preempted, SignalWatch
 from mim_agg.tasks import TASKS
@@ -22,7 +22,7 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
     """Run ``cfg.task``; a finished run returns its stored results, a preempted one exits
     non-zero after its checkpoint and status are written (or is requeued by submitit)."""
     if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r} is not one of {sorted(TASKS)}.")
+        raise ConfigError(f"task={cfg.task} is no task; the tasks are {', '.join(sorted(TASKS))}.")
     check_ranges(cfg)
     task = TASKS[cfg.task]
     if not task.USES_RUN_FOLDER:

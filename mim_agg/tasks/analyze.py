@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -41,8 +42,22 @@ SPLITS = {"val": "test", "train": "train"}
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "the paper's attention statistics per block, attention maps, t-SNE"
 USES_RUN_FOLDER = True
 IGNORED = ()
+SETTINGS_GROUP = "analysis"
+
+
+@dataclass
+class Settings:  # values and their meaning: conf/analysis/default.yaml
+    split: str = MISSING
+    num_images: int = MISSING
+    batch_size: int = MISSING
+    map_images: int = MISSING
+    probe_ckpt: str | None = MISSING
+    embedding: list[str] = MISSING
+    embedding_images: int = MISSING
+    embedding_classes: int = MISSING
 
 
 def reads(cfg: DictConfig) -> tuple[str, ...]:

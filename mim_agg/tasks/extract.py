@@ -16,7 +16,9 @@ from mim_agg.cache.extract import human
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "fill the token cache that probe.features=cached and knn read"
 USES_RUN_FOLDER = False
+Settings = None  # its options are the cache group's, shared with the tasks that read a cache
 
 
 def run(cfg: DictConfig, watch=None) -> dict:

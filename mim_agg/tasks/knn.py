@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import MISSING, DictConfig, open_dict
 from rich.table import Table
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -34,10 +35,22 @@ from mim_agg.utils.results import log_table, write_csv
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "weighted k-NN of every aggregator's features (knn.k, knn.temperatures, knn.probe_ckpt)"
 USES_RUN_FOLDER = True
 IGNORED = ("dataset.augment", "cache.views", "trainer.max_epochs")  # fixed, or unused, by k-NN
 QUERY_SPLITS = ("heldout", "test")
 CAUSES = f"{TOKEN_CAUSES}; for a probe's head also knn.probe_ckpt"
+SETTINGS_GROUP = "knn"
+
+
+@dataclass
+class Settings:  # values and their meaning: conf/knn/default.yaml
+    k: list[int] = MISSING
+    temperatures: list[float] = MISSING
+    batch_size: int = MISSING
+    probe_ckpt: str | None = MISSING
+
+
 COLUMNS = ("head", "aggregator", "k", "temperature", "val/acc1_best", "test/acc1", "test/acc5")
 
 

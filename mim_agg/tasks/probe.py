@@ -30,7 +30,9 @@ from mim_agg.utils.results import print_table, select_winner, write_csv, write_m
 log = logging.getLogger(__name__)
 
 
+SUMMARY = "train linear heads on the frozen tokens, select on held-out, test once (default)"
 USES_RUN_FOLDER = True
+Settings = None  # its options are the probe group's: one recipe per file in conf/probe/
 IGNORED = ()  # keys inside the read groups that never change a probe's numbers
 
 

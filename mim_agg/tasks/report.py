@@ -11,23 +11,32 @@ not finish and why) and ``results.png`` into ``report.out_dir`` (default: the fi
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import MISSING, DictConfig, ListConfig
 
 from mim_agg.analysis.figures import save_figure
-from mim_agg.config import under_root
 from mim_agg.errors import UserError
 from mim_agg.report import how_jobs_ended
 from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
 from mim_agg.report.runs import Job, read_sweeps
 from mim_agg.report.table import cells, constant_context, head_rows, markdown, varying_keys
-from mim_agg.utils.files import write_atomic
+from mim_agg.utils.files import under_root, write_atomic
 from mim_agg.utils.results import write_csv
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "one table and figure of sweeps (report.sweep_dir=outputs/multirun/<time>)"
 USES_RUN_FOLDER = False
+SETTINGS_GROUP = "report"
+
+
+@dataclass
+class Settings:  # values and their meaning: conf/report/default.yaml
+    sweep_dir: Any = MISSING  # a folder or a list of them
+    out_dir: str | None = MISSING
 
 
 def sweep_dirs(cfg: DictConfig) -> list[Path]:

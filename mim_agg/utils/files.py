@@ -87,3 +87,10 @@ def sha256_of(path: Path | str, chunk: int = 1 << 24) -> str:
         while block := file.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def under_root(root_dir: str, path: str) -> Path:
+    """``path`` as the runs read it: absolute, a relative one taken from ``paths.root_dir``
+    (``MIM_AGG_ROOT``), where the outputs, data, weights and caches are, not from the current
+    folder."""
+    return Path(os.path.abspath(Path(root_dir) / os.path.expanduser(path)))

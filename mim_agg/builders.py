@@ -27,6 +27,7 @@ from mim_agg.backbones.tokens import require_finite
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError, UserError
 from mim_agg.probe import LinearProbe, ProbeHead
+from mim_agg.validation import backbone_arguments, check_representation
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,11 @@ def build_datamodule(cfg: DictConfig) -> ProbeDataModule:
 
 
 def backbone_layout(cfg: DictConfig) -> TokenLayout:
-    """The probed block's token layout, from the architecture alone (nothing downloaded)."""
-    return skeleton(**cfg.backbone).layout
+    """The probed block's token layout, from the architecture alone (nothing downloaded); a
+    backbone config whose representation rules read a ``[cls]`` it lacks is refused here."""
+    layout = skeleton(**backbone_arguments(cfg.backbone)).layout
+    check_representation(cfg.backbone, layout.has_cls)
+    return layout
 
 
 def aggregator_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -69,7 +73,9 @@ def build_aggregators(cfg: DictConfig, layout: TokenLayout) -> dict[str, Aggrega
     aggregators = {}
     for key, options in aggregator_configs(cfg).items():
         with named_by_config_key(cfg, key), torch.random.fork_rng(devices=[]):
-            aggregators[key] = build_aggregator(layout=layout, **OmegaConf.to_container(options))
+            aggregators[key] = build_aggregator(
+                layout=layout, **OmegaConf.to_container(options, resolve=True)
+            )
     return aggregators
 
 
@@ -103,7 +109,7 @@ def head_grid(cfg: DictConfig) -> dict[str, tuple[dict, float]]:
     """
     blrs = learning_rates(cfg)
     return {
-        head_name(key, blr, len(blrs)): (OmegaConf.to_container(options), blr)
+        head_name(key, blr, len(blrs)): (OmegaConf.to_container(options, resolve=True), blr)
         for key, options in aggregator_configs(cfg).items()
         for blr in blrs
     }
@@ -127,7 +133,7 @@ def build_heads(cfg: DictConfig, layout: TokenLayout, num_classes: int) -> dict[
     blrs = learning_rates(cfg)
     heads = {}
     for key, options in aggregator_configs(cfg).items():
-        options = OmegaConf.to_container(options)
+        options = OmegaConf.to_container(options, resolve=True)
         with named_by_config_key(cfg, key):
             for blr in blrs:
                 head = build_head(cfg.seed, layout, options, num_classes)
@@ -145,7 +151,7 @@ def build_backbone(cfg: DictConfig) -> FrozenBackbone:
         require_file(weights, choices.get("backbone", "<name>"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return FrozenBackbone(**cfg.backbone)
+        return FrozenBackbone(**backbone_arguments(cfg.backbone))
 
 
 def build_live_source(cfg: DictConfig, requests: dict[int, TokenRequest]) -> LiveTokens:
@@ -153,7 +159,7 @@ def build_live_source(cfg: DictConfig, requests: dict[int, TokenRequest]) -> Liv
     (``0 .. depth-1``), serving each block its request from one pass; checked on the
     architecture first, so a request it cannot serve fails before the weights are fetched."""
     deepest = cfg_at_block(cfg, max(requests))
-    check = skeleton(**deepest.backbone)
+    check = skeleton(**backbone_arguments(deepest.backbone))
     for block, request in requests.items():
         check.provide(request, block)
     with torch.random.fork_rng(devices=[]):

@@ -100,11 +100,27 @@ def signature_schema(name: str, function, skip: tuple[str, ...] = (), **override
     return make_dataclass(name, fields)
 
 
-BackboneConfig = signature_schema(
+BackboneConfig = make_dataclass(
     "BackboneConfig",
-    FrozenBackbone.__init__,
-    family=MISSING,  # mim | jea | vlm | none: figures and reports read it, so each config says it
-    arch_kwargs=field(default_factory=dict),  # a mapping, so +backbone.arch_kwargs.depth=2 adds
+    # The leaderboard's representation rules (efficient-probing's results.csv), config, never
+    # guessed nor tried both ways; read by interpolation (experiment=ep_row), not by the
+    # backbone, which never receives them (mim_agg.validation.backbone_arguments):
+    # - linear_input: what its LP and k-NN read: cls, or mean (the patch mean) where the model
+    #   has no [cls] (I-JEPA, CAPI, AIMv2, Hiera) or only the output of its own learned
+    #   pooling (SigLIP, PE);
+    # - ep_tokens: what EP reads: patch, or all ([cls] beside the patches, their `ep_all`
+    #   rows) where the pre-training objective is defined on [cls] (DINO, iBOT, MoCo v3, ...).
+    [("linear_input", str, field(default="cls")), ("ep_tokens", str, field(default="patch"))],
+    bases=(
+        signature_schema(
+            "BackboneConfig",
+            FrozenBackbone.__init__,
+            # mim | jea | hybrid | vlm | generative (the leaderboard's families) | none (random
+            # weights): figures and reports group by it, so each config says it
+            family=MISSING,
+            arch_kwargs=field(default_factory=dict),  # a mapping: +backbone.arch_kwargs.depth=2
+        ),
+    ),
 )
 # What every dataset shares: ProbeDataModule's options. Each source's schema (dataset_schema)
 # adds its builder's own, flat under `dataset.` (see mim_agg/data/sources.py for why).

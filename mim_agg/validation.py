@@ -13,7 +13,12 @@ from omegaconf import DictConfig
 
 from mim_agg.errors import ConfigError
 
-FAMILIES = ("mim", "jea", "vlm", "none")  # none: random weights
+# efficient-probing's leaderboard families (MIM, JEA, Hybrid = MIM + JEA, VLM, GEN), and none:
+# random weights. Figures and reports group by them.
+FAMILIES = ("mim", "jea", "hybrid", "vlm", "generative", "none")
+LINEAR_INPUTS = ("cls", "mean")  # backbone.linear_input: aggregators of those names read it
+EP_TOKENS = ("patch", "all")  # backbone.ep_tokens: the `tokens` option of the learned poolers
+REPRESENTATION_KEYS = ("linear_input", "ep_tokens")  # config for the runs, not for the model
 
 RULES = {
     # key: (test(value, cfg), what is valid)
@@ -57,6 +62,14 @@ RULES = {
         "null or three finite numbers > 0",
     ),
     "backbone.family": (lambda v, c: v in FAMILIES, "one of " + ", ".join(FAMILIES)),
+    "backbone.linear_input": (
+        lambda v, c: v in LINEAR_INPUTS,
+        "cls or mean (the patch mean), the representation the leaderboard's LP and k-NN read",
+    ),
+    "backbone.ep_tokens": (
+        lambda v, c: v in EP_TOKENS,
+        "patch or all ([cls] beside the patches), the tokens the leaderboard's EP reads",
+    ),
     "probe.features": (lambda v, c: v in ("online", "cached"), "online or cached"),
     "cache.dtype": (
         lambda v, c: v in ("bfloat16", "float16", "float32", "int8"),
@@ -88,3 +101,24 @@ def check_ranges(cfg: DictConfig) -> None:
         if not valid(value, cfg):
             valid_range = description.format(cfg=cfg)
             raise ConfigError(f"{key}={value} is invalid: it must be {valid_range}.")
+
+
+def backbone_arguments(backbone) -> dict:
+    """``FrozenBackbone``'s arguments from ``cfg.backbone``: its keys less the representation
+    rules (``REPRESENTATION_KEYS``), which the runs read and the model never needs."""
+    return {k: v for k, v in backbone.items() if k not in REPRESENTATION_KEYS}
+
+
+def check_representation(backbone, has_cls: bool, arch: str | None = None) -> None:
+    """Refuse ``backbone.linear_input=cls`` or ``backbone.ep_tokens=all`` for a backbone
+    without a ``[cls]`` token (I-JEPA, CAPI, SigLIP), before anything is loaded."""
+    if has_cls:
+        return
+    arch = arch or backbone.get("arch")
+    fixes = {"linear_input": ("cls", "mean"), "ep_tokens": ("all", "patch")}
+    for key, (needs_cls, instead) in fixes.items():
+        if backbone.get(key, instead) == needs_cls:
+            raise ConfigError(
+                f"backbone.{key}={needs_cls} reads the [cls] token, but {arch} has none; use "
+                f"backbone.{key}={instead} (set it in its conf/backbone/ file)."
+            )

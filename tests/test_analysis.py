@@ -25,6 +25,7 @@ from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone
 from mim_agg.runs.runner import run_task as run
 from mim_agg.runs.runner import run_task as run_probe
+from mim_agg.validation import backbone_arguments
 from tests.helpers import FAST, PROJECT_ROOT, compose_config
 
 EPS = 1e-6
@@ -332,7 +333,7 @@ def test_probe_checkpoint_adds_its_pooling_weights(tmp_path):
     from mim_agg.builders import load_probe_head
     from mim_agg.tasks.analyze import Collector
 
-    backbone = FrozenBackbone(**cfg.backbone)
+    backbone = FrozenBackbone(**backbone_arguments(cfg.backbone))
     head = load_probe_head(cfg, cfg.analysis.probe_ckpt, backbone.layout)
     selected = torch.load(ckpt, weights_only=True)["head_selection"]["abmilp"]["state"]
     torch.testing.assert_close(
@@ -357,7 +358,8 @@ def test_probe_checkpoint_of_other_tokens_or_crafted_is_refused(tmp_path):
         [*ANALYZE, "backbone.block=5", f"analysis.probe_ckpt={ckpt}"], tmp_path / "analysis"
     )
     with pytest.raises(UserError, match=r"trained on other tokens than these \(block: -1 vs 5\)"):
-        load_probe_head(other_block, str(ckpt), FrozenBackbone(**other_block.backbone).layout)
+        layout = FrozenBackbone(**backbone_arguments(other_block.backbone)).layout
+        load_probe_head(other_block, str(ckpt), layout)
 
     marker = tmp_path / "code_ran"
 
@@ -368,7 +370,7 @@ def test_probe_checkpoint_of_other_tokens_or_crafted_is_refused(tmp_path):
     torch.save({"state_dict": Crafted()}, ckpt)  # pickles a call that would create `marker`
     cfg = compose_config([*ANALYZE, f"analysis.probe_ckpt={ckpt}"], tmp_path / "analysis")
     with pytest.raises(UserError, match="is not a plain tensor checkpoint"):
-        load_probe_head(cfg, str(ckpt), FrozenBackbone(**cfg.backbone).layout)
+        load_probe_head(cfg, str(ckpt), FrozenBackbone(**backbone_arguments(cfg.backbone)).layout)
     assert not marker.exists()
 
 

@@ -25,6 +25,7 @@ from mim_agg.config import BackboneConfig, DatasetConfig, register_configs
 from mim_agg.probe.module import OPTIMIZERS
 from mim_agg.tasks.probe import accumulation
 from mim_agg.utils.loggers import build_loggers
+from mim_agg.validation import FAMILIES, backbone_arguments, check_representation
 from tests.helpers import FAST, PROJECT_ROOT, compose_config
 
 
@@ -75,11 +76,12 @@ def test_backbone_options(name, tmp_path):
         assert cfg.url.startswith("https://")
     else:
         assert cfg.weights is None or is_timm_tag(cfg.weights), f"{cfg.weights} is no timm tag"
-    assert cfg.family in ("mim", "jea", "vlm", "none")
+    assert cfg.family in FAMILIES
     with torch.device("meta"):  # real modules, no memory, no download
-        backbone = FrozenBackbone(**{**cfg, "weights": None})
+        backbone = FrozenBackbone(**{**backbone_arguments(cfg), "weights": None})
     patch = backbone.model.patch_embed.patch_size[0]
     assert backbone.layout.num_patches == (cfg.img_size // patch) ** 2
+    check_representation(cfg, backbone.layout.has_cls)  # no [cls] read where there is none
 
 
 def test_every_registered_aggregator_is_an_option_and_heads_all_trains_them_all():

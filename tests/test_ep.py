@@ -26,3 +26,85 @@ def test_heads_ep_trains_the_linear_probe_and_all_fourteen_poolers_in_one_pass(t
     assert all(math.isfinite(float(row["test/acc1"])) for row in rows.values())
     assert int(rows["cls"]["trainable_params"]) < int(rows["siglip_pool"]["trainable_params"])
     assert summary["winner"] in rows
+
+
+# efficient-probing's results.csv (billpsomas/efficient-probing), the rows whose method and
+# architecture have a config here: (method, arch, our config, lp_variant, ep_variant). Their
+# lp_variant `pos` is the patch mean, ep_variant `ep_all` reads [cls] beside the patches.
+LEADERBOARD = [
+    ("MAE", "ViT-B/16", "mae_vitb", "cls", "ep"),
+    ("MAE", "ViT-L/16", "mae_vitl", "cls", "ep"),
+    ("BEiTv2", "ViT-B/16", "beitv2_vitb", "cls", "ep"),
+    ("SimMIM", "ViT-B/16", "simmim_vitb", "cls", "ep"),
+    ("CAPI", "ViT-L/14", "capi_vitl", "cls", "ep"),
+    ("DINO", "ViT-B/16", "dino_vitb", "cls", "ep_all"),
+    ("iBOT", "ViT-B/16", "ibot_vitb", "cls", "ep_all"),
+    ("iBOT", "ViT-L/16", "ibot_vitl", "cls", "ep_all"),
+    ("DINOv2", "ViT-B/14", "dinov2_vitb", "cls", "ep"),
+    ("DINOv2", "ViT-L/14", "dinov2_vitl", "cls", "ep_all"),
+    ("CLIP", "ViT-B/16", "clip_vitb16", "cls", "ep_all"),
+    ("I-JEPA", "ViT-H/14", "ijepa_vith", "pos", "ep"),
+    ("MoCov3", "ViT-B/16", "mocov3_vitb", "cls", "ep_all"),
+]
+LINEAR_INPUT = {"cls": "cls", "pos": "mean"}
+EP_TOKENS = {"ep": "patch", "ep_all": "all"}
+# Where ours must differ, and why: their CAPI `cls` is CAPI's own pooled output (global_repr),
+# which our CAPI (no [cls], the decoder not kept) does not have: the patch mean.
+DIFFERS = {"capi_vitl": {"linear_input": "mean"}}
+FAMILY = {
+    "mae": "mim", "beitv2": "mim", "simmim": "mim", "capi": "mim", "dino": "jea",
+    "ibot": "hybrid", "dinov2": "hybrid", "clip": "vlm", "ijepa": "jea", "mocov3": "jea",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "arch", "name", "lp", "ep"), LEADERBOARD)
+def test_backbone_configs_read_what_the_leaderboard_reads(method, arch, name, lp, ep, tmp_path):
+    backbone = compose_config([f"backbone={name}"], tmp_path).backbone
+    expected = {"linear_input": LINEAR_INPUT[lp], "ep_tokens": EP_TOKENS[ep]}
+    expected |= DIFFERS.get(name, {})
+    assert {k: backbone[k] for k in expected} == expected, f"{method} {arch}"
+    assert backbone.family == FAMILY[name.split("_")[0]]
+
+
+def test_a_representation_that_reads_a_missing_cls_is_refused_by_name(tmp_path):
+    from mim_agg.builders import backbone_layout
+    from mim_agg.errors import ConfigError
+    from mim_agg.validation import check_ranges
+
+    for key, value in (("linear_input", "cls"), ("ep_tokens", "all")):
+        cfg = compose_config(["backbone=siglip_vitb16", f"backbone.{key}={value}"], tmp_path)
+        with pytest.raises(ConfigError, match=f"backbone.{key}={value} reads the .cls. token"):
+            backbone_layout(cfg)
+    cfg = compose_config(["backbone.linear_input=gap"], tmp_path)
+    with pytest.raises(ConfigError, match="backbone.linear_input=gap is invalid: it must be cls"):
+        check_ranges(cfg)
+
+
+def test_ep_row_reads_the_backbones_representation_per_task(tmp_path):
+    for name, linear, tokens in (("dino_vitb", "cls", "all"), ("ijepa_vith", "mean", "patch")):
+        probe = compose_config(["experiment=ep_row", f"backbone={name}", "task=probe"], tmp_path)
+        assert probe.aggregator.name == linear
+        assert dict(probe.heads.efficient_probe) == {
+            "name": "efficient_probe", "num_queries": 32, "d_out": 1, "tokens": tokens,
+        }  # fmt: skip
+        assert (probe.probe.optimizer, probe.probe.blr, probe.probe.epochs) == ("lars", 0.1, 90)
+        assert probe.probe.effective_batch == 4096 and probe.probe.features == "cached"
+        knn = compose_config(["experiment=ep_row", f"backbone={name}", "task=knn"], tmp_path)
+        assert knn.aggregator.name == linear and not knn.heads  # k-NN trains nothing
+        assert list(knn.knn.k) == [5, 10, 15, 20, 50, 100, 200]
+        assert list(knn.knn.temperatures) == [0.07, 0.1, 0.2]
+
+
+@pytest.mark.slow  # two jobs of a sweep, a tiny ViT on digits (~40 s)
+def test_experiment_ep_row_runs_end_to_end_and_writes_the_row(tmp_path):
+    from tests.helpers import run_cli
+
+    result = run_cli("experiment=ep_row", "debug=fast", "dataset=digits", root=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    with open(sweep / "results_row.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (row["backbone"], row["family"], row["dataset"]) == ("vit_tiny", "none", "digits")
+    assert all(0 <= float(row[c]) <= 100 for c in ("k-NN", "LP", "EP"))
+    assert row["linear_input"] == "cls"
+    assert "| backbone | family | dataset | k-NN | LP | EP |" in result.stdout

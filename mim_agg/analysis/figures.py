@@ -29,8 +29,22 @@ from mim_agg.report.table import constant_context
 
 DPI = 100  # small files that stay legible at their saved size
 CONTEXT_KEYS = ("backbone.arch", "backbone.weights", "dataset.name", "analysis.split")
-LINE_STYLES = {"mim": "-", "jea": "--", "vlm": "-.", "none": ":"}  # by backbone.family
-FAMILY_LABELS = {"mim": "MIM", "jea": "JEA", "vlm": "VLM", "none": "random"}
+LINE_STYLES = {  # by backbone.family (mim_agg.validation.FAMILIES)
+    "mim": "-",
+    "jea": "--",
+    "hybrid": (0, (5, 1, 1, 1, 1, 1)),  # dash-dot-dot
+    "vlm": "-.",
+    "generative": (0, (8, 2)),  # long dashes
+    "none": ":",
+}
+FAMILY_LABELS = {  # the leaderboard's names
+    "mim": "MIM",
+    "jea": "JEA",
+    "hybrid": "Hybrid",
+    "vlm": "VLM",
+    "generative": "GEN",
+    "none": "random",
+}
 TITLES = {
     "cls_self_attn": "[cls] -> [cls]",
     "cls_self_attn_rel": "[cls] -> [cls] (rel.)",
@@ -58,7 +72,8 @@ def context(configs: list[dict]) -> str:
 
 def statistics_figure(results: dict[str, dict], title: str) -> Figure:
     """One panel per statistic against the block, one line per run (``{label: result}``),
-    styled by its ``family`` (MIM solid, JEA dashed, VLM dash-dotted, random dotted). Every
+    styled by its ``family`` (MIM solid, JEA dashed, hybrid dash-dot-dotted, VLM dash-dotted,
+    generative long-dashed, random dotted). Every
     panel starts at 0, so that a statistic which barely moves looks flat; entropy panels mark
     their maximum ln N, which the legend explains."""
     names = [n for n in TITLES if any(n in r["stats"] for r in results.values())]

@@ -27,6 +27,7 @@ from mim_agg.cache.identity import cache_identity, cache_key, split_identity
 from mim_agg.cache.store import FORMAT, CacheError, SplitPlan, TokenCache
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError
+from mim_agg.validation import backbone_arguments
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def other_blocks(cfg: DictConfig) -> list[int]:
     wanted = list(cfg.cache.blocks or [])
     if not wanted:
         return []
-    depth = skeleton(**{**cfg.backbone, "block": -1}).layout.depth
+    depth = skeleton(**{**backbone_arguments(cfg.backbone), "block": -1}).layout.depth
     outside = [b for b in wanted if not -depth <= b < depth]
     if outside:
         raise ConfigError(

@@ -18,6 +18,8 @@ NOT_RESULTS = (
     "probe.checkpoint_every_n_steps",
     "cache.verify",
     "backbone.family",  # a label for figures and reports
+    "backbone.linear_input",  # which aggregator a leaderboard row picks; the aggregator counts
+    "backbone.ep_tokens",
     "backbone.url",
     "backbone.sha256",
     "cache.shard_size",

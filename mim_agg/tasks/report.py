@@ -5,7 +5,9 @@
 
 Writes ``results.csv`` (one row per head and seed, every varying config value a column),
 ``results.md`` (held-out-selected heads, mean ± std (n) over seeds, then the jobs that did
-not finish and why) and ``results.png`` into ``report.out_dir`` (default: the first sweep).
+not finish and why) and ``results.png`` into ``report.out_dir`` (default: the first sweep);
+for sweeps of ``experiment=ep_row`` also ``results_row.{md,csv}``, efficient-probing's
+leaderboard layout (``mim_agg.report.row``): one row per backbone, its k-NN, LP and EP.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mim_agg.analysis.figures import save_figure
 from mim_agg.errors import UserError
 from mim_agg.report import how_jobs_ended
 from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
+from mim_agg.report.row import is_leaderboard, leaderboard_markdown, leaderboard_rows
 from mim_agg.report.runs import Job, read_sweeps
 from mim_agg.report.table import cells, constant_context, head_rows, markdown, varying_keys
 from mim_agg.utils.files import under_root, write_atomic
@@ -107,6 +110,11 @@ def report(sweeps: list[Path], out: Path) -> dict:
     columns = [*keys, "seed", "subset_seed", "head_label", "run", *(rows[0] if rows else {})]
     write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
     write_atomic(out / "results.md", text)
+    if is_leaderboard(finished):  # experiment=ep_row: also the leaderboard's row layout
+        board = leaderboard_rows(finished)
+        print(leaderboard_markdown(board))
+        write_csv(out / "results_row.csv", board, list(board[0]))
+        write_atomic(out / "results_row.md", leaderboard_markdown(board))
     if table:
         save_figure(results_figure(table, keys, title), out / "results.png")
         if BLOCK in keys and blocks_are_absolute(table, keys):

@@ -1,10 +1,14 @@
-"""Cost of comparing aggregators: one multi-head run against one single-head run, each head
-alone on precomputed tokens, and what the token cache saves. Writes JSON and prints a table.
+"""Cost of comparing aggregators: one multi-head run against one single-head run (online, and
+efficient-probing's fourteen poolers from cached tokens), each head alone on precomputed tokens,
+the memory of one training step per pooler, and what the token cache saves. Writes JSON and
+prints a table.
 
     python scripts/benchmark.py --out outputs/benchmark.json
 
 Runs go through the real ``probe`` task (Hydra config, timm backbone, Lightning training) on
-synthetic images; numbers are only comparable on the same machine.
+synthetic images; numbers are only comparable on the same machine. On a CUDA device it also
+measures the peak memory of ``heads=ep`` at ViT-B at efficient-probing's effective batch of
+4096 (``--ep-batch`` x ``--ep-accumulation``, through ``probe.effective_batch``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import timm
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
 from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, Tokens
 from mim_agg.backbones.frozen import skeleton
+from mim_agg.builders import aggregator_configs, build_head
 from mim_agg.cache import TokenCache
 from mim_agg.cache.data import CachedSplit
 from mim_agg.cache.extract import Target, extract
@@ -39,6 +45,7 @@ from mim_agg.probe import ProbeHead
 from mim_agg.runs.runner import run_task as run
 
 BENCH8 = "bench8"
+EP = "ep"  # efficient-probing's fourteen poolers at their leaderboard settings
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,6 +66,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--read-images", type=int, default=3072, help="images in the cache-read measurement"
     )
+    parser.add_argument(
+        "--memory-batch", type=int, help="batch of the per-pooler step memory (--batch-size)"
+    )
+    parser.add_argument(
+        "--ep-arch", default="vit_base_patch16_224", help="heads=ep GPU memory: architecture"
+    )
+    parser.add_argument("--ep-batch", type=int, default=512, help="heads=ep GPU memory: batch")
+    parser.add_argument(
+        "--ep-accumulation", type=int, default=8, help="heads=ep GPU memory: batches per step"
+    )
     return parser.parse_args()
 
 
@@ -73,6 +90,13 @@ def _one_run(args: argparse.Namespace, overrides: list[str]) -> float:
         start = time.perf_counter()
         run(compose_run(args, root, overrides))
         return time.perf_counter() - start
+
+
+def fill_cache(args: argparse.Namespace, overrides: list[str]) -> None:
+    """``task=extract``: the token cache of the run ``overrides`` describe (a cached one, with
+    its ``paths.cache_dir``), so that timing that run leaves the backbone pass out."""
+    with tempfile.TemporaryDirectory() as root:
+        run(compose_run(args, root, [*overrides, "task=extract"]))
 
 
 def compose_run(args: argparse.Namespace, root: str, overrides: list[str]):
@@ -110,6 +134,142 @@ def head_throughput(name: str, layout: TokenLayout, args) -> dict:
         "trainable_params": head.num_trainable_parameters(),
         "head_images_per_s": images / (time.perf_counter() - start),
     }
+
+
+def ep_poolers(args: argparse.Namespace) -> dict:
+    """Per pooler of ``heads=ep`` (its leaderboard options), on the benchmarked architecture:
+    trainable parameters and the memory of one training step (forward, backward, SGD with
+    momentum, as LARS keeps one buffer too) of the head alone on ``--memory-batch`` float32
+    token sets.
+
+    ``tensor_bytes`` is counted, the same on every device: the input tokens, weights, gradients
+    and momentum, and the activations autograd saves for backward (distinct storages, weights
+    and tokens not counted twice); a floor of the step's peak that leaves out transient buffers
+    (kernel workspaces, an operation's output freed before backward). ``peak_bytes`` is measured
+    on CUDA alone: ``torch.cuda.max_memory_allocated`` over the step (after one warm-up step),
+    bf16 autocast as ``trainer=gpu``. A CPU has no allocator peak to read: a process's RSS or
+    tracemalloc (which does not see torch's allocations) would not measure the same thing, so
+    none is reported."""
+    batch = args.memory_batch or args.batch_size
+    layout = skeleton(arch=args.arch, img_size=args.img_size).layout
+    with tempfile.TemporaryDirectory() as root:
+        cfg = compose_run(args, root, ["aggregator=cls", f"heads={EP}"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    poolers = {}
+    for key, options in aggregator_configs(cfg).items():
+        if key == cfg.aggregator.name:
+            continue  # the linear probe's input
+        head = build_head(0, layout, OmegaConf.to_container(options), args.classes).to(device)
+        tokens = Tokens.example(layout, head.aggregator.request(), batch, seed=0)
+        poolers[key] = {
+            "trainable_params": head.num_trainable_parameters(),
+            **step_memory(head, tokens.map(lambda t: t.to(device)), args.classes),
+        }
+        del head, tokens
+    return {"batch": batch, "device": device_name(), "poolers": poolers}
+
+
+def step_memory(head: ProbeHead, tokens: Tokens, num_classes: int) -> dict:
+    """``tensor_bytes`` and, on CUDA, ``peak_bytes`` of one training step (see ``ep_poolers``)."""
+    inputs = tokens.tensors()
+    cuda = inputs[0].is_cuda
+    device = "cuda" if cuda else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    weights = {p.untyped_storage().data_ptr() for p in head.parameters()}
+    seen = weights | {t.untyped_storage().data_ptr() for t in inputs}
+    batch = inputs[0].shape[0]
+    targets = torch.randint(num_classes, (batch,), generator=generator).to(device)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def step(record: bool = False) -> None:
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with (
+            torch.autocast(device, dtype=torch.bfloat16, enabled=cuda),
+            hooks if record else nullcontext(),
+        ):
+            loss = torch.nn.functional.cross_entropy(head(tokens), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step(record=True)  # warm-up: allocates gradients and momentum; counts the saved tensors
+    params = sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad)
+    figures = {
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in inputs)
+        + 3 * params
+        + sum(saved.values()),
+        "saved_for_backward_bytes": sum(saved.values()),
+    }
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        figures["peak_bytes"] = torch.cuda.max_memory_allocated()
+    return figures
+
+
+def ep_memory(
+    arch: str, img_size: int, batch: int, accumulation: int, classes: int = 8, smoke: bool = False
+) -> dict:
+    """Peak GPU memory of ``heads=ep`` (with the linear probe) training from cached tokens at
+    ``batch`` x ``accumulation`` images per optimizer step, through ``probe.effective_batch``:
+    one epoch of a real ``probe`` run (LARS, bf16) on synthetic images of ``arch``, enough for
+    one full step, after the cache is built by ``task=extract`` (not counted).
+    ``peak_allocated_gb``: ``torch.cuda.max_memory_allocated`` over the run, ``peak_reserved_gb``
+    what the caching allocator held. Without CUDA it is skipped (a note says so) unless
+    ``smoke``, which runs the same code on the CPU with nothing measured (the tests)."""
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        return {"skipped": "no CUDA device: the GPU memory of heads=ep awaits a GPU run"}
+    effective = batch * accumulation
+    train = -(-effective // classes)  # images per class left for training
+    per_class = -(-train * 4 // 3)  # dataset.heldout_fraction=0.25 keeps three quarters
+    setting = argparse.Namespace(arch=arch, img_size=img_size, classes=classes, epochs=1)
+    setting.batch_size = batch
+    overrides = [
+        "aggregator=cls",
+        f"heads={EP}",
+        "probe=lars",
+        "probe.blr=0.1",
+        f"probe.effective_batch={effective}",
+        f"dataset.per_class=[{per_class},4]",
+        "dataset.heldout_fraction=0.25",
+        "dataset.augment=false",  # one stored view: the centre crop
+        "probe.features=cached",
+    ]
+    with tempfile.TemporaryDirectory() as root:
+        overrides.append(f"paths.cache_dir={root}/cache")  # not MIM_AGG_CACHE_DIR's
+        run(compose_run(setting, root, [*overrides, "task=extract"]))
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = run(compose_run(setting, root, overrides))
+        seconds = time.perf_counter() - start
+    figures = {
+        "arch": arch,
+        "batch_size": batch,
+        "accumulation": accumulation,
+        "effective_batch": effective,
+        "heads": len(result.get("heads", {})) or None,
+        "run_s": seconds,
+        "device": device_name(),
+    }
+    if cuda:
+        figures["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        figures["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        figures["device_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 1e9
+    else:
+        figures["note"] = "smoke run on the CPU: the code path ran, no GPU memory was measured"
+    return figures
 
 
 def cache_figures(args: argparse.Namespace) -> dict:
@@ -245,7 +405,17 @@ def _extraction(source, images: torch.Tensor, batch_size: int, dtype: str, preci
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
-    _one_run(args, ["aggregator=cls", "dataset.num_classes=2"])  # warm-up: imports, allocator
+    with tempfile.TemporaryDirectory() as cache_dir:
+        report = measure(args, ["probe.features=cached", f"paths.cache_dir={cache_dir}"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
+
+
+def measure(args: argparse.Namespace, cached: list[str]) -> dict:
+    """Every figure; ``cached``: the overrides of a run from the benchmark's token cache."""
+    # Warm-up (imports, allocator), which also fills the linear probe's token cache.
+    _one_run(args, ["aggregator=cls", *cached])
     single = probe_wall_time(args, ["aggregator=cls"])
     eight = probe_wall_time(args, ["aggregator=cls", f"heads={BENCH8}"])
     # The oracle head's second model is the benchmarked architecture itself (no download).
@@ -259,9 +429,14 @@ def main() -> None:
         ],
     )
     no_oracle = probe_wall_time(args, ["aggregator=cls", "heads=all", "~heads.oracle_attn"])
+    # efficient-probing's poolers beside the linear probe, against the linear probe alone, both
+    # from tokens cached beforehand: the training cost once the backbone pass is paid.
+    single_cached = probe_wall_time(args, ["aggregator=cls", *cached])
+    fill_cache(args, ["aggregator=cls", f"heads={EP}", *cached])
+    all_poolers = probe_wall_time(args, ["aggregator=cls", f"heads={EP}", *cached])
     layout = skeleton(arch=args.arch, img_size=args.img_size).layout
     heads = {name: head_throughput(name, layout, args) for name in sorted(AGGREGATORS)}
-    report = {
+    return {
         "setup": {
             **vars(args),
             "out": str(args.out),
@@ -279,13 +454,15 @@ def main() -> None:
         "all_heads_without_oracle_s": no_oracle,
         "all_heads_without_oracle_ratio": no_oracle / single,
         "num_all_heads": len(AGGREGATORS),
+        "single_head_cached_s": single_cached,
+        "all_poolers_s": all_poolers,
+        "all_poolers_ratio": all_poolers / single_cached,
         "aggregators": heads,
+        "ep_poolers": ep_poolers(args),
+        "ep_memory": ep_memory(args.ep_arch, 224, args.ep_batch, args.ep_accumulation),
         **cache_figures(args),
         **extract_overhead(args),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print_report(report)
 
 
 def device_name() -> str:
@@ -309,6 +486,33 @@ def print_report(report: dict) -> None:
     for name, row in report["aggregators"].items():
         table.add_row(name, f"{row['trainable_params']:,}", f"{row['head_images_per_s']:,.0f}")
     console.print(table)
+    ep = report["ep_poolers"]
+    console.print(
+        f"heads={EP}: linear probe + {len(ep['poolers'])} poolers from cached tokens "
+        f"{report['all_poolers_s']:.1f} s against the linear probe alone "
+        f"{report['single_head_cached_s']:.1f} s (all_poolers_ratio "
+        f"{report['all_poolers_ratio']:.2f})"
+    )
+    table = Table(title=f"heads={EP}: one training step at batch {ep['batch']} ({ep['device']})")
+    columns = ("pooler", "trainable params", "tensor MB (counted)", "CUDA peak MB (measured)")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "pooler" else "right")
+    for name, row in ep["poolers"].items():
+        peak = f"{row['peak_bytes'] / 1e6:,.1f}" if "peak_bytes" in row else "-"
+        table.add_row(
+            name, f"{row['trainable_params']:,}", f"{row['tensor_bytes'] / 1e6:,.1f}", peak
+        )
+    console.print(table)
+    memory = report["ep_memory"]
+    if "skipped" in memory:
+        console.print(f"heads={EP} GPU memory: skipped ({memory['skipped']})")
+    else:
+        console.print(
+            f"heads={EP} at {memory['arch']}, batch {memory['batch_size']} x "
+            f"{memory['accumulation']} = {memory['effective_batch']}: peak "
+            f"{memory.get('peak_allocated_gb', float('nan')):.1f} GB allocated, "
+            f"{memory.get('peak_reserved_gb', float('nan')):.1f} GB reserved ({memory['device']})"
+        )
     console.print(
         f"cache: epoch speed-up x{report['cached_epoch_speedup']:.0f} (target >= 100), "
         f"read ratio {report['cache_read_ratio']:.2f} (target >= 0.8), "

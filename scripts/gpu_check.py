@@ -5,9 +5,11 @@
 
 Measures ViT-B/16 all-token extraction images/s under bf16 autocast (synthetic input on the
 device, tokens copied into pinned host memory), the same with ``torch.compile``, cached-probing
-images/s of an AbMILP head on bf16 tokens, and peak GPU memory. Then runs the quickstart and a
-``heads=bench8`` probe on the GPU (bf16), online and from the cache, and checks each head's test
-accuracy against the same probe on the CPU in fp32.
+images/s of an AbMILP head on bf16 tokens, and peak GPU memory; then the peak memory of
+``heads=ep`` (the linear probe and efficient-probing's fourteen poolers) at ViT-B from cached
+tokens at batch 512 x 8 accumulated = 4096 (``ep_memory`` of scripts/benchmark.py, the README's
+figure). Then runs the quickstart and a ``heads=bench8`` probe on the GPU (bf16), online and
+from the cache, and checks each head's test accuracy against the same probe on the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchmark import ep_memory  # scripts/benchmark.py: this script's folder is on sys.path
 
 from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenRequest, Tokens
@@ -30,6 +33,9 @@ from mim_agg.probe import ProbeHead
 ROOT = Path(__file__).resolve().parent.parent
 
 BF16_TOLERANCE = 0.03  # test accuracy, absolute: bf16 tokens and autocast against fp32
+# heads=ep memory: (arch, img_size, batch, accumulation); the smoke run's is tiny, on the CPU
+EP_MEMORY = ("vit_base_patch16_224", 224, 512, 8)
+EP_MEMORY_SMOKE = ("vit_tiny_patch16_224", 64, 8, 2)
 
 
 def parse_args() -> argparse.Namespace:
@@ -167,6 +173,8 @@ def main() -> None:
         "torch": torch.__version__,
         "throughput": throughput(args, device),
     }
+    sizes = EP_MEMORY_SMOKE if args.smoke else EP_MEMORY
+    report["ep_memory"] = ep_memory(*sizes, classes=2 if args.smoke else 8, smoke=args.smoke)
     report["end_to_end"] = end_to_end(args, device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,11 +20,11 @@ $(INSTALLED): pyproject.toml
 quickstart: $(INSTALLED)  ## random ViT-Ti on scikit-learn digits, CPU, offline, about a minute
 	$(BIN)/python run.py experiment=quickstart
 
-test: $(INSTALLED)  ## the whole test suite (CPU, offline)
-	$(BIN)/python -m pytest
+test: $(INSTALLED)  ## the whole test suite (CPU, offline), on two processes (pytest-xdist)
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 test-fast: $(INSTALLED)  ## the tests without subprocess runs and real-data runs
-	$(BIN)/python -m pytest -m "not slow and not data"
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow and not data"
 
 lint: $(INSTALLED)  ## ruff
 	$(BIN)/ruff check mim_agg tests scripts run.py

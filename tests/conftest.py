@@ -19,7 +19,8 @@ import torch
 import mim_agg.cli  # noqa: F401  (registers the config schemas)
 from tests.helpers import TINY_ARCH
 
-torch.set_num_threads(2)
+# Two cores: two threads alone, one per worker when pytest-xdist runs two (make test).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def cli_environment(root: Path, **env) -> dict:
         **os.environ,
         "MIM_AGG_ROOT": str(root),
         "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2",  # 2 cores
         "PYTHONPATH": str(PROJECT_ROOT),
         **env,
     }

@@ -188,6 +188,7 @@ def analysis_run(tmp_path_factory):
     return result, tmp_path / "run", figures
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_analyze_writes_stats_and_figures(analysis_run):
     result, output_dir, _ = analysis_run
     saved = json.loads((output_dir / "attention_stats.json").read_text())
@@ -305,6 +306,7 @@ def test_analysis_run_folder_is_not_named_after_an_aggregator():
     assert name.startswith("analyze-vit_tiny-digits-")
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_backbone_without_cls_reports_patch_statistics(tmp_path):
     cfg = compose_config(
         [*ANALYZE, "backbone.arch=vit_base_patch16_gap_224", "analysis.embedding=[mean]"], tmp_path
@@ -319,6 +321,7 @@ def test_backbone_without_cls_reports_patch_statistics(tmp_path):
     assert (tmp_path / "run" / "embedding.png").is_file()
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_probe_checkpoint_adds_its_pooling_weights(tmp_path):
     run_probe(
         compose_config(
@@ -348,6 +351,7 @@ def test_probe_checkpoint_adds_its_pooling_weights(tmp_path):
     assert collector.maps["probe: abmilp weights"][0].shape == (2, 4, 4)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_probe_checkpoint_of_other_tokens_or_crafted_is_refused(tmp_path):
     from mim_agg.builders import load_probe_head
     from mim_agg.errors import UserError
@@ -398,6 +402,7 @@ def analysis_sweep(tmp_path):
     return sweep_dir
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_compare_script_overlays_the_runs_of_a_sweep_folder(analysis_sweep):
     script = PROJECT_ROOT / "scripts" / "compare_attention.py"
     done = subprocess.run(

@@ -111,6 +111,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("case", BAD_FILES)
 def test_a_bad_weights_file_stops_the_run_with_one_message(case, tmp_path, tiny_state_dict):
     write, name, error, says = BAD_FILES[case]
@@ -177,6 +178,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("damage", DAMAGE)
 @pytest.mark.parametrize("task", TASKS)
 def test_a_damaged_or_foreign_probe_checkpoint_is_one_message(task, damage, tmp_path):
@@ -189,6 +191,7 @@ def test_a_damaged_or_foreign_probe_checkpoint_is_one_message(task, damage, tmp_
     assert "pass a finished probe run's last.ckpt, or train that run again" in str(caught.value)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_truncated_last_ckpt_names_the_file_and_resume_false_starts_over(tmp_path):
     command = [*FAST, "probe.epochs=1", "probe.warmup_epochs=0"]
     run_task(compose_config(command, tmp_path))

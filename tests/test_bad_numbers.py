@@ -75,6 +75,7 @@ def overflowing_weights(tmp_path, tiny_state_dict) -> str:
     return f"backbone.weights={path}"
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("task", ["probe", "knn", "extract", "analyze"])
 def test_nan_tokens_give_no_number_and_no_cache_in_any_task(task, overflowing_weights, tmp_path):
     overrides = [*FAST, f"task={task}", "aggregator=mean", overflowing_weights]
@@ -113,6 +114,7 @@ def test_result_files_are_strict_and_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize(
     "override,message",
     [

@@ -62,6 +62,7 @@ def live_tokens(cfg, datamodule, split: str, size: int = 8, epoch: int | None = 
     return probe, probe.source(images), targets
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_fp32_cache_serves_every_head_exactly_what_the_live_backbone_gives(tmp_path):
     cfg, datamodule, cache = cache_for([*EVERY_HEAD, "cache.dtype=float32"], tmp_path)
     probe, live, live_targets = live_tokens(cfg, datamodule, "test")
@@ -77,6 +78,7 @@ def test_fp32_cache_serves_every_head_exactly_what_the_live_backbone_gives(tmp_p
             torch.testing.assert_close(served, computed, msg=name)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_bf16_cache_is_within_bf16_rounding_and_stores_only_pooled_vectors(tmp_path):
     cfg, datamodule, cache = cache_for(
         ["aggregator=attn_mean", "+aggregator@heads.cls=cls"], tmp_path
@@ -104,6 +106,7 @@ def test_float16_overflow_is_refused_not_stored_as_inf():
         quantize(torch.tensor([1e6]), "float16")
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_views_are_the_online_epochs_augmentations(tmp_path):
     cfg, datamodule, cache = cache_for(
         ["cache.views=2", "cache.dtype=float32", "aggregator=mean"], tmp_path
@@ -117,6 +120,7 @@ def test_views_are_the_online_epochs_augmentations(tmp_path):
     torch.testing.assert_close(view1.pooled["mean()"], live.patches.mean(1), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_probing_from_an_fp32_cache_reproduces_the_online_run(tmp_path):
     common = [*GRID_4x4, "heads=bench8", "dataset.augment=false", "cache.dtype=float32"]
     online = run_task(compose_config(common, tmp_path / "online"))
@@ -129,6 +133,7 @@ def test_probing_from_an_fp32_cache_reproduces_the_online_run(tmp_path):
         assert cached["heads"][name]["test/loss"] == pytest.approx(head["test/loss"], rel=1e-4)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_damaged_truncated_or_foreign_caches_are_refused_before_training(tmp_path):
     overrides = ["aggregator=mean", "cache.shard_size=64"]
     _, datamodule, cache = cache_for(overrides, tmp_path)
@@ -154,6 +159,7 @@ def test_damaged_truncated_or_foreign_caches_are_refused_before_training(tmp_pat
         open_run_cache(other, datamodule, build=False)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_cache_never_serves_another_request_or_other_data(tmp_path):
     _, _, mean = cache_for(["aggregator=mean"], tmp_path)
     _, _, cls = cache_for(["aggregator=cls"], tmp_path)
@@ -162,6 +168,7 @@ def test_a_cache_never_serves_another_request_or_other_data(tmp_path):
     assert len({mean.root, cls.root, fewer.root}) == 3 and again.root == mean.root
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_one_backbone_pass_fills_every_listed_blocks_cache(tmp_path, monkeypatch):
     """``cache.blocks``: the caches of blocks 0 and 2 (a learned head's tokens and a
     parameter-free head's pooled vector each) come from one pass, under the keys and with the
@@ -204,6 +211,7 @@ def test_not_enough_disk_refuses_before_writing(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("cache/*/*/shard-*"))
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_cache_options_count_only_for_runs_trained_from_it(tmp_path):
     def identity(*overrides):
         return result_config(compose_config([*FAST, *overrides], tmp_path))
@@ -268,6 +276,7 @@ class StopAfter:
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_resumed_extraction_keeps_its_first_shard_size(tmp_path):
     overrides = ["aggregator=mean", "cache.batch_size=8", "cache.dtype=float32"]
     with pytest.raises(KeyboardInterrupt):
@@ -291,6 +300,7 @@ def image_folder(root: Path, shade: int = 0) -> Path:
     return root
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_the_augmentation_seed_and_the_image_files_are_part_of_the_key(tmp_path):
     _, _, first = cache_for(["aggregator=mean", "dataset.heldout_fraction=0"], tmp_path)
     _, _, other_seed = cache_for(

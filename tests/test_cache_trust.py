@@ -58,6 +58,7 @@ def folder_cache(data: Path, tmp_path: Path):
     return cache_for([*overrides, "dataset.heldout_fraction=0.5"], tmp_path)[2]
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_an_image_replaced_with_its_old_size_and_time_is_not_served_from_the_cache(tmp_path):
     data = image_folder(tmp_path / "data")
     image = data / "val" / "a" / "0.png"
@@ -89,6 +90,7 @@ def test_a_manifest_with_fewer_classes_than_labels_is_refused_before_training(tm
         run_task(compose_config(overrides, tmp_path))  # was a raw IndexError in the loss
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("damage", ["count", "shard digest"])
 def test_an_edited_manifest_is_refused_with_the_rebuild_command(tmp_path, damage):
     cfg, datamodule, cache = cache_for(SMALL, tmp_path)
@@ -101,6 +103,7 @@ def test_an_edited_manifest_is_refused_with_the_rebuild_command(tmp_path, damage
         open_run_cache(cfg, datamodule)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_full_verification_finds_a_damaged_shard_whose_time_was_restored(tmp_path):
     cfg, datamodule, cache = cache_for(SMALL, tmp_path)
     shard = cache.root / "train" / "shard-00000.safetensors"
@@ -120,6 +123,7 @@ def test_cache_verify_takes_true_false_or_full(tmp_path):
         check_ranges(compose_config([*GRID_4x4, "cache.verify=quick"], tmp_path))
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_complete_cache_trains_from_a_read_only_mount(tmp_path, read_only, caplog):
     overrides = [*GRID_4x4, *SMALL, "probe.features=cached"]
     cache = cache_for(overrides, tmp_path)[2]

@@ -184,6 +184,7 @@ def cache_for(overrides, tmp_path):
     return cfg, datamodule, open_cache(cfg, datamodule, list(aggregators))
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_cache_serves_center_attn_as_the_live_backbone_gives_it(tmp_path):
     cfg, datamodule, cache = cache_for(HEADS, tmp_path)
     assert cache.manifest["fields"] == {
@@ -205,6 +206,7 @@ def test_a_cache_serves_center_attn_as_the_live_backbone_gives_it(tmp_path):
     assert other.root != cache.root  # another window is another cache
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_several_blocks_caches_from_one_pass_equal_separate_ones(tmp_path):
     heads = [*HEADS, "backbone.block=2"]
     cache_for([*heads, "cache.blocks=[1,2]"], tmp_path / "together")

@@ -68,6 +68,7 @@ def test_every_group_has_options():
         assert options(group), group
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("backbone"))
 def test_backbone_options(name, tmp_path):
     cfg = compose_config([f"backbone={name}"], tmp_path).backbone
@@ -90,6 +91,7 @@ def test_every_registered_aggregator_is_an_option_and_heads_all_trains_them_all(
     assert "all" in options("heads") and not (CONFIG_DIR / "heads" / "all.yaml").exists()
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("aggregator"))
 def test_aggregator_options(name, tmp_path):
     cfg = OmegaConf.to_container(compose_config([f"aggregator={name}"], tmp_path).aggregator)
@@ -98,6 +100,7 @@ def test_aggregator_options(name, tmp_path):
     assert aggregator.out_dim >= 192
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("heads"))
 def test_heads_options(name, tmp_path):
     cfg = compose_config([f"heads={name}"], tmp_path)
@@ -110,6 +113,7 @@ def test_heads_options(name, tmp_path):
         assert {options["name"] for options, _ in grid.values()} == set(AGGREGATORS)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("dataset"))
 def test_dataset_options(name, tmp_path):
     cfg = compose_config(
@@ -131,12 +135,14 @@ def test_analysis_options(name, tmp_path):
     assert cfg.split in ("val", "train") and cfg.num_images > 0
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("probe"))
 def test_probe_options(name, tmp_path):
     cfg = compose_config([f"probe={name}"], tmp_path).probe
     assert cfg.optimizer in OPTIMIZERS and cfg.epochs > cfg.warmup_epochs >= 0
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("trainer"))
 def test_trainer_options(name, tmp_path):
     cfg = compose_config([f"trainer={name}"], tmp_path).trainer
@@ -161,12 +167,14 @@ def test_callbacks_options(name, tmp_path):
     assert all(isinstance(c, Callback) for c in callbacks) and len(callbacks) == len(cfg.callbacks)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_options(name, tmp_path):
     cfg = compose_config([f"experiment={name}"], tmp_path)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("debug"))
 def test_debug_options(name, tmp_path):
     cfg = compose_config([f"debug={name}", "experiment=paper_mae_abmilp"], tmp_path)
@@ -244,6 +252,7 @@ def test_defaults_are_the_paper_recipe(tmp_path):
     )
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -295,6 +304,7 @@ def test_misspelled_key_in_a_config_file_fails(tmp_path, group, text, message):
 @pytest.mark.parametrize("script", sorted(p.name for p in (PROJECT_ROOT / "scripts").glob("*.py")))
 def test_every_script_answers_help_with_its_usage(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--help"])
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "scripts"))  # as `python scripts/x.py` has it
     with pytest.raises(SystemExit) as exit_status:
         runpy.run_path(str(PROJECT_ROOT / "scripts" / script), run_name="__main__")
     assert exit_status.value.code in (0, None)
@@ -316,6 +326,7 @@ def help_rows() -> dict[str, list[str]]:
     return {name: row.replace(",", " ").split() for name, row in rows.items()}
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_help_lists_every_option_of_every_group_as_hydra_finds_them():
     """No list is kept by hand: files in conf/ and the registries' options, a new one included."""
     rows = help_rows()
@@ -350,6 +361,7 @@ def toy_aggregator(monkeypatch):
     del AGGREGATORS["toy_sum"]
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_new_aggregator_is_its_module_alone(toy_aggregator, tmp_path):
     before = sorted(CONFIG_DIR.rglob("*"))
     cfg = compose_config(["aggregator=toy_sum", "aggregator.scale=2"], tmp_path)

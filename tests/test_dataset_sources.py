@@ -24,6 +24,7 @@ from tests.helpers import FAST, compose_config
 DATASETS = sorted(path.stem for path in (CONFIG_DIR / "dataset").glob("*.yaml"))
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -45,6 +46,7 @@ def test_an_option_of_another_source_fails_at_composition_as_a_typo_does(overrid
     assert "full_key: dataset." in str(error.value.__cause__)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", DATASETS)
 def test_each_dataset_composes_its_sources_schema_and_says_only_what_differs(name, tmp_path):
     """The keys are the shared ones and the source's own, no other source's; a YAML repeats no
@@ -93,6 +95,7 @@ def listing(folder, labels: dict[str, list[int]]) -> str:
     return str(folder / "{split}.txt")
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize(
     "split_file,error,message",
     [

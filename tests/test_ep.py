@@ -57,6 +57,7 @@ FAMILY = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize(("method", "arch", "name", "lp", "ep"), LEADERBOARD)
 def test_backbone_configs_read_what_the_leaderboard_reads(method, arch, name, lp, ep, tmp_path):
     backbone = compose_config([f"backbone={name}"], tmp_path).backbone
@@ -66,6 +67,7 @@ def test_backbone_configs_read_what_the_leaderboard_reads(method, arch, name, lp
     assert backbone.family == FAMILY[name.split("_")[0]]
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_representation_that_reads_a_missing_cls_is_refused_by_name(tmp_path):
     from mim_agg.builders import backbone_layout
     from mim_agg.errors import ConfigError
@@ -80,6 +82,7 @@ def test_a_representation_that_reads_a_missing_cls_is_refused_by_name(tmp_path):
         check_ranges(cfg)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_ep_row_reads_the_backbones_representation_per_task(tmp_path):
     for name, linear, tokens in (("dino_vitb", "cls", "all"), ("ijepa_vith", "mean", "patch")):
         probe = compose_config(["experiment=ep_row", f"backbone={name}", "task=probe"], tmp_path)

@@ -89,6 +89,7 @@ def test_knn_task_accuracy_equals_an_independent_computation(tmp_path):
     assert (tmp_path / "run" / "heads.csv").read_text().startswith("head,aggregator,k,temperature")
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_learned_aggregators_need_a_trained_probe_and_k_fits_the_bank(tmp_path):
     cfg = compose_config([*FAST, "task=knn", "aggregator=abmilp", "knn.k=[5]"], tmp_path)
     with pytest.raises(ConfigError, match="knn.probe_ckpt=<that run>"):
@@ -111,6 +112,7 @@ def with_probe(ckpt: Path) -> list[str]:
     return [*FAST, "task=knn", "aggregator=cls", "knn.k=[5]", f"knn.probe_ckpt={ckpt}"]
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_trained_probes_head_is_evaluated_beside_the_grid(probe_ckpt, tmp_path, caplog):
     summary = run_task(compose_config(with_probe(probe_ckpt), tmp_path))
     assert set(summary["heads"]) == {"cls", "probe_abmilp"}

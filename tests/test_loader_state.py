@@ -140,6 +140,7 @@ CRASHES = {
 }
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("crash", CRASHES)
 def test_a_resumed_fit_trains_the_uninterrupted_batches_unwarned(crash, uninterrupted, tmp_path):
     hook, step, workers = CRASHES[crash]

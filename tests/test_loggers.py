@@ -28,6 +28,7 @@ def test_wandb_is_offline_without_a_key_and_never_prompts(no_wandb_login, monkey
     assert wandb_mode("online") == "offline"
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_offline_wandb_run_is_written_and_finished(no_wandb_login, tmp_path):
     cfg = compose_config([*FAST, "logger=wandb", "probe.epochs=1"], tmp_path)
     run(cfg)

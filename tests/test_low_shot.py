@@ -44,6 +44,7 @@ def test_fraction_is_proportional_per_class(tmp_path):
     assert np.bincount(labels(part)).tolist() == np.maximum(1, np.round(0.1 * per_class)).tolist()
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_the_subset_depends_on_subset_seed_only(tmp_path):
     base = ["dataset.shots=5", "dataset.heldout_fraction=0.2"]
     first = chosen(subset([*base, "seed=0"], tmp_path))
@@ -53,6 +54,7 @@ def test_the_subset_depends_on_subset_seed_only(tmp_path):
     assert np.array_equal(first, held)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_impossible_subsets_are_refused_with_the_fix(tmp_path):
     with pytest.raises(DataError, match="dataset.shots=500, but class 0 .* has only"):
         subset(["dataset.shots=500"], tmp_path)
@@ -68,6 +70,7 @@ def test_a_low_shot_subset_is_not_trained_on_more_classes_than_it_holds(tmp_path
         subset(["dataset.shots=2", "dataset.num_classes=12"], tmp_path)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_probe_and_knn_share_the_subset_and_list_it(tmp_path):
     low_shot = ["dataset=digits", "dataset.shots=4", "dataset.heldout_fraction=0.25"]
     run_task(compose_config([*FAST, *low_shot, "aggregator=mean"], tmp_path / "probe"))
@@ -78,6 +81,7 @@ def test_probe_and_knn_share_the_subset_and_list_it(tmp_path):
     assert len(rows) == 40 and {split for split, *_ in rows} == {"train", "heldout"}
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_low_shot_runs_show_their_shots_in_the_run_name():
     from mim_agg.runs.identity import run_name
 

@@ -27,6 +27,7 @@ def grid_run(tmp_path_factory):
     return run(compose_config(GRID, tmp_path)), tmp_path / "run"
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_grid_writes_one_row_per_head(grid_run):
     summary, output_dir = grid_run
     with open(output_dir / "heads.csv") as handle:
@@ -53,6 +54,7 @@ def test_winner_is_chosen_on_heldout_never_on_test(grid_run):
     assert summary["test/acc1"] == heads[best_heldout]["test/acc1"]
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_head_trains_the_same_alone_or_inside_a_grid(tmp_path):
     def train(overrides):
         cfg = compose_config([*FAST, "probe.epochs=2", *overrides], tmp_path)

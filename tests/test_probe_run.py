@@ -25,6 +25,7 @@ def finished_run(tmp_path_factory):
     return cfg, run(cfg), tmp_path / "run"
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_run_writes_sane_metrics(finished_run):
     cfg, summary, output_dir = finished_run
     metrics = json.loads((output_dir / "metrics.json").read_text())

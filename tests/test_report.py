@@ -69,6 +69,7 @@ def sweep(tmp_path):
     return sweep_dir
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_table_selects_on_heldout_per_seed_and_averages_seeds(sweep):
     cfg = compose_config(["task=report", f"report.sweep_dir={sweep}"])
     summary = run_task(cfg)
@@ -90,6 +91,7 @@ def test_table_selects_on_heldout_per_seed_and_averages_seeds(sweep):
     assert (sweep / "results.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_unfinished_jobs_are_listed_with_their_error(tmp_path):
     sweep_dir = fake_sweep(tmp_path, ["seed=0,1,2,3"])
     fake_job(sweep_dir, 0, ["seed=0"], heads=[("cls", 0.1, 0.5, 0.5)])
@@ -126,6 +128,7 @@ def test_a_folder_without_a_sweep_is_refused(tmp_path):
         run_task(compose_config(["task=report", f"report.sweep_dir={tmp_path}"]))
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_every_differing_config_value_is_a_column(sweep):
     from mim_agg.report.runs import read_sweeps
 
@@ -151,6 +154,7 @@ def test_backbones_of_two_families_are_columns_labelled_and_grouped_by_family(tm
     assert sorted(table) == [("jea", "cls"), ("mim", "cls")]
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_results_figure_names_what_the_jobs_share_and_labels_what_differs(sweep):
     from mim_agg.report.figure import results_figure
     from mim_agg.report.runs import read_sweeps
@@ -169,6 +173,7 @@ def test_results_figure_names_what_the_jobs_share_and_labels_what_differs(sweep)
     assert ax.get_ylabel() == "test top-1 accuracy (%)"
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_an_aggregator_sweep_names_heads_by_aggregator_and_their_differing_options(tmp_path):
     jobs = [["aggregator=cls"], ["aggregator=abmilp"]]
     jobs += [["aggregator=topk_attn", f"aggregator.k={k}"] for k in (1, 2)]
@@ -188,6 +193,7 @@ def test_an_aggregator_sweep_names_heads_by_aggregator_and_their_differing_optio
         assert f"| {row} (1) |" in text
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_report_of_no_finished_job_says_so(tmp_path):
     sweep_dir = fake_sweep(tmp_path, ["seed=0,1"])
     fake_job(sweep_dir, 0, ["seed=0"], status="failed", error="ConfigError: bad")
@@ -197,6 +203,7 @@ def test_a_report_of_no_finished_job_says_so(tmp_path):
     assert "| head |" not in text and "- **failed** `seed=0`: ConfigError: bad" in text
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_relative_sweep_folder_is_taken_from_the_project_root(tmp_path, monkeypatch):
     sweep_dir = fake_sweep(tmp_path, ["seed=0"])
     fake_job(sweep_dir, 0, ["seed=0"], heads=[("cls", 0.1, 0.5, 0.5)])
@@ -208,6 +215,7 @@ def test_a_relative_sweep_folder_is_taken_from_the_project_root(tmp_path, monkey
     assert not list((tmp_path / "elsewhere").iterdir())
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_sweep_of_analyses_is_pointed_to_the_figure_that_compares_them(tmp_path):
     sweep_dir = fake_sweep(tmp_path, ["seed=0,1"])
     for seed in (0, 1):

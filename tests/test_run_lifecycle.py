@@ -55,6 +55,7 @@ def test_a_full_disk_ends_the_run_with_one_message_and_a_failed_record(tmp_path,
     assert record["attempts"][-1]["status"] == "failed"
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_damaged_record_is_named_and_left_as_it_is(tmp_path):
     cfg = compose_config([*FAST, "aggregator=mean", "probe.epochs=1"], tmp_path)
     run_task(cfg)
@@ -65,6 +66,7 @@ def test_a_damaged_record_is_named_and_left_as_it_is(tmp_path):
     assert len(record.read_text()) == 40
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize(
     "overrides,fix",
     [
@@ -80,6 +82,7 @@ def test_a_newcomers_first_mistakes_name_their_fix(tmp_path, overrides, fix):
         run_task(cfg)
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("task", ["probe", "knn", "analyze"])
 def test_a_new_config_group_renames_no_existing_run(task):
     """A run's identity is what its task reads: a group added (for a protocol to come) enters
@@ -98,6 +101,7 @@ def test_a_new_config_group_renames_no_existing_run(task):
     assert config_hash(result_config(cfg)) != before
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_no_half_checkpoint(tmp_path):
     """A real full disk (a 60 KB tmpfs): the checkpoint that does not fit is never left
     half-written, so the rerun is not told to delete a truncated last.ckpt."""

@@ -46,6 +46,7 @@ def test_every_transfer_set_has_a_config_with_its_official_class_count():
         assert OmegaConf.load(CONFIG_DIR / "dataset" / f"{name}.yaml").num_classes == classes
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", sorted(OFFICIAL_CLASSES))
 def test_a_fake_copy_in_torchvisions_layout_gives_both_splits(name, tmp_path):
     info = make_fake(name, tmp_path / name)
@@ -60,6 +61,7 @@ def test_a_fake_copy_in_torchvisions_layout_gives_both_splits(name, tmp_path):
     assert image.shape == (3, 32, 32) and 0 <= label < datamodule.num_classes
 
 
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", ["flowers102", "sun397", "inaturalist"])
 def test_a_missing_set_names_the_dataset_and_its_root(name, tmp_path):
     overrides = [f"dataset={name}", f"dataset.root={tmp_path / 'nowhere'}"]

@@ -416,3 +416,27 @@ def test_the_readmes_small_image_bench8_example_fits():
     assert example in readme
     cfg = compose_config(example.split())
     build_aggregators(cfg, backbone_layout(cfg))
+
+
+@pytest.mark.slow  # builds 28 backbone skeletons
+def test_every_aggregator_builds_on_every_shipped_backbone_or_refuses_by_name(tmp_path):
+    """What issue 19 asks of every pooler: it serves each shipped backbone it can, and where it
+    cannot (no [cls], a grid it does not fit), the refusal names the aggregator or its key."""
+    from mim_agg.builders import backbone_layout
+    from mim_agg.errors import ConfigError
+    from tests.helpers import compose_config
+
+    refused = []
+    for backbone in sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml")):
+        layout = backbone_layout(compose_config([f"backbone={backbone}"], tmp_path))
+        for name in sorted(AGGREGATORS):
+            try:
+                with torch.device("meta"):
+                    aggregator = build_aggregator(name, layout)
+            except ConfigError as error:
+                assert name in str(error) or "aggregator." in str(error), str(error)
+                refused.append((backbone, name))
+                continue
+            assert aggregator.out_dim > 0
+    assert ("ijepa_vith", "cls") in refused and ("capi_vitl", "cls_mean") in refused
+    assert not [pair for pair in refused if pair[0] == "mae_vitb"]  # a plain ViT serves all

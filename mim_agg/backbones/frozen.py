@@ -122,7 +122,7 @@ class FrozenBackbone(nn.Module):
             )
         if (request.cls_blocks > 1 or request.cls_attn) and not layout.has_cls:
             raise ConfigError(
-                "The heads read the [cls] token's attention or several blocks' [cls]; this "
+                "The aggregators read the [cls] token's attention or several blocks' [cls]; this "
                 "backbone has no [cls] token."
             )
         if request.center_rows:  # the window must fit both grid axes
@@ -216,7 +216,7 @@ def watch_attention(attn_module: nn.Module, keep) -> torch.utils.hooks.Removable
 
 def skeleton(**backbone_config) -> FrozenBackbone:
     """The backbone's architecture without its weights, on the meta device (no memory, no
-    download): what heads need to be built and checked before any weights are fetched."""
+    download): what aggregators need to be built and checked before any weights are fetched."""
     with torch.device("meta"):
         return FrozenBackbone(**{**backbone_config, "weights": None})
 

@@ -6,7 +6,7 @@ import torch
 from timm.layers import AttentionPoolLatent
 from torch import nn
 
-from mim_agg.aggregators.base import Aggregator, register
+from mim_agg.aggregators.base import Aggregator, check_num_heads, register
 from mim_agg.aggregators.token_sets import check_token_set, token_set
 from mim_agg.errors import ConfigError
 
@@ -47,8 +47,7 @@ class AttentiveProbe(Aggregator):
         dim = layout.dim
         check_token_set(layout, tokens, self.name)
         self.tokens = tokens
-        if dim % num_heads:
-            raise ConfigError(f"aggregator.num_heads={num_heads} must divide the token dim {dim}.")
+        check_num_heads(num_heads, dim)
         self.input_norm = nn.LayerNorm(dim, eps=1e-6)
         self.pool = AttentionPoolLatent(
             dim,

@@ -118,6 +118,12 @@ def square_side(layout: TokenLayout, name: str) -> int:
     return rows
 
 
+def check_num_heads(num_heads: int, dim: int) -> None:
+    """Refuse, at build time, an attention head count that does not split the token dim."""
+    if dim % num_heads:
+        raise ConfigError(f"aggregator.num_heads={num_heads} must divide the token dim {dim}.")
+
+
 def register(name: str):
     """Class decorator: make an aggregator available as ``aggregator=<name>``."""
 

@@ -13,8 +13,7 @@ from timm.models.cait import ClassAttn, LayerScaleBlockClassAttn
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mim_agg.aggregators.base import Aggregator, register
-from mim_agg.aggregators.latent_query import check_heads
+from mim_agg.aggregators.base import Aggregator, check_num_heads, register
 from mim_agg.aggregators.token_sets import check_token_set, token_set
 
 
@@ -40,7 +39,7 @@ class CaitClassAttentionPool(Aggregator):
     def __init__(self, layout, *, num_heads: int = 4, tokens: str = "patch"):
         super().__init__(layout)
         check_token_set(layout, tokens, self.name)
-        check_heads(num_heads, layout.dim)
+        check_num_heads(num_heads, layout.dim)
         dim = layout.dim
         self.tokens = tokens
         self.block = LayerScaleBlockClassAttn(
@@ -80,7 +79,7 @@ class VitBlockPool(Aggregator):
     def __init__(self, layout, *, num_heads: int = 8, tokens: str = "patch"):
         super().__init__(layout)
         check_token_set(layout, tokens, self.name)
-        check_heads(num_heads, layout.dim)
+        check_num_heads(num_heads, layout.dim)
         self.tokens = tokens
         self.block = Block(
             layout.dim,

@@ -6,9 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mim_agg.aggregators.base import Aggregator, register
+from mim_agg.aggregators.base import Aggregator, check_num_heads, register
 from mim_agg.aggregators.token_sets import check_token_set, token_set
-from mim_agg.errors import ConfigError
 
 
 @register("cae_pool")
@@ -36,8 +35,7 @@ class CaePool(Aggregator):
         super().__init__(layout)
         dim = layout.dim
         check_token_set(layout, tokens, self.name)
-        if dim % num_heads:
-            raise ConfigError(f"aggregator.num_heads={num_heads} must divide the token dim {dim}.")
+        check_num_heads(num_heads, dim)
         self.tokens = tokens
         self.num_heads = num_heads
         self.query = nn.Parameter(torch.zeros(1, 1, dim))

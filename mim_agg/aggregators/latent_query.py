@@ -9,15 +9,9 @@ import torch
 from timm.layers import AttentionPoolLatent
 from torch import nn
 
-from mim_agg.aggregators.base import Aggregator, register
+from mim_agg.aggregators.base import Aggregator, check_num_heads, register
 from mim_agg.aggregators.token_sets import check_token_set, token_set
 from mim_agg.errors import ConfigError
-
-
-def check_heads(num_heads: int, dim: int) -> None:
-    """Refuse, at build time, a head count that does not split the token dim."""
-    if dim % num_heads:
-        raise ConfigError(f"aggregator.num_heads={num_heads} must divide the token dim {dim}.")
 
 
 @register("siglip_pool")
@@ -39,7 +33,7 @@ class SiglipMapPool(Aggregator):
     def __init__(self, layout, *, num_heads: int = 8, tokens: str = "patch"):
         super().__init__(layout)
         check_token_set(layout, tokens, self.name)
-        check_heads(num_heads, layout.dim)
+        check_num_heads(num_heads, layout.dim)
         self.tokens = tokens
         self.pool = AttentionPoolLatent(layout.dim, num_heads=num_heads, norm_layer=None)
 
@@ -68,7 +62,7 @@ class AimAttentionPool(Aggregator):
     def __init__(self, layout, *, num_heads: int = 16, tokens: str = "patch"):
         super().__init__(layout)
         check_token_set(layout, tokens, self.name)
-        check_heads(num_heads, layout.dim)
+        check_num_heads(num_heads, layout.dim)
         dim = layout.dim
         self.tokens = tokens
         self.num_heads = num_heads

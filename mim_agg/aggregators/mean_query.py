@@ -10,8 +10,7 @@ from __future__ import annotations
 from timm.layers import AttentionPool2d
 from torch import nn
 
-from mim_agg.aggregators.base import Aggregator, register
-from mim_agg.aggregators.latent_query import check_heads
+from mim_agg.aggregators.base import Aggregator, check_num_heads, register
 from mim_agg.aggregators.token_sets import check_token_set, token_set
 
 
@@ -37,7 +36,7 @@ class EfficientSimPool(Aggregator):
         super().__init__(layout)
         check_token_set(layout, tokens, self.name)
         num_heads = layout.num_heads if num_heads is None else num_heads
-        check_heads(num_heads, layout.dim)
+        check_num_heads(num_heads, layout.dim)
         self.tokens = tokens
         self.num_heads = num_heads
         self.norm = nn.LayerNorm(layout.dim, eps=1e-6)
@@ -77,7 +76,7 @@ class ClipAttentionPool(Aggregator):
     def __init__(self, layout, *, num_heads: int = 4, tokens: str = "patch"):
         super().__init__(layout)
         check_token_set(layout, tokens, self.name, grid=True)
-        check_heads(num_heads, layout.dim)
+        check_num_heads(num_heads, layout.dim)
         self.norm = nn.LayerNorm(layout.dim, eps=1e-6)
         self.pool = AttentionPool2d(layout.dim, feat_size=layout.grid, num_heads=num_heads)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mim_agg.aggregators import Aggregator, build_aggregator, token_request
 from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, TokenSource
@@ -77,6 +77,18 @@ def build_aggregators(cfg: DictConfig, layout: TokenLayout) -> dict[str, Aggrega
                 layout=layout, **OmegaConf.to_container(options, resolve=True)
             )
     return aggregators
+
+
+def cache_companions(cfg: DictConfig) -> list[Aggregator]:
+    """The aggregators of ``cache.also_for``, built for what they read alone: a cache keyed for
+    them too is the one another job that trains them opens, so two jobs of one sweep (k-NN and
+    a probe) share one backbone pass."""
+    if not cfg.cache.also_for:
+        return []
+    companions = cfg.copy()
+    with open_dict(companions):
+        companions.heads = cfg.cache.also_for
+    return list(build_aggregators(companions, backbone_layout(cfg)).values())
 
 
 @contextlib.contextmanager

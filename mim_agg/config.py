@@ -54,6 +54,7 @@ class CacheConfig:  # values and their meaning: conf/cache/default.yaml
     batch_size: int = MISSING
     verify: Any = MISSING  # true | false | full (OmegaConf has no bool-or-str type)
     blocks: list[int] | None = MISSING
+    also_for: dict[str, Any] = MISSING
 
 
 @dataclass

@@ -111,3 +111,4 @@ def test_experiment_ep_row_runs_end_to_end_and_writes_the_row(tmp_path):
     assert all(0 <= float(row[c]) <= 100 for c in ("k-NN", "LP", "EP"))
     assert row["linear_input"] == "cls"
     assert "| backbone | family | dataset | k-NN | LP | EP |" in result.stdout
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one extraction served both jobs

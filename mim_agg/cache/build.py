@@ -21,7 +21,13 @@ from omegaconf import DictConfig
 from mim_agg.aggregators import Aggregator, token_request
 from mim_agg.backbones import TokenLayout, TokenRequest
 from mim_agg.backbones.frozen import skeleton
-from mim_agg.builders import backbone_layout, build_aggregators, build_live_source, cfg_at_block
+from mim_agg.builders import (
+    backbone_layout,
+    build_aggregators,
+    build_live_source,
+    cache_companions,
+    cfg_at_block,
+)
 from mim_agg.cache.extract import Target, bytes_per_view, check_disk, extract, field_shapes, human
 from mim_agg.cache.identity import cache_identity, cache_key, split_identity
 from mim_agg.cache.store import FORMAT, CacheError, SplitPlan, TokenCache
@@ -88,10 +94,10 @@ def open_cache(
     watch=None,
     build: bool = True,
 ) -> TokenCache:
-    """The complete, checked cache for ``aggregators`` (this run's) on this data; missing
-    shards are extracted first when ``build`` (else refused with the command that builds
-    them), together with the caches of the blocks ``cache.blocks`` lists (the config's
-    aggregators at those blocks) in the same backbone pass.
+    """The complete, checked cache for ``aggregators`` (this run's, and ``cache.also_for``'s)
+    on this data; missing shards are extracted first when ``build`` (else refused with the
+    command that builds them), together with the caches of the blocks ``cache.blocks`` lists
+    (the config's aggregators at those blocks) in the same backbone pass.
 
     A complete cache is read without a lock (so from a read-only mount too): nothing writes
     to it again. Its shards were renamed into place before the manifest that completes it,
@@ -100,7 +106,7 @@ def open_cache(
     waits for that lock, and finds it complete."""
     datamodule.setup()
     split_ids = {name: split_identity(split) for name, split in datamodule.splits.items()}
-    planned = plan_cache(cfg, datamodule, split_ids, aggregators)
+    planned = plan_cache(cfg, datamodule, split_ids, [*aggregators, *cache_companions(cfg)])
     cache = planned.cache
     if not cache.complete:
         if not build:

@@ -24,6 +24,7 @@ NOT_RESULTS = (
     "backbone.sha256",
     "cache.shard_size",
     "cache.blocks",  # which other blocks' caches the same extraction fills
+    "cache.also_for",  # what else the cache stores, for another job
     "knn.batch_size",
     "dataset.download",
     "trainer.enable_progress_bar",

@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mim_agg.builders import build_datamodule, build_probe
+from mim_agg.utils.predictions import FILE as PREDICTIONS
+from mim_agg.utils.predictions import read_predictions
 from tests.helpers import FAST, compose_config, run_cli
 
 # 75 test and about 37 held-out images: odd counts, which a padding sampler would repeat.
@@ -40,12 +42,20 @@ def test_two_processes_count_every_test_image_exactly_once(tmp_path):
         selected.load_state_dict(checkpoint["head_selection"][name]["state"])
         heads[(name, "test/acc1")] = selected.eval()
     correct = dict.fromkeys(heads, 0)
+    predicted = {key: [] for key in heads}
     test = datamodule.splits["test"]
     with torch.no_grad():
         for images, targets in DataLoader(test, batch_size=32):
             tokens = probe.source(images)
             for key, head in heads.items():
-                correct[key] += int((head(tokens).argmax(-1) == targets).sum())
+                classes = head(tokens).argmax(-1)
+                predicted[key] += classes.tolist()
+                correct[key] += int((classes == targets).sum())
     assert {name for name, _ in correct} == {"cls", "mean"}
     for (name, metric), count in correct.items():
         assert metrics["heads"][name][metric] == pytest.approx(count / len(test), abs=1e-6)
+    # both ranks' predictions, merged in image order: the selected heads' argmax per image
+    stored = read_predictions(run_dir / PREDICTIONS)
+    assert stored.image_index.tolist() == list(range(len(test)))
+    for name in ("cls", "mean"):
+        assert stored.predicted[name].tolist() == predicted[(name, "test/acc1")]

@@ -8,6 +8,8 @@ import signal
 
 import pytest
 
+from mim_agg.utils.predictions import FILE as PREDICTIONS
+from mim_agg.utils.predictions import read_predictions
 from tests.helpers import FAST, run_cli
 from tests.signals import signal_once
 
@@ -19,9 +21,13 @@ TIMING = ("backbone_images_per_s", "train_images_per_s", "wall_time_s")
 
 
 def results(run_dir) -> dict:
-    """``metrics.json`` without its timing fields."""
+    """``metrics.json`` without its timing fields, and every head's test predictions."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items() if k not in TIMING}
+    predicted = read_predictions(run_dir / PREDICTIONS).predicted
+    return {
+        **{k: v for k, v in metrics.items() if k not in TIMING},
+        "predictions": {head: classes.tolist() for head, classes in predicted.items()},
+    }
 
 
 def only_run(root, name_part: str = ""):

@@ -9,12 +9,14 @@ last-epoch weights of every head.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import random
 import time
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,7 @@ from mim_agg.errors import UserError
 from mim_agg.probe.head import ProbeHead
 from mim_agg.probe.lars import LARS
 from mim_agg.probe.schedule import scaled_lr, warmup_cosine
+from mim_agg.utils.predictions import TestPredictions
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class LinearProbe(L.LightningModule):
         self.weight_decay = weight_decay
         self.momentum = momentum
         self.warmup_epochs = warmup_epochs
+        self.num_classes = num_classes
         self.metrics = nn.ModuleDict(
             {
                 f"{split}__{name}": accuracy_metrics(num_classes)
@@ -83,6 +87,7 @@ class LinearProbe(L.LightningModule):
         self.selection = {name: {"acc1": -1.0, "epoch": -1, "state": None} for name in heads}
         self.diverged: dict[str, int] = {}  # head -> the step its loss became non-finite
         self.results: dict[str, dict] = {}
+        self.predictions: TestPredictions | None = None  # of the selected heads, after test
         self.timing = {"backbone_s": 0.0, "backbone_images": 0, "train_s": 0.0, "train_images": 0}
 
     # ----------------------------------------------------------------------------- forward
@@ -147,10 +152,12 @@ class LinearProbe(L.LightningModule):
     def test_step(self, batch, batch_idx):
         inputs, targets = batch
         tokens = self.tokens(inputs)
+        self._test_targets.append(targets)
         for name, head in self.live_heads.items():
             self._update(f"test_last__{name}", head(tokens), targets)
-            selected = self._selected_heads[name]
-            self._update(f"test_best__{name}", selected(tokens), targets)
+            logits = self._selected_heads[name](tokens)
+            self._update(f"test_best__{name}", logits, targets)
+            self._test_predicted.setdefault(name, []).append(logits.argmax(dim=1))
 
     def _update(self, key: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
         metrics = self.metrics[key]
@@ -202,6 +209,7 @@ class LinearProbe(L.LightningModule):
             if self.selection[name]["state"] is not None:
                 selected.load_state_dict(self.selection[name]["state"])
             self._selected_heads[name] = selected.eval()
+        self._test_targets, self._test_predicted = [], {}  # a test resumed begins anew
 
     def on_test_epoch_end(self) -> None:
         for name in self.heads:
@@ -223,6 +231,27 @@ class LinearProbe(L.LightningModule):
             for metric, value in self.results[name].items():
                 if metric.startswith("test/"):
                     self.log(f"test/{name}/{metric[5:]}", value)
+        self.predictions = self._gather_predictions()
+
+    def _gather_predictions(self) -> TestPredictions:
+        """The selected heads' predicted classes for every test image, from every rank, in
+        image order: a rank's images are its loader's sampler's first ones (sequential, or
+        every world_size-th under DDP), which the test pass visited in that order."""
+        targets = _numpy(self._test_targets)
+        sampler = self.trainer.test_dataloaders.sampler
+        positions = np.fromiter(itertools.islice(iter(sampler), len(targets)), np.int64)
+        predicted = {n: _numpy(self._test_predicted.get(n, [])) for n in self.live_heads}
+        local = (positions, targets, predicted)
+        parts = [local]
+        if self.trainer.world_size > 1:
+            parts = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, local)
+        return TestPredictions.in_image_order(
+            np.concatenate([part[0] for part in parts]),
+            np.concatenate([part[1] for part in parts]),
+            {name: np.concatenate([part[2][name] for part in parts]) for name in local[2]},
+            self.num_classes,
+        )
 
     def _diverged_result(self, name: str) -> dict:
         """No accuracy at all: numbers of a diverged head would only mislead."""
@@ -325,6 +354,11 @@ class LinearProbe(L.LightningModule):
         random.setstate(states["python"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _numpy(batches: list[torch.Tensor]) -> np.ndarray:
+    """Batches of class indices as one array; none (a rank without test images) is empty."""
+    return torch.cat(batches).cpu().numpy() if batches else np.empty(0, np.int64)
 
 
 def trainable_copy(tensor: torch.Tensor) -> torch.Tensor:

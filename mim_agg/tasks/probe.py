@@ -25,6 +25,8 @@ from mim_agg.probe.progress import ProbeProgressBar
 from mim_agg.runs.preemption import SignalWatch, StopOnSignal
 from mim_agg.utils.files import write_atomic
 from mim_agg.utils.loggers import build_loggers, finish_loggers
+from mim_agg.utils.predictions import FILE as PREDICTIONS
+from mim_agg.utils.predictions import write_predictions
 from mim_agg.utils.results import print_table, select_winner, write_csv, write_metrics
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,6 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
         if checkpoint:
             log.info("Resuming from %s", checkpoint)
         trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
-        if watch is not None:
-            watch.check()
         trainer.test(model, datamodule=datamodule, verbose=False)
         summary = summarize(model, time.perf_counter() - started)
         head_rows = describe_heads(cfg, model)
@@ -85,6 +85,7 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
     if trainer.is_global_zero:  # DDP ranks share the run folder; one writes
         show(summary)
         warn_if_limited(cfg)
+        write_predictions(output_dir / PREDICTIONS, model.predictions)
         write_csv(output_dir / "heads.csv", head_rows)
         write_metrics(output_dir / "metrics.json", summary)
     return summary

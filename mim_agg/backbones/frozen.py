@@ -1,4 +1,4 @@
-"""A frozen timm ViT that returns the tokens (and, on request, attention) of one block."""
+"""A frozen timm model that returns the tokens (and, on request, attention) of one block."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg
 from torch import nn
 
+from mim_agg.backbones.architectures import reader_for
 from mim_agg.backbones.loading import load_checkpoint_into
 from mim_agg.backbones.tokens import (
     TokenLayout,
@@ -23,7 +24,7 @@ from mim_agg.errors import ConfigError, UserError
 
 
 class FrozenBackbone(nn.Module):
-    """A timm ViT that never trains.
+    """A timm ViT (or Hiera) that never trains.
 
     Blocks after ``block`` are pruned, so asking for an early block also saves compute. The
     module stays in eval mode whatever Lightning asks, holds no trainable parameters and runs
@@ -58,28 +59,29 @@ class FrozenBackbone(nn.Module):
         img_size: the input resolution; a multiple of the patch size.
         mean, std: None = the timm tag's pretrained statistics (ImageNet's for files / random).
         arch_kwargs: further timm arguments the checkpoint needs (MoCo v3 ViT-S: 12 heads).
-        family: mim | jea | vlm | none (random weights), recorded for figures and reports.
+        family: mim | jea | hybrid | vlm | generative | none (random weights), recorded for
+            figures and reports.
         url, sha256: where a ``weights`` file comes from (``scripts/download_weights.py``);
             they play no part here.
         """
         super().__init__()
         self.family = family
         self.model = create_model(arch, weights, img_size, **(arch_kwargs or {}))
-        patch = self.model.patch_embed.patch_size[0]
-        if img_size % patch:
+        self.reader = reader_for(self.model, arch)
+        unit = self.reader.size_multiple
+        if img_size % unit:
             raise UserError(
-                f"backbone.img_size={img_size} is no multiple of {arch}'s patch size {patch}: "
-                f"its last {img_size % patch} pixels would be cut off silently. Use "
-                f"backbone.img_size={img_size // patch * patch} or "
-                f"{(img_size // patch + 1) * patch}."
+                f"backbone.img_size={img_size} is no multiple of {arch}'s {self.reader.size_unit} "
+                f"{unit}: its last {img_size % unit} pixels would be cut off silently. Use "
+                f"backbone.img_size={img_size // unit * unit} or {(img_size // unit + 1) * unit}."
             )
-        depth = len(self.model.blocks)
+        depth = self.reader.depth
         if not -depth <= block < depth:
             raise ConfigError(
                 f"backbone.block={block} is out of range for {arch} ({depth} blocks)."
             )
         self.block = block % depth
-        self.model.prune_intermediate_layers([self.block], prune_norm=not final_norm)
+        self.reader.prune(self.block, final_norm)
         self.final_norm = final_norm
         self.img_size = img_size
         self.mean, self.std = resolve_normalization(weights, mean, std)
@@ -91,15 +93,9 @@ class FrozenBackbone(nn.Module):
         self.eval()
 
     def layout_at(self, block: int) -> TokenLayout:
-        """The layout of block ``block``'s tokens (any block up to the deepest kept one)."""
-        return TokenLayout(
-            dim=self.model.embed_dim,
-            num_prefix_tokens=self.model.num_prefix_tokens,
-            has_cls=getattr(self.model, "cls_token", None) is not None,
-            grid=tuple(self.model.patch_embed.grid_size),
-            num_heads=self.model.blocks[block].attn.num_heads,
-            depth=block + 1,
-        )
+        """The layout of block ``block``'s tokens (any block up to the deepest kept one), read
+        from the model (``mim_agg/backbones/architectures.py``)."""
+        return self.reader.layout(block)
 
     @property
     def request(self) -> TokenRequest:
@@ -136,7 +132,7 @@ class FrozenBackbone(nn.Module):
         merged = self.requests.get(block, TokenRequest(tokens=True)) | own_part
         if (merged.cls_attn or merged.center_rows) and block not in self._watched:
             keep = functools.partial(self._keep_rows, block, layout)
-            watch_attention(self.model.blocks[block].attn, keep)
+            watch_attention(self.reader.attention(block), keep)
             self._watched.add(block)
         self.requests[block] = merged
 
@@ -170,15 +166,7 @@ class FrozenBackbone(nn.Module):
             for index in range(block - request.cls_blocks + 1, block + 1)
         }
         indices = sorted(wanted)
-        outputs = self.model.forward_intermediates(
-            images,
-            indices=indices,
-            return_prefix_tokens=True,
-            norm=self.final_norm,
-            stop_early=True,
-            output_fmt="NLC",
-            intermediates_only=True,
-        )
+        outputs = self.reader.tokens(images, indices, norm=self.final_norm)
         by_index = dict(zip(indices, outputs, strict=True))
         attention, self._attention = self._attention, {}
         return {
@@ -187,16 +175,14 @@ class FrozenBackbone(nn.Module):
         }
 
     def _tokens_of(self, block: int, by_index: dict, attention: dict) -> Tokens:
-        """``forward_intermediates`` gives ``(patches, prefix)`` when the model has prefix
-        tokens; ``Tokens.all`` is prefix first."""
-        output = by_index[block]
-        block_out = torch.cat(output[::-1], dim=1) if isinstance(output, tuple) else output
+        """Block ``block``'s ``Tokens`` (prefix first) and, where asked, the ``[cls]`` of the
+        blocks before it."""
         cls_blocks = self.requests[block].cls_blocks
         block_cls = None
         if cls_blocks > 1:
             taken = range(block - cls_blocks + 1, block + 1)
-            block_cls = torch.stack([by_index[i][1][:, 0] for i in taken], dim=1)
-        return Tokens(self.layout_at(block), block_out, block_cls=block_cls, **attention)
+            block_cls = torch.stack([by_index[i][:, 0] for i in taken], dim=1)
+        return Tokens(self.layout_at(block), by_index[block], block_cls=block_cls, **attention)
 
 
 def watch_attention(attn_module: nn.Module, keep) -> torch.utils.hooks.RemovableHandle:

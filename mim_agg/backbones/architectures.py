@@ -1,0 +1,146 @@
+"""How ``FrozenBackbone`` reads a timm model: one small reader per family of architectures.
+
+timm's ViTs (``VisionTransformer``, ``Eva``, ``Beit``, and CAPI's encoder here) share one
+interface: prefix tokens (``[cls]``, registers, RADIO's per-teacher summaries) before a fixed
+patch grid, blocks whose attention passes its softmax through ``attn_drop``, and
+``forward_intermediates(..., return_prefix_tokens=True)``. Hiera is hierarchical: no prefix
+tokens, a grid and a width that change at each stage, windowed mask-unit attention and tokens
+kept in an unrolled order that timm rolls back into the grid. Each reader answers the same
+questions (the layout of a block's tokens, how to prune, the tokens of some blocks, the module
+whose attention can be watched), so ``FrozenBackbone`` reads any of them alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.hiera import Hiera
+from torch import nn
+
+from mim_agg.backbones.tokens import TokenLayout
+from mim_agg.errors import ConfigError
+
+
+class ViTReader:
+    """timm's ViT interface: ``[B, P + N, D]`` tokens, prefix first, at every block."""
+
+    size_unit = "patch size"
+
+    def __init__(self, model: nn.Module, arch: str) -> None:
+        self.model, self.arch = model, arch
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def size_multiple(self) -> int:
+        """What ``img_size`` must be a multiple of, so no pixel is cut off."""
+        return self.model.patch_embed.patch_size[0]
+
+    def layout(self, block: int) -> TokenLayout:
+        """Read from the model: its prefix tokens (``[cls]`` first when it has one), grid,
+        width and the block's heads."""
+        return TokenLayout(
+            dim=self.model.embed_dim,
+            num_prefix_tokens=self.model.num_prefix_tokens,
+            has_cls=getattr(self.model, "cls_token", None) is not None,
+            grid=tuple(self.model.patch_embed.grid_size),
+            num_heads=self.model.blocks[block].attn.num_heads,
+            depth=block + 1,
+        )
+
+    def prune(self, block: int, final_norm: bool) -> None:
+        self.model.prune_intermediate_layers([block], prune_norm=not final_norm)
+
+    def tokens(self, images: torch.Tensor, indices: list[int], norm: bool) -> list[torch.Tensor]:
+        """``[B, P + N, D]`` of each block in ``indices``, from one pass."""
+        outputs = self.model.forward_intermediates(
+            images,
+            indices=indices,
+            return_prefix_tokens=True,
+            norm=norm,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )  # (patches, prefix) pairs where the model has prefix tokens
+        return [torch.cat(out[::-1], dim=1) if isinstance(out, tuple) else out for out in outputs]
+
+    def attention(self, block: int) -> nn.Module:
+        """The module whose ``attn_drop`` receives the block's softmax attention."""
+        return self.model.blocks[block].attn
+
+
+class HieraReader:
+    """Hiera (Ryali et al., 2023): four stages; each of the later ones starts by pooling the
+    grid 2 x 2 and doubling the width. A block's tokens are its stage's grid in row-major order
+    (timm's ``reroll``), so the last block's are the final stage's grid (7 x 7 at 224 px),
+    which aggregators and the cache see; no prefix tokens, no ``[cls]``."""
+
+    size_unit = "patch stride x mask-unit size"
+
+    def __init__(self, model: Hiera, arch: str) -> None:
+        self.model, self.arch = model, arch
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def size_multiple(self) -> int:
+        """A mask unit (8 x 8 tokens at stride 4: 32 px) is the grid's smallest whole cell."""
+        return self.model.patch_stride[0] * self.model.mask_unit_size[0]
+
+    def layout(self, block: int) -> TokenLayout:
+        rows, columns = self.model.reroll.schedule[block][1]  # that block's grid, as timm rolls it
+        return TokenLayout(
+            dim=self.model.blocks[block].dim_out,
+            num_prefix_tokens=0,
+            has_cls=False,
+            grid=(rows, columns),
+            num_heads=self.model.blocks[block].attn.heads,
+            depth=block + 1,
+        )
+
+    def prune(self, block: int, final_norm: bool) -> None:
+        if final_norm:
+            raise ConfigError(
+                f"backbone.final_norm=true: {self.arch} (Hiera) normalises after pooling, in its "
+                "classifier head, so its tokens have no final norm; use backbone.final_norm=false."
+            )
+        self.model.prune_intermediate_layers([block], coarse=False)
+
+    def tokens(self, images: torch.Tensor, indices: list[int], norm: bool) -> list[torch.Tensor]:
+        outputs = self.model.forward_intermediates(
+            images,
+            indices=indices,
+            stop_early=True,
+            output_fmt="NHWC",
+            intermediates_only=True,
+            coarse=False,
+        )
+        return [out.flatten(1, 2) for out in outputs]
+
+    def attention(self, block: int) -> nn.Module:
+        raise ConfigError(
+            f"{self.arch} (Hiera) does not expose attention maps: its mask-unit attention "
+            "attends within windows and pools its queries, so no token's row over the grid "
+            "exists to keep. Aggregators that read the backbone's attention (center_attn, and "
+            "those of [cls], which Hiera lacks) and task=analyze cannot serve it; pick one that "
+            "reads the tokens."
+        )
+
+
+def reader_for(model: nn.Module, arch: str) -> ViTReader | HieraReader:
+    """The reader of ``model``'s family; an architecture neither reads is refused by name."""
+    if isinstance(model, Hiera):
+        return HieraReader(model, arch)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and hasattr(model, "blocks") and hasattr(model, "forward_intermediates"):
+        return ViTReader(model, arch)
+    raise ConfigError(
+        f"backbone.arch={arch} builds a {type(model).__name__}, which mim_agg cannot read: it "
+        "reads timm's ViTs (a fixed patch grid after prefix tokens) and Hiera. For a NaFlex "
+        "model use its fixed-resolution twin (naflexvit_base_patch16_siglip -> "
+        "vit_base_patch16_siglip_224, naflexvit_base_patch16_radio_v3 -> "
+        "vit_base_patch16_radio_v3)."
+    )

@@ -1,0 +1,105 @@
+"""The token layouts the leaderboard's newer backbones bring, each read from a tiny random model
+of its timm family: no [cls] (AIMv2, SigLIP), RADIO's summary tokens and registers, PE-Core's
+and EVA-02 CLIP's Eva, MetaCLIP 2's CLIP ViT, Hiera's hierarchical stages."""
+
+import pytest
+import timm
+import torch
+
+from mim_agg.aggregators import build_aggregator
+from mim_agg.backbones import FrozenBackbone, TokenRequest
+from mim_agg.errors import ConfigError, UserError
+
+# arch: (tiny timm arguments, img_size, prefix tokens, has [cls], grid)
+FAMILIES = {
+    "aimv2_large_patch14_224": ({"embed_dim": 32, "depth": 2, "num_heads": 2}, 28, 0, False),
+    "vit_base_patch16_siglip_224": ({"embed_dim": 32, "depth": 2, "num_heads": 2}, 32, 0, False),
+    "vit_base_patch16_radio_v3": ({"embed_dim": 32, "depth": 2, "num_heads": 2}, 32, 8, True),
+    "vit_pe_core_base_patch16_224": ({"embed_dim": 32, "depth": 2, "num_heads": 2}, 32, 1, True),
+    "eva02_enormous_patch14_clip_224": ({"embed_dim": 32, "depth": 2, "num_heads": 2}, 28, 1, True),
+    "vit_gigantic_patch14_clip_224": ({"embed_dim": 32, "depth": 2, "num_heads": 2}, 28, 1, True),
+}
+HIERA = "hiera_tiny_224"
+HIERA_ARGS = {"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 2, 1)}  # 5 blocks, 4 stages
+
+
+def images(size: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def twins(arch: str, arch_kwargs: dict, img_size: int, **options):
+    """A ``FrozenBackbone`` and the plain timm model with the same random weights."""
+    torch.manual_seed(0)
+    backbone = FrozenBackbone(arch, img_size=img_size, arch_kwargs=arch_kwargs, **options)
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=0, img_size=img_size, **arch_kwargs).eval()
+    return backbone, model
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_the_layout_is_read_from_the_model_and_its_tokens_are_timms(arch):
+    """Prefix count, [cls] and grid as the model holds them; the tokens (final norm applied)
+    are timm's own ``forward_features``, prefix tokens first, never counted as patches."""
+    arch_kwargs, size, prefix, has_cls = FAMILIES[arch]
+    backbone, model = twins(arch, arch_kwargs, size, final_norm=True)
+    layout = backbone.layout
+    side = size // model.patch_embed.patch_size[0]
+    assert (layout.num_prefix_tokens, layout.has_cls) == (prefix, has_cls)
+    assert layout.grid == (side, side) and (layout.dim, layout.num_heads) == (32, 2)
+    tokens = backbone(images(size))
+    with torch.no_grad():
+        expected = model.forward_features(images(size))
+    torch.testing.assert_close(tokens.all, expected, rtol=1e-5, atol=1e-5)
+    assert tokens.patches.shape[1] == side * side
+    if not has_cls:
+        with pytest.raises(ConfigError, match="aggregator='cls' reads the \\[cls\\] token"):
+            build_aggregator("cls", layout)
+
+
+def test_radio_summary_tokens_and_registers_are_prefix_tokens():
+    """C-RADIOv3's 8 prefix tokens (one summary token per teacher, then registers, 8 in all):
+    timm's ``cls_token`` is the first summary, the other seven ride in ``reg_token``. Our
+    ``[cls]`` is that first token; all eight stay out of the patches, whatever reads them."""
+    arch_kwargs, size, _, _ = FAMILIES["vit_base_patch16_radio_v3"]
+    backbone, model = twins("vit_base_patch16_radio_v3", arch_kwargs, size)
+    assert model.cls_token.shape[1] + model.reg_token.shape[1] == 8
+    tokens = backbone(images(size))
+    assert tokens.prefix.shape[1] == 8 and tokens.patches.shape[1] == 4
+    mean = build_aggregator("mean", backbone.layout)
+    torch.testing.assert_close(mean(tokens), tokens.all[:, 8:].mean(dim=1))
+    cls = build_aggregator("cls", backbone.layout)
+    torch.testing.assert_close(cls(tokens), tokens.all[:, 0])
+
+
+def test_hiera_serves_its_final_stage_grid():
+    """The last block's tokens are the final stage's 2 x 2 grid at 64 px, width 8x the first
+    stage's, as timm's ``forward_features`` gives them; an earlier block has its own stage's
+    grid and width."""
+    backbone, model = twins(HIERA, HIERA_ARGS, 64)
+    layout = backbone.layout
+    assert (layout.dim, layout.grid, layout.num_prefix_tokens, layout.has_cls) == (
+        128, (2, 2), 0, False,
+    )  # fmt: skip
+    assert (layout.num_heads, layout.depth) == (8, 5)
+    tokens = backbone(images(64))
+    with torch.no_grad():
+        expected = model.forward_features(images(64))  # in grid order at the last stage
+    torch.testing.assert_close(tokens.all, expected, rtol=1e-5, atol=1e-5)
+    early = FrozenBackbone(HIERA, img_size=64, arch_kwargs=HIERA_ARGS, block=1)
+    assert (early.layout.dim, early.layout.grid, early.layout.num_heads) == (32, (8, 8), 2)
+    assert early(images(64)).all.shape == (2, 64, 32)
+
+
+def test_hiera_refuses_what_it_cannot_give_by_name():
+    backbone = FrozenBackbone(HIERA, img_size=64, arch_kwargs=HIERA_ARGS)
+    with pytest.raises(ConfigError, match=f"{HIERA} \\(Hiera\\) does not expose attention"):
+        backbone.provide(TokenRequest(center_rows=2))
+    with pytest.raises(ConfigError, match="backbone.final_norm=true: .*Hiera.* normalises after"):
+        FrozenBackbone(HIERA, img_size=64, arch_kwargs=HIERA_ARGS, final_norm=True)
+    with pytest.raises(UserError, match="patch stride x mask-unit size 32: .* Use backbone"):
+        FrozenBackbone(HIERA, img_size=48, arch_kwargs=HIERA_ARGS)
+
+
+def test_an_architecture_mim_agg_cannot_read_is_refused_by_name():
+    with pytest.raises(ConfigError, match="builds a NaFlexVit, which mim_agg cannot read"):
+        FrozenBackbone("naflexvit_base_patch16_siglip", img_size=32, arch_kwargs={"depth": 1})

@@ -7,12 +7,16 @@ Any config override works as with run.py. The file is called ready only once it 
 run opens it (the same safe loader and format detection); one that does not is moved aside
 (exit status 2). Afterwards ``backbone=<name>`` loads the file offline. A backbone with a timm
 tag (``backbone=mae_vitb``) is fetched into the Hugging Face cache (``HF_HOME``), where runs on
-offline compute nodes that share it find it.
+offline compute nodes that share it find it. Licence-gated weights (DINOv3) are served only at
+the signed address their authors e-mail once the licence is accepted: without it, the script
+says where to ask and how to pass that address or point ``backbone.weights`` at the file.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from huggingface_hub.constants import HF_HUB_CACHE
 from hydra import compose, initialize_config_dir
@@ -34,6 +38,9 @@ def main(overrides: list[str]) -> int:
             print(f"backbone.weights={backbone.weights}: nothing to download.", file=sys.stderr)
             return 0
         return prefetch_tag(backbone)
+    if (instructions := gated(backbone, overrides)) is not None:
+        print(instructions, file=sys.stderr)
+        return 2
     fix = f"it is not the checkpoint {backbone.url} should serve"
     held = []  # what the check found, for the message: the file is read once
 
@@ -51,6 +58,33 @@ def main(overrides: list[str]) -> int:
     if backbone.sha256 is None:
         print(pin_advice(sha256_of(path), overrides))
     return 0
+
+
+# Where licence-gated weights are requested, by the official address a config's url names.
+GATED = {
+    "https://dinov3.llamameta.net/": (
+        "DINOv3's weights are licence-gated: request them at "
+        "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (Meta e-mails a "
+        "signed URL for each file, valid for a few days)"
+    ),
+}
+
+
+def gated(backbone, overrides: list[str]) -> str | None:
+    """What to do for a licence-gated file not yet downloaded whose url carries no signature
+    (a signed URL, or the file in place, is downloaded or checked as any other); else None."""
+    request = next((why for prefix, why in GATED.items() if backbone.url.startswith(prefix)), None)
+    if request is None or urlsplit(backbone.url).query or Path(backbone.weights).is_file():
+        return None
+    name = Path(urlsplit(backbone.url).path).name
+    command = " ".join(["python scripts/download_weights.py", *overrides])
+    return (
+        f"backbone.weights={backbone.weights} is not there, and {backbone.url} serves it only "
+        f"with a signature. {request}. Then either\n"
+        f"  - download it here, resumed and checked: {command} 'backbone.url=<the URL of {name}>'"
+        f"\n  - or fetch it yourself (wget '<URL>' -O {backbone.weights}), or save it anywhere "
+        f"and pass backbone.weights=/path/to/{name}."
+    )
 
 
 def prefetch_tag(backbone) -> int:

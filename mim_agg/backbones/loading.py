@@ -8,6 +8,7 @@ and mask-token weights a frozen encoder never uses.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import pickle
 import re
@@ -16,11 +17,12 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mim_agg.backbones.formats import recognise
+from mim_agg.backbones.formats import FORMATS, recognise
 from mim_agg.backbones.tokens import require_finite
 from mim_agg.errors import ConfigError, MissingFile, UserError
 
@@ -214,17 +216,28 @@ def normalize_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint file into ``model`` (strictly, apart from its classifier head)."""
+    """Load a checkpoint file into ``model`` (strictly, apart from its classifier head): its
+    tokens before the patches must be the architecture's; biases of zeros the architecture
+    has no place for are left out, others refused; buffers its format fixes are copied in."""
     stored, source_format = read_state_dict(path)
-    state_dict = timm_filtered(model, normalize_keys(stored))
+    state = normalize_keys(stored)
+    carried = carried_buffers(state, source_format)  # before timm's filter, which drops them
+    state_dict = timm_filtered(model, state)
+    check_prefix_tokens(model, state_dict, f"{str(path)!r} ({source_format} format)")
+    state_dict = without_zero_biases(model, state_dict)
+    buffers = {k: v for k, v in model.named_buffers() if k in carried}
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(UNUSED_KEY_STARTS)}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    expected |= buffers
+    given = state_dict | carried
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
     misshaped = sorted(
-        f"{k}: checkpoint {_shape(state_dict[k])} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {_shape(given[k])} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state_dict and _shape(state_dict[k]) != tuple(v.shape)
+        if k in given and _shape(given[k]) != tuple(v.shape)
     )
+    if unexpected and not (missing or misshaped):
+        check_attention_biases(model, unexpected, f"{str(path)!r} ({source_format} format)")
     if missing or unexpected or misshaped:
         raise ConfigError(
             f"Checkpoint {str(path)!r} ({source_format} format) does not fit "
@@ -238,10 +251,12 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
         )
     require_finite(
         f"Values of the weights in {str(path)!r}",
-        state_dict.values(),
+        given.values(),
         "the file: fetch it again, or pass a checkpoint saved before its training diverged",
     )
     model.load_state_dict(state_dict, strict=False)
+    for key, value in carried.items():
+        buffers[key].copy_(value)
     log.info(
         "Loaded %s (%s format) into backbone.arch=%s: all %d tensors it reads, none missing; "
         "left out as pretraining-only: %s.",
@@ -250,6 +265,103 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
         _arch(model),
         len(expected),
         _abbrev(sorted({key.split(".")[0] for key in unused_keys(stored)}), limit=6),
+    )
+
+
+def carried_buffers(state: dict[str, torch.Tensor], source_format: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` (taken out of it) that its format gives as the values of buffers
+    timm computes itself (``Format.buffers``: DINOv3's RoPE periods, stored rounded to bfloat16,
+    which the authors' model computes with): copied in after the load."""
+    known = FORMATS.get(source_format)
+    names = known.buffers if known is not None else ()
+    return {name: state.pop(name) for name in names if name in state}
+
+
+def prefix_tokens(has_cls: bool, registers: int) -> str:
+    cls = "[cls]" if has_cls else "no [cls]"
+    return f"{cls} and {registers} register/storage tokens (reg_token)"
+
+
+def check_prefix_tokens(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a file whose tokens before the patches ([cls], registers, DINOv3's storage
+    tokens) are not the architecture's: each patch would be read from another position, a
+    shifted grid that loads without an error elsewhere only by luck."""
+    theirs = ("cls_token" in state, _count_registers(state.get("reg_token")))
+    ours = (
+        getattr(model, "cls_token", None) is not None,
+        _count_registers(getattr(model, "reg_token", None)),
+    )
+    if theirs == ours:
+        return
+    options = inspect.signature(type(model)).parameters
+    fixes = []
+    if theirs[0] != ours[0] and "class_token" in options:
+        fixes.append(f"class_token: {str(theirs[0]).lower()}")
+    register_option = next((n for n in ("num_reg_tokens", "reg_tokens") if n in options), None)
+    if theirs[1] != ours[1] and register_option:
+        fixes.append(f"{register_option}: {theirs[1]}")
+    fix = (
+        f"set backbone.arch_kwargs: {{{', '.join(fixes)}}} in its conf/backbone/ file, or "
+        if fixes
+        else ""
+    )
+    raise ConfigError(
+        f"Checkpoint {source} holds {prefix_tokens(*theirs)} before its patches, but "
+        f"backbone.arch={_arch(model)} is built with {prefix_tokens(*ours)}: every patch would "
+        f"be read from another token's place. Use an architecture with the checkpoint's prefix "
+        f"tokens ({fix}pick the arch it was trained with), or backbone.weights to a checkpoint "
+        "of this one."
+    )
+
+
+def _count_registers(reg_token) -> int:
+    return int(reg_token.shape[1]) if isinstance(reg_token, torch.Tensor) else 0
+
+
+def without_zero_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """``state`` less the all-zero biases of layers the model builds without a bias (timm's
+    DINOv3 archs without ``_qkvb`` for the published files' zero q/v biases): adding zero
+    computes what leaving it out does."""
+    expected = model.state_dict()
+
+    def adds_nothing(key: str, value) -> bool:
+        module, _, name = key.rpartition(".")
+        return (
+            key not in expected
+            and (name == "bias" or name.endswith("_bias"))
+            and isinstance(value, torch.Tensor)
+            and not bool(value.any())
+            and _has_module(model, module)
+        )
+
+    return {k: v for k, v in state.items() if not adds_nothing(k, v)}
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def check_attention_biases(model: nn.Module, unexpected: list[str], source: str) -> None:
+    """Where non-zero attention biases are all that does not fit (timm's own DINOv3 filter
+    would drop them silently), name the architecture that holds them."""
+    biases = [k for k in unexpected if re.search(r"\.attn\.(q_bias|v_bias|qkv\.bias)$", k)]
+    if biases != unexpected:
+        return
+    arch = _arch(model)
+    holder = f"{arch}_qkvb"
+    fix = (
+        f"backbone.arch={holder}"
+        if holder in timm.list_models()
+        else "backbone.arch_kwargs: {qkv_bias: true} in its conf/backbone/ file"
+    )
+    raise ConfigError(
+        f"Checkpoint {source} adds non-zero attention biases ({_abbrev(biases, limit=3)}), which "
+        f"backbone.arch={arch} has no place for: loaded without them, every token would change. "
+        f"Use {fix}, an architecture that holds them."
     )
 
 

@@ -5,7 +5,9 @@ One module per format in this package, each registering its converter with
 converter keeps the evaluation encoder and renames its keys to timm's. Unknown layouts fall back
 to the generic unwrapping in ``mim_agg/backbones/loading.py`` (``{"model": ...}``, ``module.`` /
 ``encoder.`` / ``backbone.`` prefixes). What a converter cannot place it keeps under the
-checkpoint's own name, so the strict load reports it, naming the recognised format.
+checkpoint's own name, so the strict load reports it, naming the recognised format. A
+converter may also return values for buffers timm computes itself rather than loads (``buffers``:
+DINOv3's RoPE periods, which the published files store rounded): the load copies them in.
 
 Adding a format is one module here (its ``detect`` and its converter) and one test that loads a
 file in the authors' key layout and compares the tokens with an independent reference forward.
@@ -28,18 +30,20 @@ class Format:
     name: str
     detect: Callable[[dict], bool]
     convert: Callable[[dict], State]
+    buffers: tuple[str, ...] = ()  # timm's non-persistent buffers whose values the file fixes
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def checkpoint_format(name: str, detect: Callable[[dict], bool]):
-    """Function decorator: the decorated converter serves checkpoints ``detect`` recognises."""
+def checkpoint_format(name: str, detect: Callable[[dict], bool], buffers: tuple[str, ...] = ()):
+    """Function decorator: the decorated converter serves checkpoints ``detect`` recognises;
+    the keys ``buffers`` of what it returns are values for buffers the model computes itself."""
 
     def add(convert: Callable[[dict], State]) -> Callable[[dict], State]:
         if name in FORMATS:
             raise ValueError(f"Checkpoint format {name!r} is registered twice.")
-        FORMATS[name] = Format(name, detect, convert)
+        FORMATS[name] = Format(name, detect, convert, buffers)
         return convert
 
     return add

@@ -38,7 +38,7 @@ def main(overrides: list[str]) -> int:
             print(f"backbone.weights={backbone.weights}: nothing to download.", file=sys.stderr)
             return 0
         return prefetch_tag(backbone)
-    if (instructions := gated(backbone, overrides)) is not None:
+    if (instructions := gated(backbone)) is not None:
         print(instructions, file=sys.stderr)
         return 2
     fix = f"it is not the checkpoint {backbone.url} should serve"
@@ -60,30 +60,38 @@ def main(overrides: list[str]) -> int:
     return 0
 
 
+def dinov3_sources(name: str) -> str:
+    """Where DINOv3's file ``name`` is given out: Meta's form, or the same weights in
+    transformers' names on Hugging Face (also read, see ``formats/dinov3.py``)."""
+    repo = "facebook/" + name.split("-")[0].replace("_", "-")
+    return (
+        "DINOv3's weights are licence-gated. Either\n"
+        "  - request them at https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/:"
+        " Meta e-mails a signed URL for each file, valid for a few days; download it here, "
+        f"resumed and checked, with 'backbone.url=<the URL of {name}>' added to this command, or "
+        f"fetch it yourself and pass backbone.weights=/path/to/{name};\n"
+        f"  - or accept the licence at https://huggingface.co/{repo}, fetch its model.safetensors"
+        f" (huggingface-cli download {repo} model.safetensors) and pass "
+        "backbone.weights=/path/to/model.safetensors: transformers' conversion, whose RoPE "
+        "periods are float32, not the stored bfloat16 ones the authors' model (and "
+        "efficient-probing) computed with, so its tokens differ slightly."
+    )
+
+
 # Where licence-gated weights are requested, by the official address a config's url names.
-GATED = {
-    "https://dinov3.llamameta.net/": (
-        "DINOv3's weights are licence-gated: request them at "
-        "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (Meta e-mails a "
-        "signed URL for each file, valid for a few days)"
-    ),
-}
+GATED = {"https://dinov3.llamameta.net/": dinov3_sources}
 
 
-def gated(backbone, overrides: list[str]) -> str | None:
+def gated(backbone) -> str | None:
     """What to do for a licence-gated file not yet downloaded whose url carries no signature
     (a signed URL, or the file in place, is downloaded or checked as any other); else None."""
-    request = next((why for prefix, why in GATED.items() if backbone.url.startswith(prefix)), None)
-    if request is None or urlsplit(backbone.url).query or Path(backbone.weights).is_file():
+    sources = next((how for prefix, how in GATED.items() if backbone.url.startswith(prefix)), None)
+    if sources is None or urlsplit(backbone.url).query or Path(backbone.weights).is_file():
         return None
     name = Path(urlsplit(backbone.url).path).name
-    command = " ".join(["python scripts/download_weights.py", *overrides])
     return (
         f"backbone.weights={backbone.weights} is not there, and {backbone.url} serves it only "
-        f"with a signature. {request}. Then either\n"
-        f"  - download it here, resumed and checked: {command} 'backbone.url=<the URL of {name}>'"
-        f"\n  - or fetch it yourself (wget '<URL>' -O {backbone.weights}), or save it anywhere "
-        f"and pass backbone.weights=/path/to/{name}."
+        f"with a signature. {sources(name)}"
     )
 
 

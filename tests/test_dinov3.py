@@ -17,6 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone
@@ -30,6 +31,7 @@ DIM, HEADS, DEPTH, PATCH, SIZE, STORAGE = 64, 4, 2, 16, 48, 4
 GRID = SIZE // PATCH  # 3 x 3 patches
 SMALL = {"embed_dim": DIM, "num_heads": HEADS, "depth": DEPTH}
 IMAGES = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def rope_periods(head_dim: int, base: float = 100.0) -> torch.Tensor:
@@ -167,10 +169,10 @@ def test_the_authors_file_gives_the_reference_tokens(tmp_path, arch, swiglu):
     state = authors_state(swiglu=swiglu)
     backbone = load(state, tmp_path, arch)
     expected, _ = reference(state, IMAGES)
-    torch.testing.assert_close(backbone(IMAGES).all, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(backbone(IMAGES).all, expected, **TOLERANCE)
     normed = load(state, tmp_path, arch, final_norm=True)
     expected = F.layer_norm(expected, (DIM,), state["norm.weight"], state["norm.bias"], eps=1e-5)
-    torch.testing.assert_close(normed(IMAGES).all, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normed(IMAGES).all, expected, **TOLERANCE)
 
 
 def test_storage_tokens_are_prefix_tokens_never_patches(tmp_path):
@@ -183,15 +185,15 @@ def test_storage_tokens_are_prefix_tokens_never_patches(tmp_path):
     tokens = backbone(IMAGES)
     expected, _ = reference(state, IMAGES, blocks=1)
     patches = expected[:, 1 + STORAGE :]
-    torch.testing.assert_close(tokens.patches, patches, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens.patches, patches, **TOLERANCE)
     torch.testing.assert_close(tokens.prefix[:, 1:], expected[:, 1 : 1 + STORAGE])
     pooled = {
         name: build_aggregator(name, layout, **options)(tokens)
         for name, options in {"cls": {}, "mean": {}, "center_crop": {"k": 1}}.items()
     }
-    torch.testing.assert_close(pooled["cls"], expected[:, 0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pooled["mean"], patches.mean(1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pooled["center_crop"], patches[:, 4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled["cls"], expected[:, 0], **TOLERANCE)
+    torch.testing.assert_close(pooled["mean"], patches.mean(1), **TOLERANCE)
+    torch.testing.assert_close(pooled["center_crop"], patches[:, 4], **TOLERANCE)
 
 
 def test_the_files_rope_periods_are_the_ones_computed_with(tmp_path):
@@ -221,9 +223,7 @@ def test_zero_qv_biases_and_no_biases_load_into_the_plain_architecture(tmp_path)
     for qv_bias in ("zero", "none"):
         state = authors_state(qv_bias=qv_bias)
         backbone = load(state, tmp_path, "vit_small_patch16_dinov3")
-        torch.testing.assert_close(
-            backbone(IMAGES).all, reference(state, IMAGES)[0], atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(backbone(IMAGES).all, reference(state, IMAGES)[0], **TOLERANCE)
 
 
 def test_a_masked_key_bias_that_is_not_zero_is_refused(tmp_path):
@@ -262,6 +262,56 @@ def test_the_load_is_strict_naming_what_it_cannot_place(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"(?s)\(dinov3 format\) does not fit.*" + named):
         load(state, tmp_path)
+
+
+def transformers_state(state: dict) -> dict[str, torch.Tensor]:
+    """The same weights under transformers' DINOv3ViTModel names (modeling_dinov3_vit.py), as the
+    facebook/dinov3-* repositories hold them: q, k, v apart, no key bias, no RoPE periods."""
+    names = {
+        "cls_token": "embeddings.cls_token",
+        "storage_tokens": "embeddings.register_tokens",
+        "mask_token": "embeddings.mask_token",
+        "patch_embed.proj.weight": "embeddings.patch_embeddings.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embeddings.bias",
+        "norm.weight": "norm.weight",
+        "norm.bias": "norm.bias",
+    }
+    block_names = {
+        "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+        "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+        "attn.proj.weight": "attention.o_proj.weight", "attn.proj.bias": "attention.o_proj.bias",
+        "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
+        "mlp.fc1.weight": "mlp.up_proj.weight", "mlp.fc1.bias": "mlp.up_proj.bias",
+        "mlp.fc2.weight": "mlp.down_proj.weight", "mlp.fc2.bias": "mlp.down_proj.bias",
+        "mlp.w1.weight": "mlp.gate_proj.weight", "mlp.w1.bias": "mlp.gate_proj.bias",
+        "mlp.w2.weight": "mlp.up_proj.weight", "mlp.w2.bias": "mlp.up_proj.bias",
+        "mlp.w3.weight": "mlp.down_proj.weight", "mlp.w3.bias": "mlp.down_proj.bias",
+    }  # fmt: skip
+    hf = {theirs: state[ours] for ours, theirs in names.items()}
+    for i in range(DEPTH):
+        ours = {k.split(f"blocks.{i}.", 1)[1]: v for k, v in state.items() if f"blocks.{i}." in k}
+        hf |= {f"layer.{i}.{block_names[k]}": v for k, v in ours.items() if k in block_names}
+        for name, weight in zip("qkv", ours["attn.qkv.weight"].chunk(3), strict=True):
+            hf[f"layer.{i}.attention.{name}_proj.weight"] = weight
+        if "attn.qkv.bias" in ours:
+            q_bias, _, v_bias = (ours["attn.qkv.bias"] * ours["attn.qkv.bias_mask"]).chunk(3)
+            hf |= {f"layer.{i}.attention.q_proj.bias": q_bias.clone()}
+            hf |= {f"layer.{i}.attention.v_proj.bias": v_bias.clone()}
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_hugging_faces_conversion_gives_the_reference_tokens(tmp_path, swiglu):
+    """transformers computes the RoPE periods in float32 (nothing stored), as timm does: the
+    reference runs with those."""
+    state = authors_state(swiglu=swiglu)
+    path = tmp_path / "model.safetensors"
+    save_file(transformers_state(state), path)
+    arch = "vit_small_plus_patch16_dinov3_qkvb" if swiglu else "vit_small_patch16_dinov3_qkvb"
+    backbone = FrozenBackbone(arch, str(path), img_size=SIZE, arch_kwargs=SMALL)
+    exact = {**state, "rope_embed.periods": 100 ** (2 * torch.arange(4) / 8)}
+    torch.testing.assert_close(backbone(IMAGES).all, reference(exact, IMAGES)[0], **TOLERANCE)
+    assert recognise(transformers_state(state)).name == "dinov3_hf"
 
 
 def test_the_authors_layout_and_only_it_is_recognised():
@@ -367,6 +417,7 @@ def test_the_download_script_says_where_to_request_the_gated_files(tmp_path, cap
     assert "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/" in err
     assert f"'backbone.url=<the URL of {name}>'" in err
     assert f"backbone.weights=/path/to/{name}" in err
+    assert "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m" in err
     (tmp_path / "weights").mkdir()
     torch.save(authors_state(), tmp_path / "weights" / name)
     small = [f"+backbone.arch_kwargs.{k}={v}" for k, v in SMALL.items()]
@@ -374,4 +425,4 @@ def test_the_download_script_says_where_to_request_the_gated_files(tmp_path, cap
     assert "is ready (dinov3 format" in capsys.readouterr().out
     signed = "https://dinov3.llamameta.net/dinov3_vitb16/x.pth?Policy=p&Signature=s"
     cfg = OmegaConf.create({"url": signed, "weights": str(tmp_path / "absent.pth")})
-    assert script["gated"](cfg, overrides) is None  # a signed URL downloads as any other
+    assert script["gated"](cfg) is None  # a signed URL downloads as any other

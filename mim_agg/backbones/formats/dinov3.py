@@ -6,12 +6,15 @@ The file is the plain state dict of the authors' ``DinoVisionTransformer``
 then the patches; LayerScale ``ls1`` / ``ls2``; the RoPE ``periods`` buffer; an ``Mlp``
 (``fc1``, ``fc2``) or a ``SwiGLUFFN`` (``w1``, ``w2``, ``w3``); and, in the distilled models, a
 qkv bias with a ``bias_mask`` buffer that zeroes its key third (``LinearKMaskedBias``): the
-bias the authors compute with is ``bias * bias_mask``.
+bias the authors compute with is ``bias * bias_mask``. Hugging Face's conversion of the same
+weights (the facebook/dinov3-* repositories, in transformers' names) is read too.
 """
 
 from __future__ import annotations
 
 import re
+
+import torch
 
 from mim_agg.backbones.formats import State, checkpoint_format
 from mim_agg.errors import ConfigError
@@ -65,20 +68,86 @@ def convert_dinov3(checkpoint: dict) -> State:
     return state
 
 
+def require_zero_key_bias(k_bias, name: str) -> None:
+    """timm's DINOv3 attention keeps no key bias (a fixed zero), as the published models mask it;
+    a file whose key bias is not zero is refused: loaded, it would change every attention row
+    (RoPE turns a key bias differently at every position)."""
+    if bool((k_bias != 0).any()):
+        raise ConfigError(
+            f"{name} adds a key bias that is not zero, which DINOv3's published models mask and "
+            "timm's architecture cannot hold; this file is no published DINOv3 ViT: convert it "
+            "with its own code, or pass a published file as backbone.weights."
+        )
+
+
 def split_qkv_bias(checkpoint: dict, prefix: str) -> State:
     """``q_bias`` and ``v_bias`` of the bias the authors' attention adds, ``bias * bias_mask``
-    (a file without the mask adds its bias whole). timm's attention keeps no key bias (a fixed
-    zero), so a file whose masked key third is not zero is refused: loaded, it would change
-    every attention row (RoPE turns the key bias differently at every position)."""
+    (a file without the mask adds its bias whole), whose key third must be zero."""
     bias = checkpoint[f"{prefix}qkv.bias"]
     mask = checkpoint.get(f"{prefix}qkv.bias_mask")
     effective = bias * mask.to(bias.dtype) if mask is not None else bias
     q_bias, k_bias, v_bias = effective.chunk(3)
-    if bool((k_bias != 0).any()):
-        raise ConfigError(
-            f"{prefix}qkv.bias adds a non-zero key bias (its key third, after "
-            f"{prefix}qkv.bias_mask), which DINOv3's published models mask to zero and timm's "
-            "architecture cannot hold; this file is no published DINOv3 ViT: convert it with "
-            "its own code, or pass a published file as backbone.weights."
-        )
+    require_zero_key_bias(k_bias, f"{prefix}qkv.bias (its key third, after its bias_mask)")
     return {f"{prefix}q_bias": q_bias, f"{prefix}v_bias": v_bias}
+
+
+# Hugging Face's conversion of the same weights (facebook/dinov3-*, transformers'
+# DINOv3ViTModel: modeling_dinov3_vit.py): q, k, v apart, the key without a bias; the RoPE periods
+# are not stored (transformers computes them in float32, as timm does).
+_HF_RENAMED = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+}
+_HF_BLOCK_RENAMED = {
+    "attention.o_proj.weight": "attn.proj.weight",
+    "attention.o_proj.bias": "attn.proj.bias",
+    "attention.q_proj.bias": "attn.q_bias",
+    "attention.v_proj.bias": "attn.v_bias",
+    "layer_scale1.lambda1": "gamma_1",
+    "layer_scale2.lambda1": "gamma_2",
+    "mlp.gate_proj.weight": "mlp.fc1_g.weight",  # gated: act(gate_proj x) * up_proj x
+    "mlp.gate_proj.bias": "mlp.fc1_g.bias",
+}
+_HF_MARKER = re.compile(r"layer\.0\.layer_scale1\.lambda1")
+_HF_LAYER = re.compile(r"layer\.(\d+)\.(.+)")
+
+
+def is_dinov3_hf(checkpoint: dict) -> bool:
+    """transformers' DINOv3 names: top-level ``layer.N`` with ``layer_scale1.lambda1`` beside
+    ``embeddings.patch_embeddings`` (its DINOv2 nests its layers under ``encoder.``)."""
+    keys = [key for key in checkpoint if isinstance(key, str)]
+    return "embeddings.patch_embeddings.weight" in keys and any(map(_HF_MARKER.fullmatch, keys))
+
+
+@checkpoint_format("dinov3_hf", is_dinov3_hf)
+def convert_dinov3_hf(checkpoint: dict) -> State:
+    """timm's names; q, k, v weights stacked as timm's ``qkv``; the up projection is ``fc1``
+    (``fc1_x`` beside a gate). A key bias must be zero (see ``split_qkv_bias``); a key not
+    placed keeps its name, so the strict load names it."""
+    gated = any(key.endswith("mlp.gate_proj.weight") for key in checkpoint)
+    state: State = {}
+    for key, value in checkpoint.items():
+        layer = _HF_LAYER.fullmatch(key)
+        if key == "embeddings.mask_token":
+            continue
+        if not layer:
+            state[_HF_RENAMED.get(key, key)] = value
+            continue
+        prefix, name = f"blocks.{layer.group(1)}.", layer.group(2)
+        projections = [f"layer.{layer.group(1)}.attention.{p}_proj.weight" for p in "qkv"]
+        if key in projections and all(p in checkpoint for p in projections):
+            if key == projections[0]:
+                state[f"{prefix}attn.qkv.weight"] = torch.cat([checkpoint[p] for p in projections])
+        elif name == "attention.k_proj.bias":
+            require_zero_key_bias(value, key)
+        elif name in _HF_BLOCK_RENAMED:
+            state[prefix + _HF_BLOCK_RENAMED[name]] = value
+        elif name.startswith("mlp.up_proj."):
+            state[f"{prefix}mlp.{'fc1_x' if gated else 'fc1'}.{name.rsplit('.', 1)[1]}"] = value
+        elif name.startswith("mlp.down_proj."):
+            state[f"{prefix}mlp.fc2.{name.rsplit('.', 1)[1]}"] = value
+        else:
+            state[prefix + name] = value  # norm1, norm2: timm's names already
+    return state

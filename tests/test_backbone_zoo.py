@@ -5,6 +5,7 @@ and EVA-02 CLIP's Eva, MetaCLIP 2's CLIP ViT, Hiera's hierarchical stages."""
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone, TokenRequest
@@ -103,3 +104,47 @@ def test_hiera_refuses_what_it_cannot_give_by_name():
 def test_an_architecture_mim_agg_cannot_read_is_refused_by_name():
     with pytest.raises(ConfigError, match="builds a NaFlexVit, which mim_agg cannot read"):
         FrozenBackbone("naflexvit_base_patch16_siglip", img_size=32, arch_kwargs={"depth": 1})
+
+
+def test_bfloat16_weights_are_built_so_and_their_tokens_follow_float32s(tmp_path):
+    """``backbone.dtype=bfloat16``: parameters built in it (never a float32 copy), a file's
+    float32 tensors converted as they load, images cast to it on the way in, tokens within
+    bfloat16's rounding of the float32 model's."""
+    arch = "vit_pe_core_base_patch16_224"
+    arch_kwargs, size, _, _ = FAMILIES[arch]
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=0, img_size=size, **arch_kwargs)
+    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
+    options = {"weights": str(tmp_path / "weights.safetensors"), "arch_kwargs": arch_kwargs}
+    full = FrozenBackbone(arch, img_size=size, **options)
+    half = FrozenBackbone(arch, img_size=size, dtype="bfloat16", **options)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(
+        half.model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight.bfloat16()
+    )
+    tokens, reference = half(images(size)).all, full(images(size)).all
+    assert tokens.dtype == torch.bfloat16
+    error = (tokens.float() - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.05, error
+    with pytest.raises(ConfigError, match="backbone.dtype='float16' is no weight precision"):
+        FrozenBackbone("vit_tiny_patch16_224", img_size=32, dtype="float16")
+    with pytest.raises(ConfigError, match="backbone.dtype=bfloat16: capi_vitl14 cannot be built"):
+        FrozenBackbone("capi_vitl14", img_size=28, arch_kwargs={"depth": 1}, dtype="bfloat16")
+
+
+def test_the_weights_dtype_names_runs_and_caches_only_when_set(tmp_path):
+    """bfloat16 weights give other numbers: another run and another cache. float32, the
+    default the key was added with, is left out of both, so earlier runs keep their names."""
+    from mim_agg.backbones import TokenRequest as Request
+    from mim_agg.cache.identity import cache_identity
+    from mim_agg.runs.identity import result_config
+    from tests.helpers import FAST, compose_config
+
+    default = compose_config(FAST, tmp_path)
+    half = compose_config([*FAST, "backbone.dtype=bfloat16"], tmp_path)
+    assert "dtype" not in result_config(default)["backbone"]
+    assert result_config(half)["backbone"]["dtype"] == "bfloat16"
+    identities = [cache_identity(c, Request(tokens=True), {}, {}, 10) for c in (default, half)]
+    assert "weights_dtype" not in identities[0]
+    assert identities[1]["weights_dtype"] == "bfloat16"
+    assert {k: v for k, v in identities[1].items() if k != "weights_dtype"} == identities[0]

@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.backbones import TokenRequest
-from mim_agg.backbones.frozen import is_timm_tag, resolve_normalization
+from mim_agg.backbones.frozen import DEFAULT_DTYPE, is_timm_tag, resolve_normalization
 from mim_agg.cache.store import FORMAT
 from mim_agg.runs.identity import config_hash
 from mim_agg.utils.files import sha256_of
@@ -123,9 +123,11 @@ def cache_identity(
     if oracle is not None:
         arch, weights = oracle
         oracle = {"arch": arch, "weights": weights_identity(weights, cfg.seed)}
+    dtype = backbone.get("dtype", DEFAULT_DTYPE)  # named when set: older caches keep their keys
     return {
         "format": FORMAT,
         "arch": backbone.arch,
+        **({"weights_dtype": dtype} if dtype != DEFAULT_DTYPE else {}),
         "arch_kwargs": OmegaConf.to_container(backbone.arch_kwargs or OmegaConf.create()),
         "weights": weights_identity(backbone.weights, cfg.seed),
         "block": backbone.block,

@@ -12,6 +12,8 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
+from mim_agg.backbones.frozen import DEFAULT_DTYPE
+
 # Keys inside the groups a task reads that never change a run's numbers, for every task.
 NOT_RESULTS = (
     "dataset.num_workers",
@@ -25,12 +27,17 @@ NOT_RESULTS = (
     "cache.shard_size",
     "cache.blocks",  # which other blocks' caches the same extraction fills
     "cache.also_for",  # what else the cache stores, for another job
+    "cache.part",  # which shards an extraction job writes
     "knn.batch_size",
     "dataset.download",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
     "trainer.enable_model_summary",
 )
+
+# Keys that enter a run's identity only where they differ from their default, which they
+# were added with: the runs named before them keep their names.
+NAMED_WHEN_SET = {"backbone.dtype": DEFAULT_DTYPE}
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -49,7 +56,14 @@ def result_config(cfg: DictConfig) -> dict:
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
         kept[key] = value
-    return _drop(kept, [*NOT_RESULTS, *task.IGNORED])
+    defaults = [key for key, default in NAMED_WHEN_SET.items() if _get(kept, key) == default]
+    return _drop(kept, [*NOT_RESULTS, *task.IGNORED, *defaults])
+
+
+def _get(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def _drop(config: dict, dotted_keys: list[str]) -> dict:

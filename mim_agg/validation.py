@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.errors import ConfigError
 
@@ -101,6 +101,29 @@ def check_ranges(cfg: DictConfig) -> None:
         if not valid(value, cfg):
             valid_range = description.format(cfg=cfg)
             raise ConfigError(f"{key}={value} is invalid: it must be {valid_range}.")
+
+
+def check_required(cfg: DictConfig, groups: tuple[str, ...]) -> None:
+    """Refuse a mandatory key left without a value (``???``: ``dataset.root`` of
+    ``dataset=image_folder``) in the groups the task reads, by name, before anything runs;
+    otherwise OmegaConf raises its traceback wherever the key is first read."""
+    for group in groups:
+        missing = missing_keys(cfg, group)
+        if missing:
+            raise ConfigError(
+                f"{missing[0]} has no value, and task={cfg.task} needs it: set it on the command "
+                f"line ({missing[0]}=...) or in its config file."
+            )
+
+
+def missing_keys(node: DictConfig, key: str) -> list[str]:
+    """The dotted keys under ``node[key]`` left ``???`` (interpolations are not followed)."""
+    if OmegaConf.is_missing(node, key):
+        return [key]
+    if OmegaConf.is_interpolation(node, key) or not OmegaConf.is_dict(node[key]):
+        return []
+    child = node[key]
+    return [f"{key}.{inner}" for name in child for inner in missing_keys(child, name)]
 
 
 def backbone_arguments(backbone) -> dict:

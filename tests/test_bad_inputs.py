@@ -47,6 +47,13 @@ def test_a_truncated_jpeg_read_by_a_loader_worker_is_one_message(tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.parametrize("task", ["probe", "extract"])
+def test_a_mandatory_key_left_unset_is_refused_by_name(task, tmp_path):
+    cfg = compose_config([*FAST, "dataset=image_folder", f"task={task}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^dataset.root has no value, and task=.* set it on"):
+        run_task(cfg)
+
+
 def test_an_effective_batch_that_is_no_multiple_of_the_batch_is_refused(tmp_path):
     cfg = compose_config([*FAST, "probe.effective_batch=24"], tmp_path)  # batch 16
     with pytest.raises(ConfigError, match=r"probe.effective_batch=24 is invalid: .*multiple of"):

@@ -13,7 +13,7 @@ from mim_agg.runs.folder import RunContext, RunFolder, global_rank
 from mim_agg.runs.preemption import Preempted, SignalWatch
 from mim_agg.tasks import TASKS
 from mim_agg.utils.files import no_space
-from mim_agg.validation import check_ranges
+from mim_agg.validation import check_ranges, check_required
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,11 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
     non-zero after its checkpoint and status are written (or is requeued by submitit)."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task} is no task; the tasks are {', '.join(sorted(TASKS))}.")
-    check_ranges(cfg)
     task = TASKS[cfg.task]
+    check_required(
+        cfg, task.reads(cfg) if task.USES_RUN_FOLDER else tuple(k for k in cfg if k != "hydra")
+    )
+    check_ranges(cfg)
     if not task.USES_RUN_FOLDER:
         return task.run(cfg)
     watch = SignalWatch()

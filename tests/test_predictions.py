@@ -4,6 +4,7 @@ probe run, read back checked; damaged or inconsistent files are named."""
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ import pytest
 from mim_agg.errors import UserError
 from mim_agg.runs.runner import run_task
 from mim_agg.utils.files import DamagedFile
-from mim_agg.utils.predictions import FILE, TestPredictions, read_predictions, write_predictions
+from mim_agg.utils.predictions import FILE, HeadPredictions, read_predictions, write_predictions
 from tests.helpers import FAST, compose_config
+from tests.test_report import fake_sweep
 
 # Three heads, two learning rates: six heads in one pass over 80 synthetic test images.
 PROBE = [
@@ -45,6 +47,50 @@ def test_a_probe_run_writes_every_heads_prediction_per_test_image(probe_run):
 
 
 @pytest.mark.slow  # reads the run above
+def test_the_report_of_the_run_marks_heads_as_the_paired_tests_decide(probe_run, tmp_path):
+    """The run as a one-job sweep: its table's marks follow McNemar's exact test and Holm,
+    computed here from the predictions file with integers."""
+    from mim_agg.report.significance import ALPHA
+
+    sweep = fake_sweep(tmp_path, [])
+    (sweep / f"0-{probe_run.name}").symlink_to(probe_run)
+    run_task(compose_config(["task=report", f"report.sweep_dir={sweep}"]))
+    text = (sweep / "results.md").read_text()
+    predictions = read_predictions(probe_run / FILE)
+    with open(probe_run / "heads.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = {}  # each aggregator at its held-out-selected rate, as the report chooses
+    for row in rows:
+        best = chosen.get(row["aggregator"])
+        if best is None or float(row["val/acc1_best"]) > float(best["val/acc1_best"]):
+            chosen[row["aggregator"]] = row
+    winner = max(chosen, key=lambda a: float(chosen[a]["val/acc1_best"]))
+    right = {a: predictions.correct(row["head"]) for a, row in chosen.items()}
+    others = sorted(
+        (a for a in chosen if a != winner), key=lambda a: exact_p(right[winner], right[a])
+    )
+    adjusted, running = {}, 0.0
+    for rank, head in enumerate(others):  # Holm
+        running = max(running, min(1.0, (len(others) - rank) * exact_p(right[winner], right[head])))
+        adjusted[head] = running
+    assert f"| {winner} | " in text and text.split(f"| {winner} | ")[1].split("\n")[0].endswith(
+        "★ |"
+    )
+    for head, p_value in adjusted.items():
+        line = text.split(f"| {head} | ")[1].split("\n")[0]
+        assert line.endswith("≈ |") == (p_value >= ALPHA), (head, p_value, line)
+    assert (sweep / "results_cost.png").stat().st_size > 10_000
+    assert (probe_run / "cost.png").stat().st_size > 10_000
+
+
+def exact_p(first, second) -> float:
+    """McNemar's exact two-sided p from the discordant counts, in integers."""
+    b, c = int((first & ~second).sum()), int((second & ~first).sum())
+    tail = sum(math.comb(b + c, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2 ** (b + c))
+
+
+@pytest.mark.slow  # reads the run above
 def test_the_targets_are_the_test_splits_labels(probe_run):
     from mim_agg.builders import build_datamodule
 
@@ -54,8 +100,8 @@ def test_the_targets_are_the_test_splits_labels(probe_run):
     assert read_predictions(probe_run / FILE).targets.tolist() == labels
 
 
-def constructed(num_classes=4) -> TestPredictions:
-    return TestPredictions.in_image_order(
+def constructed(num_classes=4) -> HeadPredictions:
+    return HeadPredictions.in_image_order(
         [3, 1, 2, 0], [0, 1, 2, 3], {"a": [0, 1, 1, 3], "b": [2, 2, 2, 2]}, num_classes
     )
 
@@ -71,7 +117,7 @@ def test_predictions_are_stored_in_image_order_and_read_back(tmp_path):
 
 
 def test_classes_beyond_int16_are_stored_as_int32(tmp_path):
-    predictions = TestPredictions.in_image_order([0], [40_000], {"a": [39_999]}, 40_001)
+    predictions = HeadPredictions.in_image_order([0], [40_000], {"a": [39_999]}, 40_001)
     write_predictions(tmp_path / FILE, predictions)
     assert read_predictions(tmp_path / FILE).predicted["a"].dtype == np.int32
 

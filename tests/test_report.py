@@ -77,14 +77,19 @@ def test_table_selects_on_heldout_per_seed_and_averages_seeds(sweep):
     text = (sweep / "results.md").read_text()
     # synthetic: seed 0 picks blr 1 (held-out 0.65, test 0.59), seed 1 blr 0.1 (test 0.66).
     chosen = [0.59, 0.66]
-    expected = f"{100 * statistics.fmean(chosen):.2f} ± {100 * statistics.stdev(chosen):.2f} (2)"
-    assert expected == "62.50 ± 4.95 (2)"
+    mean, std = 100 * statistics.fmean(chosen), 100 * statistics.stdev(chosen)
+    half = 12.706204736174698 * std / 2**0.5  # t-interval: t quantile 0.975 at 1 degree
+    expected = f"{mean:.2f} ± {std:.2f} [{mean - half:.2f}, 100.00] (2)"  # capped at 100
+    assert expected == "62.50 ± 4.95 [18.03, 100.00] (2)"
     # Every differing value is a key: the datasets' configs differ in more than their name.
     digits = "dataset.heldout_fraction=0.1, dataset.name=digits, dataset.num_classes=10"
     synthetic = "dataset.heldout_fraction=0.25, dataset.name=synthetic, dataset.num_classes=4"
     assert f"| head | {digits} | {synthetic} |" in text
     assert f"| cls | 91.00 (1) | {expected} |" in text
     assert "- **missing** `dataset=digits seed=1`" in text
+    # runs from before predictions.safetensors: said once, no marks, no per-image interval
+    assert text.count("No per-image predictions (predictions.safetensors) in 3 run(s)") == 1
+    assert "★" not in text and "≈" not in text and not (sweep / "significance.csv").exists()
     with open(sweep / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 and {r["dataset.name"] for r in rows} == {"synthetic", "digits"}

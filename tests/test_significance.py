@@ -3,12 +3,14 @@ against scipy (and statsmodels where it is installed) or an independent calculat
 
 from __future__ import annotations
 
+import csv
 import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from mim_agg.errors import UserError
 from mim_agg.report.significance import (
     ALPHA,
     bootstrap_interval,
@@ -16,6 +18,10 @@ from mim_agg.report.significance import (
     mcnemar_exact,
     mean_interval,
 )
+from mim_agg.runs.runner import run_task
+from mim_agg.utils.predictions import FILE, HeadPredictions, read_predictions, write_predictions
+from tests.helpers import compose_config
+from tests.test_report import fake_job, fake_sweep
 
 
 def paired(both: int, only_first: int, only_second: int, neither: int):
@@ -123,3 +129,116 @@ def test_t_interval_of_the_mean_over_seeds():
     assert (low, high) == pytest.approx((0.7 - half, 0.7 + half), rel=1e-9)
     assert mean_interval([0.7]) is None
     assert mean_interval([0.7, 0.7]) == (0.7, 0.7)
+
+
+# ---------------------------------------------------------------- the report's marks
+def job_with_predictions(sweep_dir, number, overrides, heads: dict, targets, heldout: dict):
+    """A finished probe job whose heads predicted ``heads[name]`` on images with ``targets``."""
+    rows = [
+        (name, 0.1, heldout[name], float(np.mean(predicted == targets)))
+        for name, predicted in heads.items()
+    ]
+    run_dir = fake_job(sweep_dir, number, overrides, heads=rows)
+    predictions = HeadPredictions.in_image_order(np.arange(len(targets)), targets, heads, 10)
+    write_predictions(run_dir / FILE, predictions)
+    return run_dir
+
+
+def predicted_from(correct: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Right where ``correct``, the next class elsewhere."""
+    return np.where(correct, targets, (targets + 1) % 10)
+
+
+@pytest.fixture
+def constructed_sweep(tmp_path):
+    """One job, four heads on 1,000 images: ``best`` (chosen on held-out), ``worse`` right on
+    60 fewer (80 vs 20 discordant), ``twin`` identical to ``best``, ``close`` 2 fewer."""
+    sweep_dir = fake_sweep(tmp_path, ["seed=0"])
+    targets = np.random.default_rng(5).integers(0, 10, 1000)
+    best, worse = paired(both=520, only_first=80, only_second=20, neither=380)
+    close = best.copy()
+    close[np.flatnonzero(best)[:3]] = False
+    close[np.flatnonzero(~best)[:1]] = True
+    heads = {
+        "best": predicted_from(best, targets),
+        "worse": predicted_from(worse, targets),
+        "twin": predicted_from(best, targets),
+        "close": predicted_from(close, targets),
+    }
+    heldout = {"best": 0.9, "worse": 0.5, "twin": 0.8, "close": 0.7}
+    job_with_predictions(sweep_dir, 0, ["seed=0"], heads, targets, heldout)
+    return sweep_dir
+
+
+def test_the_report_marks_heads_not_significantly_different_from_the_winner(constructed_sweep):
+    run_task(compose_config(["task=report", f"report.sweep_dir={constructed_sweep}"]))
+    text = (constructed_sweep / "results.md").read_text()
+
+    def interval(accuracy):  # the binomial's 2.5% and 97.5% quantiles, in percent
+        return ", ".join(f"{stats.binom.ppf(q, 1000, accuracy) / 10:.2f}" for q in (0.025, 0.975))
+
+    assert f"| best | 60.00 [{interval(0.6)}] (1) ★ |" in text
+    assert f"| worse | 54.00 [{interval(0.54)}] (1) |" in text  # significantly worse
+    assert f"| twin | 60.00 [{interval(0.6)}] (1) ≈ |" in text
+    assert f"| close | 59.80 [{interval(0.598)}] (1) ≈ |" in text
+    assert "No per-image predictions" not in text
+    with open(constructed_sweep / "significance.csv") as handle:
+        tests = {row["head_label"]: row for row in csv.DictReader(handle)}
+    raw = {
+        "worse": exact_mcnemar_by_hand(80, 20),
+        "twin": 1.0,
+        "close": exact_mcnemar_by_hand(3, 1),
+    }
+    assert {h: float(t["p_value"]) for h, t in tests.items()} == pytest.approx(raw, rel=1e-9)
+    # Holm by hand: 3 x the smallest, then 2 x the next (at least the previous), then 1 x
+    assert float(tests["worse"]["p_holm"]) == pytest.approx(3 * raw["worse"], rel=1e-9)
+    assert float(tests["close"]["p_holm"]) == pytest.approx(min(1, 2 * raw["close"]))
+    assert (tests["worse"]["only_winner_right"], tests["worse"]["only_head_right"]) == ("80", "20")
+    assert (constructed_sweep / "results.png").is_file()
+
+
+def test_the_figure_hatches_heads_not_significantly_different_and_stars_the_winner(
+    constructed_sweep,
+):
+    from mim_agg.report.comparisons import compare
+    from mim_agg.report.figure import results_figure
+    from mim_agg.report.runs import read_sweeps
+    from mim_agg.report.table import cells, head_rows
+
+    jobs = read_sweeps([constructed_sweep])
+    table = cells(head_rows(jobs, []), [])
+    fig = results_figure(table, [], "title", compare(table, [], jobs))
+    (ax,) = fig.axes
+    heads = [tick.get_text() for tick in ax.get_xticklabels()]
+    hatched = {
+        heads[round(bar.get_x() + bar.get_width() / 2)] for bar in ax.patches if bar.get_hatch()
+    }
+    assert hatched == {"twin", "close"}
+    (star,) = [line for line in ax.get_lines() if line.get_marker() == "*"]
+    assert heads[round(star.get_xdata()[0])] == "best"
+    (legend,) = fig.legends
+    texts = " | ".join(t.get_text() for t in legend.get_texts())
+    assert "★ winner of its column" in texts and "≈ not significantly different" in texts
+    assert "error bars: 95% bootstrap interval over the test images (one seed)" in texts
+
+
+def test_predictions_of_other_test_images_in_one_column_are_refused(tmp_path):
+    sweep_dir = fake_sweep(tmp_path, ["aggregator=cls,mean"])  # one column, two runs
+    targets = np.arange(100) % 10
+    shifted = (targets + 1) % 10  # other labels: another test split
+    cls, mean = ["aggregator=cls"], ["aggregator=mean"]
+    first = job_with_predictions(sweep_dir, 0, cls, {"cls": targets}, targets, {"cls": 0.9})
+    second = job_with_predictions(sweep_dir, 1, mean, {"mean": shifted}, shifted, {"mean": 0.8})
+    with pytest.raises(UserError, match=f"{first}/{FILE} and {second}/{FILE} hold different"):
+        run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
+
+
+def test_a_predictions_file_that_disagrees_with_its_heads_csv_is_refused(constructed_sweep):
+    (run_dir,) = [p.resolve() for p in constructed_sweep.iterdir() if p.is_symlink()]
+    predictions = read_predictions(run_dir / FILE)
+    predictions.predicted["worse"] = predictions.targets.copy()  # another run's, say
+    write_predictions(run_dir / FILE, predictions)
+    with pytest.raises(
+        UserError, match="gives head 'worse' a test accuracy of 1.000000, its heads"
+    ):
+        run_task(compose_config(["task=report", f"report.sweep_dir={constructed_sweep}"]))

@@ -30,7 +30,7 @@ from mim_agg.errors import UserError
 from mim_agg.probe.head import ProbeHead
 from mim_agg.probe.lars import LARS
 from mim_agg.probe.schedule import scaled_lr, warmup_cosine
-from mim_agg.utils.predictions import TestPredictions
+from mim_agg.utils.predictions import HeadPredictions
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class LinearProbe(L.LightningModule):
         self.selection = {name: {"acc1": -1.0, "epoch": -1, "state": None} for name in heads}
         self.diverged: dict[str, int] = {}  # head -> the step its loss became non-finite
         self.results: dict[str, dict] = {}
-        self.predictions: TestPredictions | None = None  # of the selected heads, after test
+        self.predictions: HeadPredictions | None = None  # of the selected heads, after test
         self.timing = {"backbone_s": 0.0, "backbone_images": 0, "train_s": 0.0, "train_images": 0}
 
     # ----------------------------------------------------------------------------- forward
@@ -233,7 +233,7 @@ class LinearProbe(L.LightningModule):
                     self.log(f"test/{name}/{metric[5:]}", value)
         self.predictions = self._gather_predictions()
 
-    def _gather_predictions(self) -> TestPredictions:
+    def _gather_predictions(self) -> HeadPredictions:
         """The selected heads' predicted classes for every test image, from every rank, in
         image order: a rank's images are its loader's sampler's first ones (sequential, or
         every world_size-th under DDP), which the test pass visited in that order."""
@@ -246,7 +246,7 @@ class LinearProbe(L.LightningModule):
         if self.trainer.world_size > 1:
             parts = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(parts, local)
-        return TestPredictions.in_image_order(
+        return HeadPredictions.in_image_order(
             np.concatenate([part[0] for part in parts]),
             np.concatenate([part[1] for part in parts]),
             {name: np.concatenate([part[2][name] for part in parts]) for name in local[2]},

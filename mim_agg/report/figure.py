@@ -1,4 +1,4 @@
-"""``results.png``: the report's table as grouped bars with seed error bars;
+"""``results.png``: the report's table as grouped bars with error bars and significance marks;
 ``results_blocks.png``: accuracy per probed block when a sweep varies ``backbone.block``."""
 
 from __future__ import annotations
@@ -7,15 +7,25 @@ import statistics
 import textwrap
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-from mim_agg.report.table import Cell, column_label, natural
+from mim_agg.report.comparisons import Comparisons
+from mim_agg.report.table import SAME_MARK, WINNER_MARK, Cell, column_label, natural
+
+HATCH = "///"
 
 
-def results_figure(table: dict[tuple, Cell], keys: list[str], title: str) -> Figure:
+def results_figure(
+    table: dict[tuple, Cell], keys: list[str], title: str, comparisons: Comparisons | None = None
+) -> Figure:
     """One group per head, one bar per column of the table that has the head; error bars are
-    the standard deviation over seeds, and each bar says how many seeds it averages. A group
+    the standard deviation over seeds, or for one seed the 95% bootstrap interval over the test
+    images (``comparisons``), and each bar says how many seeds it averages. A head not
+    significantly different from its column's winner is hatched, the winner starred. A group
     holds only its own bars, centred on its tick, so a head missing from a column leaves no
     gap."""
+    stats = comparisons.cells if comparisons else {}
     columns = sorted({key[:-1] for key in table}, key=natural)
     heads = sorted({key[-1] for key in table})
     widest_group = max(sum((*c, h) in table for c in columns) for h in heads)
@@ -27,32 +37,96 @@ def results_figure(table: dict[tuple, Cell], keys: list[str], title: str) -> Fig
     for position, head in enumerate(heads):
         present = [c for c in columns if (*c, head) in table]
         for slot, column in enumerate(present):
-            cell = table[(*column, head)]
+            cell, marks = table[(*column, head)], stats.get((*column, head))
             mean = 100 * statistics.fmean(cell.values)
-            error = 100 * statistics.stdev(cell.values) if len(cell.values) > 1 else 0
-            label = None if column in labelled else legend_label(column_label(column, keys))
+            error = error_bar(cell, marks)
+            named = column in labelled or len(columns) == 1  # one column: no legend entry
+            label = None if named else legend_label(column_label(column, keys))
             labelled.add(column)
             offset = (slot - (len(present) - 1) / 2) * width
+            same = marks is not None and marks.significant is False
             bars = ax.bar(
                 position + offset,
                 mean,
                 width,
                 yerr=error,
                 capsize=3,
-                color=colours[column],
+                facecolor="white" if same else colours[column],
+                edgecolor=colours[column],
+                hatch=HATCH if same else None,
                 label=label,
             )
             # inside the bar: above it, the label would collide with the error bar
             ax.bar_label(bars, [f"n={len(cell.values)}"], fontsize=7, label_type="center")
+            if marks is not None and marks.winner:
+                top = mean + (error[1][0] if isinstance(error, list) else error) + 4
+                ax.plot(position + offset, top, marker="*", color="black", markersize=9)
     ax.set_xticks(range(len(heads)), [legend_label(h, 30) for h in heads], rotation=30, ha="right")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_xlabel("head (held-out-selected learning rate)")
     wrapped = "\n".join(textwrap.fill(line, 80) for line in title.split("\n"))
     ax.set_title(wrapped, fontsize=9)
     ax.set_ylim(0, 110)
-    if len(columns) > 1:
-        outside_legend(fig, ax)
+    extra = mark_legend(comparisons, table)
+    if len(columns) > 1 or extra:
+        outside_legend(fig, ax, extra)
     return fig
+
+
+def error_bar(cell: Cell, marks) -> float | list[list[float]]:
+    """The standard deviation over seeds, or one seed's bootstrap interval as distances
+    below and above the bar (none without predictions)."""
+    mean = 100 * statistics.fmean(cell.values)
+    if len(cell.values) > 1:
+        return 100 * statistics.stdev(cell.values)
+    if marks is None or marks.interval is None:
+        return 0
+    low, high = marks.interval
+    return [[mean - 100 * low], [100 * high - mean]]
+
+
+def mark_legend(comparisons: Comparisons | None, table: dict[tuple, Cell]) -> list:
+    """Legend entries saying what the error bars, the hatching and the star mean."""
+    if comparisons is None:
+        return []
+    entries = []
+    if comparisons.marked:
+        entries.append(
+            Line2D(
+                [],
+                [],
+                marker="*",
+                color="black",
+                linestyle="None",
+                markersize=9,
+                label=f"{WINNER_MARK} winner of its column (best held-out accuracy)",
+            )
+        )
+        entries.append(
+            Patch(
+                facecolor="white",
+                edgecolor="0.3",
+                hatch=HATCH,
+                label=f"{SAME_MARK} not significantly different from it (McNemar exact, Holm, "
+                "p ≥ 0.05)",
+            )
+        )
+    bootstrap = any(stats.interval_kind == "bootstrap" for stats in comparisons.cells.values())
+    several = any(len(cell.values) > 1 for cell in table.values())
+    shown = [
+        text
+        for text, present in (
+            ("95% bootstrap interval over the test images (one seed)", bootstrap),
+            ("standard deviation over seeds (several)", several),
+        )
+        if present
+    ]
+    if bootstrap or (entries and shown):
+        label = "error bars: " + "; ".join(shown)
+        entries.append(
+            Line2D([], [], marker="|", color="black", linestyle="None", markersize=10, label=label)
+        )
+    return entries
 
 
 def legend_label(text: str, width: int = 60) -> str:
@@ -60,13 +134,14 @@ def legend_label(text: str, width: int = 60) -> str:
     return "\n".join(textwrap.wrap(text, width, break_long_words=False)) or text
 
 
-def outside_legend(fig: Figure, ax) -> None:
+def outside_legend(fig: Figure, ax, extra: list = ()) -> None:
     """The legend under the plot, where it hides no bar or line, in as many columns as its
-    labels' length allows."""
-    labels = ax.get_legend_handles_labels()[1]
+    labels' length allows; ``extra`` entries (what marks mean) after the plot's own."""
+    handles, labels = ax.get_legend_handles_labels()
+    handles, labels = [*handles, *extra], [*labels, *(entry.get_label() for entry in extra)]
     widest = max(len(line) for label in labels for line in label.split("\n"))
     columns = max(1, min(len(labels), 4, 110 // (widest + 6)))
-    fig.legend(loc="outside lower center", ncol=columns, fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=8)
 
 
 BLOCK = "backbone.block"

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mim_agg.report.runs import Job
+
+if TYPE_CHECKING:
+    from mim_agg.report.comparisons import CellStats, Comparisons
+
+WINNER_MARK = "★"  # the column's winner, when another head was compared with it
+SAME_MARK = "≈"  # not significantly different from the winner
 
 # Not columns: seeds (the training seed, and the low-shot subset's, which follows it unless
 # set) are averaged over, learning rates are chosen on held-out, and a head's aggregator and
@@ -113,13 +120,20 @@ class Cell:
     values: list[float]  # test top-1 of the held-out-selected head, one per seed
     chosen: list[dict]  # the selected rows
 
-    @property
-    def text(self) -> str:
-        mean = 100 * statistics.fmean(self.values)
-        if len(self.values) < 2:
-            return f"{mean:.2f} (1)"
-        std = 100 * statistics.stdev(self.values)
-        return f"{mean:.2f} ± {std:.2f} ({len(self.values)})"
+    def text(self, stats: CellStats | None = None) -> str:
+        """``mean ± std [95% interval] (seeds) mark``; parts without a value are left out."""
+        parts = [f"{100 * statistics.fmean(self.values):.2f}"]
+        if len(self.values) > 1:
+            parts.append(f"± {100 * statistics.stdev(self.values):.2f}")
+        if stats is not None and stats.interval is not None:
+            low, high = stats.interval
+            parts.append(f"[{100 * low:.2f}, {100 * high:.2f}]")
+        parts.append(f"({len(self.values)})")
+        if stats is not None and stats.winner:
+            parts.append(WINNER_MARK)
+        elif stats is not None and stats.significant is False:
+            parts.append(SAME_MARK)
+        return " ".join(parts)
 
 
 def cells(rows: list[dict], keys: list[str], metric: str = "test/acc1") -> dict[tuple, Cell]:
@@ -131,7 +145,7 @@ def cells(rows: list[dict], keys: list[str], metric: str = "test/acc1") -> dict[
         best = chosen.setdefault(key, {})
         replicate = (row["seed"], row.get("subset_seed"))
         current = best.get(replicate)
-        if current is None or _heldout(row) > _heldout(current):
+        if current is None or heldout_accuracy(row) > heldout_accuracy(current):
             best[replicate] = row
     return {
         key: Cell([float(r[metric]) for r in by_seed.values()], list(by_seed.values()))
@@ -139,7 +153,7 @@ def cells(rows: list[dict], keys: list[str], metric: str = "test/acc1") -> dict[
     }
 
 
-def _heldout(row: dict) -> float:
+def heldout_accuracy(row: dict) -> float:
     value = row.get("val/acc1_best")
     return float(value) if value not in (None, "") else float("-inf")
 
@@ -159,11 +173,19 @@ def column_label(values: tuple, keys: list[str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "all jobs"
 
 
-def markdown(table: dict[tuple, Cell], keys: list[str], jobs: list[Job], title: str) -> str:
-    """Heads as rows, the varying config values as columns; then every job that did not
-    finish, by name, with its error's last line."""
+def markdown(
+    table: dict[tuple, Cell],
+    keys: list[str],
+    jobs: list[Job],
+    title: str,
+    comparisons: Comparisons | None = None,
+) -> str:
+    """Heads as rows, the varying config values as columns, each cell with its interval and
+    significance mark (``comparisons``), what they mean; then every job that did not finish,
+    by name, with its error's last line."""
     columns = sorted({key[:-1] for key in table}, key=natural)
     heads = sorted({key[-1] for key in table})
+    stats = comparisons.cells if comparisons else {}
     lines = [f"# {title}", ""]
     if not table:
         lines.append(f"No finished job yet: none of the {len(jobs)} jobs has results to show.")
@@ -171,8 +193,13 @@ def markdown(table: dict[tuple, Cell], keys: list[str], jobs: list[Job], title: 
         lines.append("| head | " + " | ".join(column_label(c, keys) for c in columns) + " |")
         lines.append("|---" * (len(columns) + 1) + "|")
     for head in heads:
-        row = [table[(*c, head)].text if (*c, head) in table else "-" for c in columns]
+        row = [
+            table[(*c, head)].text(stats.get((*c, head))) if (*c, head) in table else "-"
+            for c in columns
+        ]
         lines.append(f"| {head} | " + " | ".join(row) + " |")
+    if table and comparisons:
+        lines += ["", *legend(comparisons)]
     unfinished = [job for job in jobs if job.status != "done"]
     if unfinished:
         lines += ["", f"## Not in the table: {len(unfinished)} of {len(jobs)} jobs", ""]
@@ -180,3 +207,31 @@ def markdown(table: dict[tuple, Cell], keys: list[str], jobs: list[Job], title: 
             detail = f": {job.error}" if job.error else ""
             lines.append(f"- **{job.status}** `{job.name}`{detail}")
     return "\n".join(lines) + "\n"
+
+
+def legend(comparisons: Comparisons) -> list[str]:
+    """What the brackets and marks of the table mean, and which runs could not be tested."""
+    lines = []
+    kinds = {stats.interval_kind for stats in comparisons.cells.values()}
+    if kinds - {None}:
+        lines.append(
+            "Brackets: 95% confidence interval of the test accuracy, over the test images for "
+            "one seed (percentile bootstrap), of the mean over seeds for several (t-interval)."
+        )
+    if comparisons.marked:
+        lines.append(
+            f"{WINNER_MARK}: the column's winner (best mean held-out accuracy); {SAME_MARK}: not "
+            "significantly different from it (McNemar's exact test on the same test images, "
+            "Holm-corrected across the column's heads, adjusted p >= 0.05 in some seed); "
+            f"unmarked in a column with {WINNER_MARK}: significantly different in every seed "
+            "(unless its run has no predictions, below). Each test: significance.csv."
+        )
+    if comparisons.missing:
+        runs = ", ".join(path.name for path in comparisons.missing[:3])
+        more = f" and {len(comparisons.missing) - 3} more" if len(comparisons.missing) > 3 else ""
+        lines.append(
+            f"No per-image predictions (predictions.safetensors) in {len(comparisons.missing)} "
+            f"run(s): {runs}{more}; runs written before that file existed. Their heads have no "
+            "bootstrap interval and no significance mark; rerun them to add both."
+        )
+    return ["- " + line for line in lines]

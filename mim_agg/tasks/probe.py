@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
+from mim_agg.analysis.figures import save_figure
 from mim_agg.backbones.loading import read_run_checkpoint
 from mim_agg.builders import backbone_layout, build_datamodule, build_heads, build_probe, head_grid
 from mim_agg.cache import CachedDataModule, CachedTokens, open_cache
@@ -22,6 +23,7 @@ from mim_agg.probe import LinearProbe
 from mim_agg.probe.checkpoint_io import AtomicCheckpointIO
 from mim_agg.probe.flops import added_gflops
 from mim_agg.probe.progress import ProbeProgressBar
+from mim_agg.report.cost import cost_figure, run_points
 from mim_agg.runs.preemption import SignalWatch, StopOnSignal
 from mim_agg.utils.files import write_atomic
 from mim_agg.utils.loggers import build_loggers, finish_loggers
@@ -89,6 +91,8 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
         warn_if_limited(cfg)
         write_predictions(output_dir / PREDICTIONS, model.predictions)
         write_csv(output_dir / "heads.csv", head_rows)
+        title = f"{output_dir.name}\ntest top-1 (%) of each aggregator, held-out-selected rate"
+        save_figure(cost_figure(run_points(head_rows), title), output_dir / "cost.png")
         write_metrics(output_dir / "metrics.json", summary)
     return summary
 

@@ -4,8 +4,11 @@
     python run.py task=report 'report.sweep_dir=[outputs/multirun/a,outputs/multirun/b]'
 
 Writes ``results.csv`` (one row per head and seed, every varying config value a column),
-``results.md`` (held-out-selected heads, mean ± std (n) over seeds, then the jobs that did
-not finish and why) and ``results.png`` into ``report.out_dir`` (default: the first sweep);
+``results.md`` (held-out-selected heads, mean ± std [95% interval] (n) over seeds, marked where
+not significantly different from their column's winner, then the jobs that did not finish
+and why), ``significance.csv`` (each paired test), ``results.png`` and ``results_cost.png``
+(accuracy against trainable parameters and added GFLOPs, with the Pareto front) into
+``report.out_dir`` (default: the first sweep);
 for sweeps of ``experiment=ep_row`` also ``results_row.{md,csv}``, efficient-probing's
 leaderboard layout (``mim_agg.report.row``): one row per backbone, its k-NN, LP and EP.
 """
@@ -22,6 +25,8 @@ from omegaconf import MISSING, DictConfig, ListConfig
 from mim_agg.analysis.figures import save_figure
 from mim_agg.errors import UserError
 from mim_agg.report import how_jobs_ended
+from mim_agg.report.comparisons import compare
+from mim_agg.report.cost import cost_figure, table_points
 from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
 from mim_agg.report.row import is_leaderboard, leaderboard_markdown, leaderboard_rows
 from mim_agg.report.runs import Job, read_sweeps
@@ -105,18 +110,23 @@ def report(sweeps: list[Path], out: Path) -> dict:
     title = report_title(finished)
     rows = head_rows(finished, keys)
     table = cells(rows, keys)
-    text = markdown(table, keys, jobs, title.replace("\n", "; "))
+    comparisons = compare(table, keys, finished)
+    text = markdown(table, keys, jobs, title.replace("\n", "; "), comparisons)
     print(text)
     columns = [*keys, "seed", "subset_seed", "head_label", "run", *(rows[0] if rows else {})]
     write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
     write_atomic(out / "results.md", text)
+    if comparisons.rows:
+        write_csv(out / "significance.csv", comparisons.rows, list(comparisons.rows[0]))
     if is_leaderboard(finished):  # experiment=ep_row: also the leaderboard's row layout
         board = leaderboard_rows(finished)
         print(leaderboard_markdown(board))
         write_csv(out / "results_row.csv", board, list(board[0]))
         write_atomic(out / "results_row.md", leaderboard_markdown(board))
     if table:
-        save_figure(results_figure(table, keys, title), out / "results.png")
+        save_figure(results_figure(table, keys, title, comparisons), out / "results.png")
+        if points := table_points(table, keys):
+            save_figure(cost_figure(points, title), out / "results_cost.png")
         if BLOCK in keys and blocks_are_absolute(table, keys):
             save_figure(blocks_figure(table, keys, title), out / "results_blocks.png")
     counts = {s: sum(job.status == s for job in jobs) for s in sorted({j.status for j in jobs})}

@@ -26,7 +26,7 @@ HEAD_PREFIX = "predicted/"
 
 
 @dataclass
-class TestPredictions:
+class HeadPredictions:
     image_index: np.ndarray  # [N] positions in the test split, ascending
     targets: np.ndarray  # [N] labels
     predicted: dict[str, np.ndarray]  # head -> [N] predicted classes
@@ -35,7 +35,7 @@ class TestPredictions:
     @classmethod
     def in_image_order(
         cls, image_index, targets, predicted: dict, num_classes: int
-    ) -> TestPredictions:
+    ) -> HeadPredictions:
         """From arrays in any order (ranks of a distributed run, say), sorted by image."""
         order = np.argsort(np.asarray(image_index), kind="stable")
         return cls(
@@ -78,7 +78,7 @@ def class_dtype(num_classes: int):
     return np.int16 if num_classes <= np.iinfo(np.int16).max + 1 else np.int32
 
 
-def write_predictions(path: Path, predictions: TestPredictions) -> Path:
+def write_predictions(path: Path, predictions: HeadPredictions) -> Path:
     problem = predictions.problem()
     if problem:
         raise ValueError(f"Refusing to write {path}: {problem}.")
@@ -95,14 +95,14 @@ def write_predictions(path: Path, predictions: TestPredictions) -> Path:
     return write_atomic(path, save(tensors, metadata=metadata))
 
 
-def read_predictions(path: Path) -> TestPredictions:
+def read_predictions(path: Path) -> HeadPredictions:
     """The file's predictions, checked; a damaged or inconsistent file is named."""
     path = Path(path)
     try:
         with safe_open(path, framework="numpy") as file:
             metadata = file.metadata() or {}
             heads = json.loads(metadata["heads"])
-            predictions = TestPredictions(
+            predictions = HeadPredictions(
                 file.get_tensor("image_index"),
                 file.get_tensor("targets"),
                 {head: file.get_tensor(HEAD_PREFIX + head) for head in heads},

@@ -17,37 +17,39 @@ import lightning as L
 class SignalOnce(L.Callback):
     """Send ``signal`` (a name such as SIGKILL) at ``hook`` once ``step`` is reached: the
     optimizer step for ``train_batch``, the epoch for ``train_epoch`` and
-    ``validation_batch``, the batch index for ``test_batch``."""
+    ``validation_batch``, the batch index for ``test_batch``; under DDP, to rank ``rank``
+    alone."""
 
-    def __init__(self, signal: str, hook: str, step: int, marker: str) -> None:
+    def __init__(self, signal: str, hook: str, step: int, marker: str, rank: int = 0) -> None:
         self.signum = getattr(__import__("signal"), signal)
-        self.hook, self.step, self.marker = hook, step, Path(marker)
+        self.hook, self.step, self.marker, self.rank = hook, step, Path(marker), rank
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        self._maybe_fire("train_batch", trainer.global_step)
+        self._maybe_fire(trainer, "train_batch", trainer.global_step)
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        self._maybe_fire("train_epoch", trainer.current_epoch)
+        self._maybe_fire(trainer, "train_epoch", trainer.current_epoch)
 
     def on_validation_batch_end(self, trainer, *args) -> None:
         if not trainer.sanity_checking:
-            self._maybe_fire("validation_batch", trainer.current_epoch)
+            self._maybe_fire(trainer, "validation_batch", trainer.current_epoch)
 
     def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, *args) -> None:
-        self._maybe_fire("test_batch", batch_idx)
+        self._maybe_fire(trainer, "test_batch", batch_idx)
 
-    def _maybe_fire(self, hook: str, step: int) -> None:
-        if hook != self.hook or step != self.step or self.marker.exists():
+    def _maybe_fire(self, trainer, hook: str, step: int) -> None:
+        wanted = (self.hook, self.step, self.rank)
+        if (hook, step, trainer.global_rank) != wanted or self.marker.exists():
             return
         self.marker.write_text(f"{hook} {step}\n")
         os.kill(os.getpid(), self.signum)
 
 
-def signal_once(signum: str, hook: str, step: int, marker: Path) -> str:
+def signal_once(signum: str, hook: str, step: int, marker: Path, rank: int = 0) -> str:
     """The command-line override that adds a ``SignalOnce`` callback."""
     return (
         f"+callbacks.interrupt={{_target_:tests.signals.SignalOnce,signal:{signum},"
-        f"hook:{hook},step:{step},marker:'{marker}'}}"
+        f"hook:{hook},step:{step},marker:'{marker}',rank:{rank}}}"
     )
 
 

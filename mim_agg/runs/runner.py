@@ -28,11 +28,9 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
         cfg, task.reads(cfg) if task.USES_RUN_FOLDER else tuple(k for k in cfg if k != "hydra")
     )
     check_ranges(cfg)
-    if not task.USES_RUN_FOLDER:
-        return task.run(cfg)
     watch = SignalWatch()
     try:
-        if global_rank() != 0:  # rank zero alone keeps the folder; the others just compute
+        if not task.USES_RUN_FOLDER or global_rank() != 0:  # rank zero alone keeps the folder
             return task.run(cfg, watch)
         folder = RunFolder(Path(cfg.paths.output_dir))
         with folder.attempt(cfg, context) as record:

@@ -77,8 +77,6 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
         if checkpoint:
             log.info("Resuming from %s", checkpoint)
         trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
-        if watch is not None:
-            watch.check()
         trainer.test(model, datamodule=datamodule, verbose=False)
         summary = summarize(model, time.perf_counter() - started)
         head_rows = describe_heads(cfg, model)

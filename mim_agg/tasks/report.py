@@ -62,7 +62,8 @@ def output_dir(cfg: DictConfig) -> Path:
     return sweep_dirs(cfg)[0]
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, watch=None) -> dict:
+    """The report of the sweeps (written in seconds: a signal meanwhile stops nothing)."""
     return report(sweep_dirs(cfg), output_dir(cfg))
 
 

@@ -148,3 +148,12 @@ def test_the_weights_dtype_names_runs_and_caches_only_when_set(tmp_path):
     assert "weights_dtype" not in identities[0]
     assert identities[1]["weights_dtype"] == "bfloat16"
     assert {k: v for k, v in identities[1].items() if k != "weights_dtype"} == identities[0]
+
+
+def test_a_hiera_config_refuses_center_attn_before_fetching_anything(tmp_path):
+    from mim_agg.builders import build_probe
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["backbone=hiera_vitb_mae", "aggregator=center_attn"], tmp_path)
+    with pytest.raises(ConfigError, match="hiera_base_224 \\(Hiera\\) does not expose attention"):
+        build_probe(cfg, num_classes=10)

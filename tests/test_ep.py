@@ -29,42 +29,63 @@ def test_heads_ep_trains_the_linear_probe_and_all_fourteen_poolers_in_one_pass(t
 
 
 # efficient-probing's results.csv (billpsomas/efficient-probing), the rows whose method and
-# architecture have a config here: (method, arch, our config, lp_variant, ep_variant). Their
-# lp_variant `pos` is the patch mean, ep_variant `ep_all` reads [cls] beside the patches.
+# architecture have a config here: (family, method, arch, our config, lp_variant, ep_variant).
+# Their lp_variant `pos` is the patch mean, ep_variant `ep_all` reads [cls] beside the patches.
 LEADERBOARD = [
-    ("MAE", "ViT-B/16", "mae_vitb", "cls", "ep"),
-    ("MAE", "ViT-L/16", "mae_vitl", "cls", "ep"),
-    ("BEiTv2", "ViT-B/16", "beitv2_vitb", "cls", "ep"),
-    ("SimMIM", "ViT-B/16", "simmim_vitb", "cls", "ep"),
-    ("CAPI", "ViT-L/14", "capi_vitl", "cls", "ep"),
-    ("DINO", "ViT-B/16", "dino_vitb", "cls", "ep_all"),
-    ("iBOT", "ViT-B/16", "ibot_vitb", "cls", "ep_all"),
-    ("iBOT", "ViT-L/16", "ibot_vitl", "cls", "ep_all"),
-    ("DINOv2", "ViT-B/14", "dinov2_vitb", "cls", "ep"),
-    ("DINOv2", "ViT-L/14", "dinov2_vitl", "cls", "ep_all"),
-    ("CLIP", "ViT-B/16", "clip_vitb16", "cls", "ep_all"),
-    ("I-JEPA", "ViT-H/14", "ijepa_vith", "pos", "ep"),
-    ("MoCov3", "ViT-B/16", "mocov3_vitb", "cls", "ep_all"),
+    ("MIM", "MAE", "ViT-B/16", "mae_vitb", "cls", "ep"),
+    ("MIM", "MAE", "ViT-L/16", "mae_vitl", "cls", "ep"),
+    ("MIM", "BEiTv2", "ViT-B/16", "beitv2_vitb", "cls", "ep"),
+    ("MIM", "SimMIM", "ViT-B/16", "simmim_vitb", "cls", "ep"),
+    ("MIM", "CAPI", "ViT-L/14", "capi_vitl", "cls", "ep"),
+    ("MIM", "EVA02", "ViT-L/14", "eva02_vitl_mim", "cls", "ep"),
+    ("MIM", "Hiera", "ViT-B/16", "hiera_vitb_mae", "pos", "ep"),
+    ("MIM", "Hiera", "ViT-L/16", "hiera_vitl_mae", "pos", "ep"),
+    ("MIM", "Hiera", "ViT-H/16", "hiera_vith_mae", "pos", "ep"),
+    ("JEA", "DINO", "ViT-B/16", "dino_vitb", "cls", "ep_all"),
+    ("JEA", "I-JEPA", "ViT-H/14", "ijepa_vith", "pos", "ep"),
+    ("JEA", "MoCov3", "ViT-B/16", "mocov3_vitb", "cls", "ep_all"),
+    ("Hybrid", "iBOT", "ViT-B/16", "ibot_vitb", "cls", "ep_all"),
+    ("Hybrid", "iBOT", "ViT-L/16", "ibot_vitl", "cls", "ep_all"),
+    ("Hybrid", "DINOv2", "ViT-B/14", "dinov2_vitb", "cls", "ep"),
+    ("Hybrid", "DINOv2", "ViT-L/14", "dinov2_vitl", "cls", "ep_all"),
+    ("Hybrid", "RADIO", "ViT-B/16", "radio_vitb16", "cls", "ep"),  # C-RADIOv3 for their v2.5
+    ("Hybrid", "RADIO", "ViT-L/16", "radio_vitl16", "cls", "ep"),
+    ("VLM", "CLIP", "ViT-B/16", "clip_vitb16", "cls", "ep_all"),
+    ("VLM", "CLIP", "ViT-L/14", "clip_vitl14", "cls", "ep"),
+    ("VLM", "SigLIP", "ViT-L/16", "siglip_vitl16_256", "pos", "ep"),
+    ("VLM", "SigLIP2", "ViT-L/16", "siglip2_vitl16_256", "pos", "ep"),
+    ("VLM", "SigLIP2", "SO400M/14", "siglip2_so400m14", "pos", "ep"),
+    ("VLM", "PE-Core", "L-14/336", "pe_core_vitl14_336", "pos", "ep"),
+    ("VLM", "EVA02-CLIP", "E-14", "eva02_clip_vite14", "cls", "ep"),
+    ("VLM", "EVA02-CLIP", "E-14-plus", "eva02_clip_vite14_plus", "cls", "ep"),
+    ("VLM", "MetaCLIP2", "ViT-bigG/14", "metaclip2_vitbigg14", "cls", "ep"),
+    ("VLM", "MetaCLIP2", "ViT-bigG/14-378", "metaclip2_vitbigg14_378", "cls", "ep"),
+    ("GEN", "AIMv2", "ViT-L/14", "aimv2_vitl14", "pos", "ep"),
 ]
 LINEAR_INPUT = {"cls": "cls", "pos": "mean"}
 EP_TOKENS = {"ep": "patch", "ep_all": "all"}
+FAMILY = {"MIM": "mim", "JEA": "jea", "Hybrid": "hybrid", "VLM": "vlm", "GEN": "generative"}
 # Where ours must differ, and why: their CAPI `cls` is CAPI's own pooled output (global_repr),
 # which our CAPI (no [cls], the decoder not kept) does not have: the patch mean.
 DIFFERS = {"capi_vitl": {"linear_input": "mean"}}
-FAMILY = {
-    "mae": "mim", "beitv2": "mim", "simmim": "mim", "capi": "mim", "dino": "jea",
-    "ibot": "hybrid", "dinov2": "hybrid", "clip": "vlm", "ijepa": "jea", "mocov3": "jea",
+# The image size of the rows that are not ranked at 224 px (their results.csv image_size).
+IMAGE_SIZE = {
+    "siglip_vitl16_256": 256, "siglip2_vitl16_256": 256, "pe_core_vitl14_336": 336,
+    "metaclip2_vitbigg14_378": 378,
 }  # fmt: skip
 
 
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
-@pytest.mark.parametrize(("method", "arch", "name", "lp", "ep"), LEADERBOARD)
-def test_backbone_configs_read_what_the_leaderboard_reads(method, arch, name, lp, ep, tmp_path):
+@pytest.mark.parametrize(("family", "method", "arch", "name", "lp", "ep"), LEADERBOARD)
+def test_backbone_configs_read_what_the_leaderboard_reads(
+    family, method, arch, name, lp, ep, tmp_path
+):
     backbone = compose_config([f"backbone={name}"], tmp_path).backbone
     expected = {"linear_input": LINEAR_INPUT[lp], "ep_tokens": EP_TOKENS[ep]}
     expected |= DIFFERS.get(name, {})
     assert {k: backbone[k] for k in expected} == expected, f"{method} {arch}"
-    assert backbone.family == FAMILY[name.split("_")[0]]
+    assert backbone.family == FAMILY[family]
+    assert backbone.img_size == IMAGE_SIZE.get(name, 224)
 
 
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)

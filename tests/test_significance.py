@@ -242,3 +242,27 @@ def test_a_predictions_file_that_disagrees_with_its_heads_csv_is_refused(constru
         UserError, match="gives head 'worse' a test accuracy of 1.000000, its heads"
     ):
         run_task(compose_config(["task=report", f"report.sweep_dir={constructed_sweep}"]))
+
+
+def test_over_seeds_a_head_differs_only_when_it_does_in_every_seed(tmp_path):
+    """Two seeds: ``worse`` is 60 images behind in both, ``sometimes`` in seed 0 alone."""
+    sweep_dir = fake_sweep(tmp_path, ["seed=0,1"])
+    targets = np.random.default_rng(6).integers(0, 10, 1000)
+    best, worse = paired(both=520, only_first=80, only_second=20, neither=380)
+    heldout = {"best": 0.9, "worse": 0.5, "sometimes": 0.6}
+    for seed in (0, 1):
+        heads = {
+            "best": predicted_from(best, targets),
+            "worse": predicted_from(worse, targets),
+            "sometimes": predicted_from(worse if seed == 0 else best, targets),
+        }
+        job_with_predictions(sweep_dir, seed, [f"seed={seed}"], heads, targets, heldout)
+    run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
+    text = (sweep_dir / "results.md").read_text()
+    assert "| best | 60.00 ± 0.00 [60.00, 60.00] (2) ★ |" in text
+    assert "| worse | 54.00 ± 0.00 [54.00, 54.00] (2) |" in text  # behind in both seeds
+    half = 12.706204736174698 * (100 * np.std([0.54, 0.6], ddof=1)) / 2**0.5
+    assert f"| sometimes | 57.00 ± 4.24 [{57 - half:.2f}, {57 + half:.2f}] (2) ≈ |" in text
+    with open(sweep_dir / "significance.csv") as handle:
+        tests = list(csv.DictReader(handle))
+    assert len(tests) == 4  # two heads, two seeds

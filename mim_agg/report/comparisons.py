@@ -115,20 +115,9 @@ def compare_column(column: dict, cells: dict[str, Cell], predictions, result) ->
     winner = column_winner(cells)
     tests: dict[str, list] = {head: [] for head in cells if head != winner}
     for replicate, winner_row in by_replicate(cells[winner]).items():
-        best = predictions.of(winner_row)
-        if best is None:
-            continue
-        outcomes, tested = {}, {}
-        for head in tests:
-            row = by_replicate(cells[head]).get(replicate)
-            other = predictions.of(row) if row is not None else None
-            if other is not None:
-                same_images(best, other, predictions.path(winner_row), predictions.path(row))
-                first, second = best.correct(winner_row["head"]), other.correct(row["head"])
-                outcomes[head], tested[head] = mcnemar_exact(first, second), row
-        adjusted = dict(zip(outcomes, holm([o.p_value for o in outcomes.values()]), strict=True))
-        for head, outcome in outcomes.items():
-            tests[head].append((outcome, adjusted[head]))
+        rows = {head: by_replicate(cells[head]).get(replicate) for head in tests}
+        for head, outcome, adjusted in paired_tests(winner_row, rows, predictions):
+            tests[head].append((outcome, adjusted))
             result.rows.append(
                 {
                     **column,
@@ -136,25 +125,42 @@ def compare_column(column: dict, cells: dict[str, Cell], predictions, result) ->
                     "winner": winner,
                     "seed": replicate[0],
                     "subset_seed": replicate[1],
-                    "run": tested[head]["run"],
-                    "head": tested[head]["head"],
+                    "run": rows[head]["run"],
+                    "head": rows[head]["head"],
                     "winner_run": winner_row["run"],
                     "winner_head": winner_row["head"],
                     "only_winner_right": outcome.only_first,
                     "only_head_right": outcome.only_second,
                     "p_value": outcome.p_value,
-                    "p_holm": adjusted[head],
+                    "p_holm": adjusted,
                 }
             )
     key = tuple(column.values())
     for head, cell in cells.items():
         stats = CellStats(*interval(cell, predictions))
-        seeds = len(cell.chosen)
-        if head != winner and len(tests[head]) == seeds == len(cells[winner].chosen):
-            stats.significant = differs(tests[head])
+        if head != winner and len(tests[head]) == len(cell.chosen) == len(cells[winner].chosen):
+            stats.significant = differs(tests[head])  # tested in every seed of both
         result.cells[(*key, head)] = stats
     if any(result.cells[(*key, head)].significant is not None for head in tests):
         result.cells[(*key, winner)].winner = True
+
+
+def paired_tests(winner_row: dict, rows: dict, predictions: RunPredictions) -> list[tuple]:
+    """``(head, McNemar, Holm-adjusted p)`` of one seed's winner against each head of
+    ``rows`` (None where a head has no run in this seed) whose run and the winner's wrote
+    predictions."""
+    best = predictions.of(winner_row)
+    if best is None:
+        return []
+    outcomes = {}
+    for head, row in rows.items():
+        other = predictions.of(row) if row is not None else None
+        if other is not None:
+            same_images(best, other, predictions.path(winner_row), predictions.path(row))
+            first, second = best.correct(winner_row["head"]), other.correct(row["head"])
+            outcomes[head] = mcnemar_exact(first, second)
+    adjusted = holm([outcome.p_value for outcome in outcomes.values()])
+    return [(h, o, p) for (h, o), p in zip(outcomes.items(), adjusted, strict=True)]
 
 
 def differs(tests: list) -> bool:

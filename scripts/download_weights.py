@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from huggingface_hub.constants import HF_HUB_CACHE
 from hydra import compose, initialize_config_dir
 
-from mim_agg.backbones.frozen import create_model, is_timm_tag
+from mim_agg.backbones.frozen import create_model, is_timm_tag, weight_dtype
 from mim_agg.backbones.loading import describe_checkpoint
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.errors import UserError
@@ -33,11 +33,16 @@ def main(overrides: list[str]) -> int:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     backbone = cfg.backbone
+    try:
+        dtype = weight_dtype(backbone.dtype)
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
     if backbone.url is None:
         if backbone.weights is None or not is_timm_tag(backbone.weights):
             print(f"backbone.weights={backbone.weights}: nothing to download.", file=sys.stderr)
             return 0
-        return prefetch_tag(backbone)
+        return prefetch_tag(backbone, dtype)
     if (instructions := gated(backbone)) is not None:
         print(instructions, file=sys.stderr)
         return 2
@@ -47,7 +52,7 @@ def main(overrides: list[str]) -> int:
     def check(path) -> None:
         held.append(describe_checkpoint(path, fix))
         arch_kwargs = backbone.arch_kwargs or {}
-        create_model(backbone.arch, str(path), backbone.img_size, **arch_kwargs)  # it fits
+        create_model(backbone.arch, str(path), backbone.img_size, dtype, **arch_kwargs)  # fits
 
     try:
         path = download(backbone.url, backbone.weights, backbone.sha256, check=check)
@@ -95,12 +100,12 @@ def gated(backbone) -> str | None:
     )
 
 
-def prefetch_tag(backbone) -> int:
+def prefetch_tag(backbone, dtype) -> int:
     """A timm tag into the Hugging Face cache, as a run would load it: compute nodes are often
     offline, and a run there finds the tag in a cache (``HF_HOME``) it shares with this node."""
     try:
         model = create_model(
-            backbone.arch, backbone.weights, backbone.img_size, **backbone.arch_kwargs
+            backbone.arch, backbone.weights, backbone.img_size, dtype, **backbone.arch_kwargs
         )
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)

@@ -208,6 +208,21 @@ def test_the_files_rope_periods_are_the_ones_computed_with(tmp_path):
     assert moved > 1e-4  # the rounding matters at the tolerance this file is tested to
 
 
+def test_in_bfloat16_the_weights_convert_and_the_files_periods_stay_float32(tmp_path):
+    """ViT-7B's configs (backbone.dtype=bfloat16): parameters in bfloat16, the RoPE periods the
+    file's, in float32 (timm keeps frequencies at >= float32); tokens near the reference run on
+    the bfloat16-rounded weights, as near as bfloat16 computing allows."""
+    state = authors_state()
+    backbone = load(state, tmp_path, dtype="bfloat16")
+    assert {p.dtype for p in backbone.model.parameters()} == {torch.bfloat16}
+    periods = backbone.model.rope.periods
+    assert periods.dtype == torch.float32 and torch.equal(periods, state["rope_embed.periods"])
+    rounded = {k: v.bfloat16().float() for k, v in state.items()}
+    expected = reference(rounded, IMAGES.bfloat16().float())[0]
+    error = (backbone(IMAGES).all.float() - expected).norm() / expected.norm()
+    assert error < 5e-2, error  # bfloat16 compute: ~1e-2; a misplaced tensor errs by ~1
+
+
 def test_non_zero_qv_biases_need_an_architecture_that_holds_them(tmp_path):
     """timm's own filter drops q/v biases an architecture has no place for; here a file whose
     biases are not zero is refused, naming the ``_qkvb`` arch, and loads into that one."""

@@ -17,7 +17,8 @@ import timm
 import torch
 
 import mim_agg.cli  # noqa: F401  (registers the config schemas)
-from tests.helpers import TINY_ARCH
+from mim_agg.runs.runner import run_task
+from tests.helpers import FAST, TINY_ARCH, compose_config
 
 # Two cores: two threads alone, one per worker when pytest-xdist runs two (make test).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -32,3 +33,12 @@ def tiny_vit() -> torch.nn.Module:
 @pytest.fixture
 def tiny_state_dict(tiny_vit) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in tiny_vit.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def probe_ckpt(tmp_path_factory):
+    """A finished AbMILP probe run's checkpoint (synthetic images, the random backbone of
+    seed 0), whose pooling k-NN and logistic regression evaluate."""
+    root = tmp_path_factory.mktemp("probe")
+    run_task(compose_config([*FAST, "aggregator=abmilp"], root))
+    return root / "run" / "checkpoints" / "last.ckpt"

@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from mim_agg.cache import TokenCache
+from mim_agg.cache.data import CachedSplit
 from mim_agg.cli import CONFIG_DIR
 
 PROJECT_ROOT = CONFIG_DIR.parent
@@ -27,6 +31,14 @@ def compose_config(overrides: list[str], tmp_path: Path | None = None) -> DictCo
         paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=[*overrides, *paths])
+
+
+def cached_features(cache: TokenCache, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A cached split's stored output of the parameter-free aggregator ``key`` (``mean()``)
+    and its labels, read image by image: what k-NN and logistic regression must have used."""
+    items = [CachedSplit(cache, split)[i] for i in range(len(CachedSplit(cache, split)))]
+    features = torch.stack([fields[f"pooled/{key}"] for fields, _ in items]).float().numpy()
+    return features, np.array([label for _, label in items])
 
 
 def cli_environment(root: Path, **env) -> dict:

@@ -87,14 +87,18 @@ def test_nan_tokens_give_no_number_and_no_cache_in_any_task(task, overflowing_we
         assert not (tmp_path / "run" / result).exists()
 
 
-def test_knn_refuses_the_nan_features_of_a_cache_filled_before_that_was_checked(
-    overflowing_weights, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "task,setting,features",
+    [("knn", "knn.k=[5]", "k-NN"), ("logreg", "logreg.c_steps=1", "logreg")],
+)
+def test_the_nan_features_of_a_cache_filled_before_that_was_checked_are_refused(
+    task, setting, features, overflowing_weights, tmp_path, monkeypatch
 ):
-    """Caches filled before extraction refused NaN tokens may hold them: k-NN reads them as
-    features and refuses."""
+    """Caches filled before extraction refused NaN tokens may hold them: k-NN and logistic
+    regression read them as features and refuse."""
     monkeypatch.setattr(extract, "require_finite", lambda *args, **kwargs: None)
-    overrides = [*FAST, "task=knn", "knn.k=[5]", "aggregator=mean", overflowing_weights]
-    with pytest.raises(UserError, match=r"k-NN features of head 'mean'.*non-finite"):
+    overrides = [*FAST, f"task={task}", setting, "aggregator=mean", overflowing_weights]
+    with pytest.raises(UserError, match=rf"{features} features of head 'mean'.*non-finite"):
         run_task(compose_config(overrides, tmp_path))
     assert list((tmp_path / "cache").rglob("*.safetensors"))  # the NaN cache was read
 

@@ -386,4 +386,4 @@ def test_an_unknown_task_is_refused_by_name_listing_the_tasks(tmp_path):
     cfg = compose_config([*FAST, "task=probs"], tmp_path)
     with pytest.raises(ConfigError, match="task=probs is no task; the tasks are analyze, "):
         run_task(cfg)
-    assert set(TASKS) == {"analyze", "extract", "knn", "probe", "report"}
+    assert set(TASKS) == {"analyze", "extract", "knn", "logreg", "probe", "report"}

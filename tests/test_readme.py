@@ -18,7 +18,7 @@ from tests.helpers import PROJECT_ROOT
 README = (PROJECT_ROOT / "README.md").read_text()
 GROUPS = (
     "backbone", "heads", "dataset", "probe", "trainer", "logger", "experiment", "report", "cache",
-    "knn", "debug", "callbacks",
+    "knn", "logreg", "debug", "callbacks",
 )  # fmt: skip
 
 
@@ -92,7 +92,7 @@ def test_every_launcher_is_listed():
         assert f"`{option}`" in row
 
 
-@pytest.mark.parametrize("group", ["cache", "knn"])
+@pytest.mark.parametrize("group", ["cache", "knn", "logreg"])
 def test_every_option_of_a_single_config_group_is_in_its_row(group):
     from omegaconf import OmegaConf
 

@@ -1,0 +1,177 @@
+"""The ``logreg`` task: multinomial logistic regression on the aggregated features of frozen
+tokens (DINOv2's and DINOv3's protocol).
+
+Every aggregator (``aggregator`` plus ``heads``, parameter-free, or the aggregator of a
+trained probe's winning head via ``logreg.probe_ckpt``) is evaluated from one pass over the
+token cache. Per aggregator, a model is fitted on the training images for every ``C`` of a
+log-spaced grid (theirs: 45 values from 1e-6 to 1e5) and scored on the held-out split (taken
+from train, as for probes); the best ``C`` (the smallest among ties, as their tracker keeps
+the first best) is fitted again on train plus held-out, and the test split is scored once.
+The fit is ``mim_agg/logreg``'s L-BFGS, scikit-learn's objective, on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING, DictConfig
+from rich.table import Table
+
+from mim_agg.backbones.tokens import require_finite
+from mim_agg.builders import build_datamodule
+from mim_agg.cache.features import PooledFeatures, evaluation_config, frozen_aggregators
+from mim_agg.errors import ConfigError
+from mim_agg.knn.vote import accuracy
+from mim_agg.logreg import c_grid, fit_logistic_regression
+from mim_agg.utils.files import write_atomic, write_json
+from mim_agg.utils.results import log_table, write_csv
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "logistic regression of every aggregator's features, C chosen on held-out (logreg.*)"
+USES_RUN_FOLDER = True
+IGNORED = ("dataset.augment", "cache.views", "trainer.max_epochs", "logreg.batch_size")
+SPLITS = ("train", "heldout", "test")
+SETTINGS_GROUP = "logreg"
+DTYPES = {"float64": torch.float64, "float32": torch.float32}  # logreg.dtype (validation.py)
+
+
+@dataclass
+class Settings:  # values and their meaning: conf/logreg/default.yaml
+    c_min: float = MISSING
+    c_max: float = MISSING
+    c_steps: int = MISSING
+    max_iter: int = MISSING
+    tol: float = MISSING
+    dtype: str = MISSING
+    batch_size: int = MISSING
+    probe_ckpt: str | None = MISSING
+
+
+COLUMNS = ("head", "aggregator", "C", "iterations", "val/acc1_best", "test/acc1", "test/acc5")
+
+
+def reads(cfg: DictConfig) -> tuple[str, ...]:
+    """The config groups logistic regression's results depend on (its run's identity)."""
+    groups = ("task", "seed", "heads", "backbone", "aggregator", "dataset", "cache", "trainer")
+    return (*groups, "logreg")
+
+
+def run(cfg: DictConfig, watch=None) -> dict:
+    cfg = evaluation_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    if datamodule.low_shot:
+        write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
+    aggregators = frozen_aggregators(cfg, SETTINGS_GROUP, "logistic regression")
+    check_grid(cfg, datamodule, len(aggregators))
+    pooled = PooledFeatures(cfg, datamodule, aggregators, group=SETTINGS_GROUP, watch=watch)
+    splits = {s: pooled.whole(s, "logreg") for s in SPLITS}
+    results = {}
+    for name in aggregators:
+        features = {s: splits[s][0][name] for s in SPLITS}
+        labels = {s: splits[s][1] for s in SPLITS}
+        results[name] = evaluate(cfg, name, features, labels, datamodule.num_classes, watch)
+    winner = max(results, key=lambda n: results[n]["val/acc1_best"] or 0.0)
+    summary = {"winner": winner, **results[winner], "heads": results}
+    show(summary)
+    rows = [{"head": n, "aggregator": aggregators[n].name, **r} for n, r in results.items()]
+    write_csv(output_dir / "heads.csv", rows, COLUMNS)
+    write_json(output_dir / "metrics.json", summary)
+    return summary
+
+
+def check_grid(cfg: DictConfig, datamodule, num_aggregators: int) -> None:
+    """Before any work: a choice among aggregators and C values has held-out data (the
+    winner is chosen there, never on test)."""
+    choices = num_aggregators * cfg.logreg.c_steps
+    if not datamodule.has_heldout and choices > 1:
+        raise ConfigError(
+            f"Choosing among {num_aggregators} aggregator(s) x logreg.c_steps="
+            f"{cfg.logreg.c_steps} values of C needs held-out data; set "
+            "dataset.heldout_fraction > 0 or evaluate one aggregator with logreg.c_steps=1 "
+            "(C = logreg.c_min)."
+        )
+
+
+def evaluate(cfg, name: str, features: dict, labels: dict, classes: int, watch=None) -> dict:
+    """Held-out accuracy of a fit on train for every C; the best C is fitted again on train
+    plus held-out, which scores the test split once."""
+    settings = cfg.logreg
+
+    dtype = DTYPES[settings.dtype]
+
+    def fit(x, y, C):
+        if watch is not None:
+            watch.check()
+        model = fit_logistic_regression(
+            x, y, classes, C, max_iter=settings.max_iter, tol=settings.tol, dtype=dtype
+        )
+        require_finite(
+            f"The logistic regression weights of head {name!r} (C={C:g})",
+            [model.weight, model.bias],
+            "logreg.dtype (float64 is the protocol's) and the features' scale",
+        )
+        return model
+
+    grid = c_grid(settings.c_min, settings.c_max, settings.c_steps)
+    scores = {}
+    if len(labels["heldout"]):
+        for C in grid:
+            model = fit(features["train"], labels["train"], C)
+            scores[C] = accuracy(model.logits(features["heldout"]), labels["heldout"])
+            log.info("%s: C=%.4g, held-out acc1 %.4f", name, C, scores[C])
+    C = max(scores, key=scores.get) if scores else grid[0]  # the first best: the smallest C
+    model = fit(
+        torch.cat([features["train"], features["heldout"]]),
+        torch.cat([labels["train"], labels["heldout"]]),
+        C,
+    )
+    logits = model.logits(features["test"])
+    return {
+        "C": C,
+        "iterations": model.iterations,
+        "val/acc1_best": scores.get(C),
+        "test/acc1": accuracy(logits, labels["test"]),
+        "test/acc5": accuracy(logits, labels["test"], top=5),
+        "heldout": {f"C={c:.4g}": acc for c, acc in scores.items()},
+    }
+
+
+def finished(output_dir: Path) -> dict:
+    summary = json.loads((Path(output_dir) / "metrics.json").read_text())
+    show(summary)
+    return summary
+
+
+def show(summary: dict) -> None:
+    chosen = summary["heads"][summary["winner"]]["val/acc1_best"] is not None
+    how = "C chosen on held-out" if chosen else "one aggregator, one C: nothing chosen"
+    table = Table(title=f"mim_agg logistic regression (test accuracy; {how})")
+    for column in ("head", "test acc1", "test acc5", "held-out acc1", "C", "iterations"):
+        table.add_column(column, justify="left" if column == "head" else "right")
+    for name, result in summary["heads"].items():
+        heldout = result["val/acc1_best"]
+        table.add_row(
+            name + (" *" if name == summary["winner"] and len(summary["heads"]) > 1 else ""),
+            f"{100 * result['test/acc1']:.2f}",
+            f"{100 * result['test/acc5']:.2f}",
+            "-" if heldout is None else f"{100 * heldout:.2f}",
+            f"{result['C']:.4g}",
+            str(result["iterations"]),
+        )
+    log_table(table)
+    best = summary["heads"][summary["winner"]]
+    log.info(
+        "%s %s: test acc1 %.2f%% (C=%.4g%s)",
+        "Winner" if chosen else "Result of",
+        summary["winner"],
+        100 * best["test/acc1"],
+        best["C"],
+        " chosen on held-out" if chosen else "",
+    )

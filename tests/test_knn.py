@@ -13,13 +13,12 @@ import torch
 from sklearn.neighbors import NearestNeighbors as SklearnNeighbours
 
 from mim_agg.cache import TokenCache
-from mim_agg.cache.data import CachedSplit
 from mim_agg.errors import ConfigError, UserError
 from mim_agg.knn import NearestNeighbours, weighted_vote
 from mim_agg.runs.runner import run_task
 from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import read_predictions
-from tests.helpers import FAST, compose_config
+from tests.helpers import FAST, cached_features, compose_config
 
 
 def independent_predictions(bank, bank_labels, queries, k, temperature, num_classes):
@@ -49,12 +48,6 @@ def test_streamed_vote_equals_scikit_learn(chunk):
             bank.numpy(), labels.numpy(), queries.numpy(), k, temperature, 5
         )
         np.testing.assert_array_equal(ours.numpy(), expected)
-
-
-def cached_features(cache: TokenCache, split: str, key: str):
-    items = [CachedSplit(cache, split)[i] for i in range(len(CachedSplit(cache, split)))]
-    features = torch.stack([fields[f"pooled/{key}"] for fields, _ in items]).float().numpy()
-    return features, np.array([label for _, label in items])
 
 
 def test_knn_task_accuracy_equals_an_independent_computation(tmp_path):
@@ -102,15 +95,6 @@ def test_learned_aggregators_need_a_trained_probe_and_k_fits_the_bank(tmp_path):
     cfg = compose_config([*FAST, "task=knn", "aggregator=cls", "knn.k=[10,500]"], tmp_path / "k")
     with pytest.raises(ConfigError, match=r"knn.k=\[10, 500\] asks for more neighbours"):
         run_task(cfg)
-
-
-@pytest.fixture(scope="module")
-def probe_ckpt(tmp_path_factory) -> Path:
-    """A finished AbMILP probe run's checkpoint: synthetic images, the random backbone of
-    seed 0."""
-    root = tmp_path_factory.mktemp("probe")
-    run_task(compose_config([*FAST, "aggregator=abmilp"], root))
-    return root / "run" / "checkpoints" / "last.ckpt"
 
 
 def with_probe(ckpt: Path) -> list[str]:

@@ -17,17 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from omegaconf import MISSING, DictConfig, open_dict
+from omegaconf import MISSING, DictConfig
 from rich.table import Table
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from mim_agg.aggregators import Aggregator
-from mim_agg.backbones.tokens import TOKEN_CAUSES, require_finite
-from mim_agg.builders import backbone_layout, build_aggregators, build_datamodule, load_probe_head
-from mim_agg.cache import CachedTokens, open_cache
-from mim_agg.cache.data import CachedSplit
+from mim_agg.builders import build_datamodule
+from mim_agg.cache.features import PooledFeatures, evaluation_config, frozen_aggregators
 from mim_agg.errors import ConfigError
 from mim_agg.knn import NearestNeighbours, weighted_vote
 from mim_agg.knn.vote import accuracy
@@ -42,7 +36,6 @@ SUMMARY = "weighted k-NN of every aggregator's features (knn.k, knn.temperatures
 USES_RUN_FOLDER = True
 IGNORED = ("dataset.augment", "cache.views", "trainer.max_epochs")  # fixed, or unused, by k-NN
 QUERY_SPLITS = ("heldout", "test")
-CAUSES = f"{TOKEN_CAUSES}; for a probe's head also knn.probe_ckpt"
 SETTINGS_GROUP = "knn"
 
 
@@ -69,19 +62,15 @@ def run(cfg: DictConfig, watch=None) -> dict:
     datamodule.setup()
     if datamodule.low_shot:
         write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
-    aggregators = knn_aggregators(cfg)
+    aggregators = frozen_aggregators(cfg, SETTINGS_GROUP, "k-NN")
     check_grid(cfg, datamodule, len(aggregators))
-    cache = open_cache(cfg, datamodule, list(aggregators.values()), watch)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    source = CachedTokens.of(cache).to(device)
-    for aggregator in aggregators.values():
-        aggregator.to(device).eval()
-    features = {s: split_features(cfg, cache, s, aggregators, source, device) for s in QUERY_SPLITS}
+    pooled = PooledFeatures(cfg, datamodule, aggregators, group=SETTINGS_GROUP, watch=watch)
+    features = {s: pooled.whole(s, "k-NN") for s in QUERY_SPLITS}
     k = max(cfg.knn.k)
     found = {
         s: {n: NearestNeighbours(features[s][0][n], k) for n in aggregators} for s in QUERY_SPLITS
     }
-    for bank, labels in stream_features(cfg, cache, "train", aggregators, source, device, watch):
+    for bank, labels in pooled.stream("train", "k-NN"):
         for split in QUERY_SPLITS:
             for name, neighbours in found[split].items():
                 neighbours.add(bank[name], labels)
@@ -139,63 +128,6 @@ def finished(output_dir: Path) -> dict:
     summary = json.loads((Path(output_dir) / "metrics.json").read_text())
     show(summary)
     return summary
-
-
-def evaluation_config(cfg: DictConfig) -> DictConfig:
-    """k-NN describes training images as they are tested: the centre crop, one view."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.dataset.augment = False
-        cfg.cache.views = 1
-    return cfg
-
-
-def knn_aggregators(cfg: DictConfig) -> dict[str, Aggregator]:
-    """The aggregators to evaluate, by config key: the run's (parameter-free: there is no
-    training here) and, with ``knn.probe_ckpt``, the trained probe's winning head's."""
-    layout = backbone_layout(cfg)
-    aggregators = build_aggregators(cfg, layout)
-    for aggregator in aggregators.values():
-        if not aggregator.parameter_free:
-            raise ConfigError(
-                f"aggregator {aggregator.name!r} has trainable parameters, and k-NN trains "
-                "nothing. Train it with task=probe, then pass knn.probe_ckpt=<that run>/"
-                "checkpoints/last.ckpt (with a parameter-free aggregator=, e.g. cls)."
-            )
-    if cfg.knn.probe_ckpt:
-        probe = load_probe_head(cfg, cfg.knn.probe_ckpt, layout)
-        aggregators[f"probe_{probe.aggregator.name}"] = probe.aggregator.requires_grad_(False)
-    return aggregators
-
-
-def stream_features(cfg, cache, split: str, aggregators: dict, source, device: str, watch=None):
-    """``({name: features [b, D]}, labels [b])`` per batch of a cached split, one entry per
-    aggregator of ``aggregators``."""
-    loader = DataLoader(
-        CachedSplit(cache, split),
-        batch_size=cfg.knn.batch_size,
-        num_workers=cfg.dataset.num_workers,
-    )
-    for fields, labels in tqdm(loader, desc=f"k-NN {split}", unit="batch"):
-        if watch is not None:
-            watch.check()
-        tokens = source({k: v.to(device) for k, v in fields.items()})
-        tokens = tokens.map(lambda t: t.float())
-        with torch.no_grad():
-            features = {name: aggregator(tokens) for name, aggregator in aggregators.items()}
-        for name, values in features.items():
-            require_finite(f"The k-NN features of head {name!r} ({split} split)", [values], CAUSES)
-        yield features, labels.to(device)
-
-
-def split_features(cfg, cache, split: str, aggregators: dict, source, device: str):
-    """All features of a query split: ``({name: [N, D]}, labels [N])``."""
-    batches = list(stream_features(cfg, cache, split, aggregators, source, device))
-    if not batches:  # no held-out split
-        empty = {n: torch.empty(0, a.out_dim, device=device) for n, a in aggregators.items()}
-        return empty, torch.empty(0, dtype=torch.int64, device=device)
-    features = {name: torch.cat([b[0][name] for b in batches]) for name in aggregators}
-    return features, torch.cat([b[1] for b in batches])
 
 
 def evaluate(cfg, heldout: NearestNeighbours, test: NearestNeighbours, targets, classes):

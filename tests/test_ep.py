@@ -48,6 +48,7 @@ LEADERBOARD = [
     ("Hybrid", "iBOT", "ViT-L/16", "ibot_vitl", "cls", "ep_all"),
     ("Hybrid", "DINOv2", "ViT-B/14", "dinov2_vitb", "cls", "ep"),
     ("Hybrid", "DINOv2", "ViT-L/14", "dinov2_vitl", "cls", "ep_all"),
+    ("Hybrid", "Franca", "ViT-L/14", "franca_vitl14", "cls", "ep_all"),
     ("Hybrid", "RADIO", "ViT-B/16", "radio_vitb16", "cls", "ep"),  # C-RADIOv3 for their v2.5
     ("Hybrid", "RADIO", "ViT-L/16", "radio_vitl16", "cls", "ep"),
     ("VLM", "CLIP", "ViT-B/16", "clip_vitb16", "cls", "ep_all"),

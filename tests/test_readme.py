@@ -16,9 +16,9 @@ from mim_agg.cli import CONFIG_DIR
 from tests.helpers import PROJECT_ROOT
 
 README = (PROJECT_ROOT / "README.md").read_text()
-GROUPS = (
-    "backbone", "heads", "dataset", "probe", "trainer", "logger", "experiment", "report", "cache",
-    "knn", "logreg", "debug", "callbacks",
+GROUPS = (  # backbone: its own table, below
+    "heads", "dataset", "probe", "trainer", "logger", "experiment", "report", "cache", "knn",
+    "logreg", "debug", "callbacks",
 )  # fmt: skip
 
 
@@ -80,10 +80,97 @@ def test_the_dataset_table_names_each_dataset_option_once():
     assert_names(first_column("dataset"), options("dataset"), "dataset table")
 
 
-def test_the_backbone_row_names_exactly_the_backbone_options():
-    listed = table_row("backbone").split("; keys ")[0]  # then the keys every option sets
-    names = re.findall(r"`([a-z0-9_]+)`", listed)
-    assert_names(names, options("backbone"), "backbone row")
+def table_rows(header: str) -> list[list[str]]:
+    """The cells of the table whose header row starts with ``header``."""
+    table = README.split(f"\n| {header} |", 1)[1].split("\n\n", 1)[0]
+    rows = table.splitlines()[2:]  # past the header's end and the |---| line
+    return [re.split(r"\s*\|\s*", row.strip().strip("|").strip()) for row in rows]
+
+
+BACKBONE_TABLE = "config | family"
+# efficient-probing's leaderboard (billpsomas/efficient-probing README, 37 rows), as the table's
+# row column names them: each has its config or says why it has none.
+LEADERBOARD_ROWS = (
+    "DINOv3 ViT-7B/16", "MetaCLIP2 ViT-bigG/14-378", "EVA02-CLIP E-14-plus", "EVA02-CLIP E-14",
+    "SigLIP2 SO400M/14", "PE-Core L-14/336", "MetaCLIP2 ViT-bigG/14", "SigLIP2 ViT-L/16",
+    "DINOv3 ViT-L/16", "AIMv2 ViT-L/14", "SigLIP ViT-L/16", "DINOv2 ViT-L/14", "Franca ViT-L/14",
+    "DINOv3 ViT-B/16", "DINOv2 ViT-B/14", "RADIO ViT-L/16", "EVA02 ViT-L/14", "CLIP ViT-L/14",
+    "CAPI ViT-L/14", "BEiTv2 ViT-B/16", "RADIO ViT-B/16", "iBOT ViT-L/16", "Hiera ViT-H/16",
+    "MAE ViT-L/16", "I-JEPA ViT-H/14", "iBOT ViT-B/16", "Hiera ViT-L/16", "CLIP ViT-B/16",
+    "DINO ViT-B/16", "MoCov3 ViT-B/16", "Hiera ViT-B/16", "MAE ViT-B/16", "MaskFeat ViT-B/16",
+    "MaskFeat ViT-L/16", "SimMIM ViT-B/16", "MAE ViT-S/16", "DiT-XL/2",
+)  # fmt: skip
+
+
+def test_the_backbone_table_names_each_backbone_option_once():
+    names = [name for row in table_rows(BACKBONE_TABLE) for name in re.findall(r"`(.+?)`", row[0])]
+    assert_names(names, options("backbone"), "backbone table")
+
+
+def test_the_backbone_table_gives_each_configs_family_and_what_lp_and_ep_read():
+    """Family, LP's and EP's representation as each ``conf/backbone`` file sets them (or the
+    schema's defaults: ``[cls]`` for LP, the patches for EP)."""
+    from omegaconf import OmegaConf
+
+    lp = {"cls": "`[cls]`", "mean": "patch mean"}
+    ep = {"patch": "patches", "all": "`[cls]` + patches"}
+    for config, family, linear, tokens, *_ in table_rows(BACKBONE_TABLE):
+        if config == "—":
+            continue
+        values = OmegaConf.load(CONFIG_DIR / "backbone" / f"{config.strip('`')}.yaml")
+        expected = [
+            values.family,
+            lp[values.get("linear_input", "cls")],
+            ep[values.get("ep_tokens", "patch")],
+        ]
+        assert [family, linear, tokens] == expected, config
+
+
+def test_the_backbone_table_lists_every_leaderboard_row_with_a_config_or_why_not():
+    rows = table_rows(BACKBONE_TABLE)
+    listed = [row[4].split(":")[0] for row in rows if row[4]]
+    assert sorted(listed) == sorted(LEADERBOARD_ROWS), "README's backbone table vs leaderboard"
+    for config, *_, notes in rows:
+        assert config != "—" or notes.startswith("absent: "), notes
+
+
+def extraction_memory(config: str, batch: int = 256) -> list[float]:
+    """Parameters, and the bytes of the weights, of one block's largest set of live activations
+    at ``batch`` images and of an explicit attention map, as the README's memory table defines
+    them: per token the residual stream and the kept tokens in the weights' dtype, the
+    LayerNorm's output in float32, the MLP's hidden layer before and after its activation
+    (twice the widths its input projections give) in bfloat16; per head and pair of tokens
+    bfloat16 logits and a float32 softmax."""
+    from torch import nn
+
+    from mim_agg.backbones.frozen import skeleton
+    from mim_agg.validation import backbone_arguments
+    from tests.helpers import compose_config
+
+    backbone = skeleton(**backbone_arguments(compose_config([f"backbone={config}"]).backbone))
+    params = sum(p.numel() for p in backbone.model.parameters())
+    itemsize = torch.empty((), dtype=backbone.weight_dtype).element_size()
+    linears = [m for m in backbone.model.blocks[-1].mlp.modules() if isinstance(m, nn.Linear)]
+    hidden = sum(linear.out_features for linear in linears[:-1])  # fc1, or SwiGLU's two
+    layout = backbone.layout
+    tokens = batch * layout.num_tokens
+    activations = tokens * (2 * layout.dim * itemsize + 4 * layout.dim + 2 * 2 * hidden)
+    attention = batch * layout.num_heads * layout.num_tokens**2 * (2 + 4)
+    return [params, params * itemsize, activations, attention]
+
+
+@pytest.mark.slow  # builds six large skeletons (on the meta device: no memory)
+def test_the_big_models_memory_is_computed_from_their_sizes():
+    rows = table_rows("config | parameters | weights | activations | total | reading attention")
+    assert len(rows) == 6
+    for config, *cells in rows:
+        params, weights, activations, attention = extraction_memory(config.strip("`"))
+        expected = [
+            f"{params / 1e9:.2f}B",
+            *(f"{size / 1e9:.1f} GB" for size in (weights, activations, weights + activations)),
+            f"{(weights + activations + attention) / 1e9:.1f} GB",
+        ]
+        assert cells == expected, config
 
 
 def test_every_launcher_is_listed():

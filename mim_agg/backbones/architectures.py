@@ -20,10 +20,10 @@ from mim_agg.backbones.tokens import TokenLayout
 from mim_agg.errors import ConfigError
 
 
-class ViTReader:
-    """timm's ViT interface: ``[B, P + N, D]`` tokens, prefix first, at every block."""
+class Reader:
+    """What every family shares: the model, its name for messages, a flat list of blocks."""
 
-    size_unit = "patch size"
+    size_unit: str  # what ``size_multiple`` is, in words
 
     def __init__(self, model: nn.Module, arch: str) -> None:
         self.model, self.arch = model, arch
@@ -31,6 +31,12 @@ class ViTReader:
     @property
     def depth(self) -> int:
         return len(self.model.blocks)
+
+
+class ViTReader(Reader):
+    """timm's ViT interface: ``[B, P + N, D]`` tokens, prefix first, at every block."""
+
+    size_unit = "patch size"
 
     @property
     def size_multiple(self) -> int:
@@ -70,20 +76,13 @@ class ViTReader:
         return self.model.blocks[block].attn
 
 
-class HieraReader:
+class HieraReader(Reader):
     """Hiera (Ryali et al., 2023): four stages; each of the later ones starts by pooling the
     grid 2 x 2 and doubling the width. A block's tokens are its stage's grid in row-major order
     (timm's ``reroll``), so the last block's are the final stage's grid (7 x 7 at 224 px),
     which aggregators and the cache see; no prefix tokens, no ``[cls]``."""
 
     size_unit = "patch stride x mask-unit size"
-
-    def __init__(self, model: Hiera, arch: str) -> None:
-        self.model, self.arch = model, arch
-
-    @property
-    def depth(self) -> int:
-        return len(self.model.blocks)
 
     @property
     def size_multiple(self) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from mim_agg.backbones.formats import State, checkpoint_format, nested, prefixed
+from mim_agg.backbones.formats.franca import is_chunked
 
 
 def is_ibot(checkpoint: dict) -> bool:
-    return any(k.startswith("backbone.") for k in nested(checkpoint, "teacher"))
+    """A teacher backbone whose blocks are not FSDP chunks (those are Franca's files)."""
+    teacher = nested(checkpoint, "teacher")
+    return any(k.startswith("backbone.") for k in teacher) and not is_chunked(teacher)
 
 
 @checkpoint_format("ibot", is_ibot)

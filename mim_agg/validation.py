@@ -7,6 +7,7 @@ message names the key, the value and what would be valid.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -79,6 +80,11 @@ RULES = {
     "cache.shard_size": (lambda v, c: v >= 1, ">= 1"),
     "cache.batch_size": (lambda v, c: v >= 1, ">= 1"),
     "cache.verify": (lambda v, c: isinstance(v, bool) or v == "full", "true, false or full"),
+    "cache.part": (
+        lambda v, c: v is None or (c.task == "extract" and is_part(v)),
+        "null, or i/N with 0 <= i < N (this job extracts part i of N, as a SLURM array task: "
+        "cache.part=$SLURM_ARRAY_TASK_ID/N), with task=extract",
+    ),
     "knn.k": (lambda v, c: len(v) > 0 and all(k >= 1 for k in v), "a non-empty list of k >= 1"),
     "knn.temperatures": (
         lambda v, c: len(v) > 0 and all(t > 0 for t in v),
@@ -96,6 +102,19 @@ RULES = {
     "analysis.batch_size": (lambda v, c: v >= 1, ">= 1"),
     "analysis.map_images": (lambda v, c: v >= 0, ">= 0"),
 }
+
+
+def is_part(value) -> bool:
+    match = re.fullmatch(r"(\d+)/(\d+)", str(value))
+    return match is not None and int(match[1]) < int(match[2])
+
+
+def cache_part(value: str | None) -> tuple[int, int]:
+    """``cache.part`` (valid: checked by its rule) as ``(i, N)``; null, the whole cache: (0, 1)."""
+    if value is None:
+        return 0, 1
+    part, parts = str(value).split("/")
+    return int(part), int(parts)
 
 
 def check_ranges(cfg: DictConfig) -> None:

@@ -80,8 +80,8 @@ def test_backbone_options(name, tmp_path):
     assert cfg.family in FAMILIES
     with torch.device("meta"):  # real modules, no memory, no download
         backbone = FrozenBackbone(**{**backbone_arguments(cfg), "weights": None})
-    patch = backbone.model.patch_embed.patch_size[0]
-    assert backbone.layout.num_patches == (cfg.img_size // patch) ** 2
+    cell = backbone.reader.size_multiple  # a ViT's patch; Hiera's final-stage cell, 32 px
+    assert backbone.layout.num_patches == (cfg.img_size // cell) ** 2
     check_representation(cfg, backbone.layout.has_cls)  # no [cls] read where there is none
 
 

@@ -64,7 +64,8 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
     heads = build_heads(cfg, backbone_layout(cfg), datamodule.num_classes)
     source = None
     if cfg.probe.features == "cached":
-        cache = open_cache(cfg, datamodule, [head.aggregator for head in heads.values()], watch)
+        aggregators = [head.aggregator for head in heads.values()]
+        cache = open_cache(cfg, datamodule, aggregators, watch, distributed=True)
         datamodule = CachedDataModule(
             cache, cfg.probe.batch_size, cfg.dataset.num_workers, cfg.dataset.seed
         )

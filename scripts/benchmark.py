@@ -306,6 +306,7 @@ def cache_read(args: argparse.Namespace) -> dict:
             tokens = torch.randn(count, 1, layout.num_tokens, layout.dim, generator=generator)
             labels = torch.zeros(count, dtype=torch.int64)
             cache.write_shard("train", shard, {"all": tokens.bfloat16(), "targets": labels})
+        cache.publish()
         files = [Path(root, s["file"]) for s in cache.manifest_entry("train")["shards"]]
         stored = sum(path.stat().st_size for path in files)
         buffer = bytearray(max(path.stat().st_size for path in files))

@@ -3,7 +3,6 @@ training online, and no damaged, partial or mismatching cache is ever read."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -240,47 +239,46 @@ def test_killed_extraction_resumes_to_byte_identical_shards(tmp_path):
     assert "Still to write" in reference.stdout and "Token cache ready" in reference.stdout
 
     process = popen_cli(*args, root=tmp_path / "killed")
-    manifests = tmp_path / "killed" / "cache"
+    caches = tmp_path / "killed" / "cache"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = [json.loads(m.read_text()) for m in manifests.glob("*/manifest.json")]
-        if done and len(done[0]["splits"]["train"]["shards"]) >= 3:
-            break
+    while time.monotonic() < deadline and len(list(caches.glob("*/train/shard-*.json"))) < 3:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    partial = json.loads(next(manifests.glob("*/manifest.json")).read_text())
-    assert 3 <= len(partial["splits"]["train"]["shards"]) < 19, "the kill came too late"
+    assert 3 <= len(list(caches.glob("*/train/shard-*.json"))) < 19, "the kill came too late"
+    assert not list(caches.glob("*/manifest.json"))
 
     resumed = run_cli(*args, root=tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr
     (left,) = (tmp_path / "reference" / "cache").iterdir()
-    (right,) = manifests.iterdir()
+    (right,) = caches.iterdir()
     assert left.name == right.name  # the same key
-    shards = sorted(p.relative_to(left) for p in left.glob("*/shard-*"))
-    assert shards == sorted(p.relative_to(right) for p in right.glob("*/shard-*"))
+    files = sorted(p.relative_to(left) for p in left.glob("*/shard-*.safetensors"))
+    assert files == sorted(p.relative_to(right) for p in right.glob("*/shard-*.safetensors"))
     assert not list(right.glob("*/.*.tmp"))
-    for shard in shards:
-        assert (left / shard).read_bytes() == (right / shard).read_bytes(), shard
+    for name in [*files, "manifest.json"]:
+        assert (left / name).read_bytes() == (right / name).read_bytes(), name
 
 
 class StopAfter:
-    """A signal watch that 'receives a signal' after ``batches`` batches."""
+    """A signal watch that 'receives a signal' during shard ``shards`` (from 0)."""
 
-    def __init__(self, batches: int) -> None:
-        self.left = batches
+    def __init__(self, shards: int) -> None:
+        self.left = shards
+
+    def agree(self, reduce_max, broadcast) -> bool:
+        self.left -= 1
+        return self.left < 0
 
     def check(self) -> None:
-        self.left -= 1
-        if self.left < 0:
-            raise KeyboardInterrupt
+        raise KeyboardInterrupt
 
 
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_resumed_extraction_keeps_its_first_shard_size(tmp_path):
     overrides = ["aggregator=mean", "cache.batch_size=8", "cache.dtype=float32"]
     with pytest.raises(KeyboardInterrupt):
-        cache_for([*overrides, "cache.shard_size=16"], tmp_path, watch=StopAfter(5))
+        cache_for([*overrides, "cache.shard_size=16"], tmp_path, watch=StopAfter(2))
     cfg, _, cache = cache_for([*overrides, "cache.shard_size=50"], tmp_path)
     assert cache.manifest_entry("train")["plan"]["shard_size"] == 16
     _, reference = cache_for(overrides + ["cache.shard_size=16"], tmp_path / "ref")[1:]

@@ -64,8 +64,16 @@ def test_two_processes_count_every_test_image_exactly_once(tmp_path):
         assert stored.predicted[name].tolist() == predicted[(name, "test/acc1")]
 
 
-# 2 epochs of 2 batches per rank (60 training images, batch 16, two ranks).
-RESUMABLE = [*FAST, "trainer=ddp_sim", "dataset.train_size=80", "dataset.test_size=20"]
+# 2 epochs of 2 batches per rank (60 training images, batch 16, two ranks), from a token cache
+# both ranks extract (shards of 16 images) before the trainer joins their process group.
+RESUMABLE = [
+    *FAST,
+    "trainer=ddp_sim",
+    "dataset.train_size=80",
+    "dataset.test_size=20",
+    "probe.features=cached",
+    "cache.shard_size=16",
+]
 
 
 def results(run_dir) -> dict:

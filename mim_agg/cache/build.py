@@ -3,12 +3,13 @@
 Planning needs no weights: the run's aggregators, built on the architecture alone, say which
 fields to store (``token_request``: the outputs of parameter-free aggregators, the tokens only
 when a learned one reads them), and the data module's splits give the images. Only when shards
-are missing is the backbone loaded and run.
+are missing is the backbone loaded and run: by every rank of a multi-process trainer
+(``trainer=ddp``), or by the part of a cache this job fills (``cache.part``), each writing its
+own shards (``mim_agg.cache.parts``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ from mim_agg.builders import (
     cache_companions,
     cfg_at_block,
 )
-from mim_agg.cache.extract import Target, bytes_per_view, check_disk, extract, field_shapes, human
+from mim_agg.cache.extract import Target, bytes_per_view, disk_refusal, extract, field_shapes, human
 from mim_agg.cache.identity import cache_identity, cache_key, split_identity
+from mim_agg.cache.parts import Ranks, start_ranks
 from mim_agg.cache.store import FORMAT, CacheError, SplitPlan, TokenCache
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError
@@ -93,6 +95,7 @@ def open_cache(
     aggregators: list[Aggregator],
     watch=None,
     build: bool = True,
+    distributed: bool = False,
 ) -> TokenCache:
     """The complete, checked cache for ``aggregators`` (this run's, and ``cache.also_for``'s)
     on this data; missing shards are extracted first when ``build`` (else refused with the
@@ -101,18 +104,27 @@ def open_cache(
 
     A complete cache is read without a lock (so from a read-only mount too): nothing writes
     to it again. Its shards were renamed into place before the manifest that completes it,
-    which is itself renamed into place whole, and extraction only ever fills an incomplete
+    which is itself linked into place whole, and extraction only ever fills an incomplete
     cache, under the lock, after looking again. A reader that finds the cache incomplete
-    waits for that lock, and finds it complete."""
+    waits for that lock, and finds it complete.
+
+    With ``distributed`` (a caller that runs on every rank: the probe, the extract task), a
+    multi-process trainer's ranks start here (``start_ranks``) and extract together; the
+    training that follows runs in them. With ``cache.part`` (``task=extract`` only), the cache
+    returned is complete only when this job wrote its last part."""
     datamodule.setup()
     split_ids = {name: split_identity(split) for name, split in datamodule.splits.items()}
     planned = plan_cache(cfg, datamodule, split_ids, [*aggregators, *cache_companions(cfg)])
     cache = planned.cache
-    if not cache.complete:
-        if not build:
-            raise CacheError(f"No complete token cache at {cache.root}. Build it: {cache.rebuild}")
-        others = [plan_block(cfg, b, datamodule, split_ids) for b in other_blocks(cfg)]
-        fill([planned, *(p for p in others if not p.cache.complete)], cfg, datamodule, watch)
+    if not build and not cache.complete:
+        raise CacheError(f"No complete token cache at {cache.root}. Build it: {cache.rebuild}")
+    if build:
+        ranks = start_ranks(cfg) if distributed else Ranks()
+        if not ranks.broadcast(cache.complete):
+            others = [plan_block(cfg, b, datamodule, split_ids) for b in other_blocks(cfg)]
+            fill([planned, *others], cfg, datamodule, watch, ranks)
+    if cfg.cache.part is not None and not cache.complete:  # other parts are still missing
+        return cache
     log.info("Checking the token cache %s", cache.root)
     cache.check(planned.key, cfg.cache.verify)
     return cache
@@ -140,33 +152,49 @@ def other_blocks(cfg: DictConfig) -> list[int]:
     return [b for b in dict.fromkeys(wanted) if b != cfg.backbone.block]
 
 
-def fill(planned: list[PlannedCache], cfg: DictConfig, datamodule, watch) -> None:
-    """Extract every cache of ``planned`` that is still incomplete, all from one backbone
-    pass (one per distinct shard plan, should a resumed cache keep an older one). Locks are
-    taken in path order, so jobs of one sweep wait for each other instead of deadlocking."""
-    with contextlib.ExitStack() as stack:
-        for entry in sorted(planned, key=lambda p: str(p.cache.root)):
-            stack.enter_context(entry.cache.locked())
-        pending = [p for p in planned if not p.cache.complete]  # others may have finished some
+def fill(planned: list[PlannedCache], cfg: DictConfig, datamodule, watch, ranks: Ranks) -> None:
+    """Extract this job's shards of every cache of ``planned`` that is still incomplete, all
+    from one backbone pass (one per distinct shard plan, should a resumed cache keep an older
+    one), under the job's locks (``Ranks.holding``); the last shard of a cache writes its
+    manifest."""
+    share = ranks.share(cfg)
+    with ranks.holding([entry.cache for entry in planned], share.lock):
+        incomplete = [i for i, entry in enumerate(planned) if not entry.cache.complete]
+        pending = [planned[i] for i in ranks.broadcast(incomplete)]  # others may have finished
         groups: dict[tuple, list[PlannedCache]] = {}
         for entry in pending:
             plans = start(entry, cfg, datamodule)
             groups.setdefault(tuple(sorted(plans.items())), []).append(entry)
         for plan_items, entries in groups.items():
-            extract_together(entries, dict(plan_items), cfg, datamodule, watch)
+            extract_together(entries, dict(plan_items), cfg, datamodule, watch, ranks)
+        for entry in pending:
+            if not entry.cache.publish():
+                log.info(
+                    "Part %d of %d of %s is written; the last part to end completes the cache.",
+                    share.part,
+                    share.parts,
+                    entry.cache.root,
+                )
 
 
-def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, watch) -> None:
-    """One backbone pass, kept up to the deepest block of ``entries``, fills them all."""
+def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, watch, ranks):
+    """One backbone pass, kept up to the deepest block of ``entries``, fills them all (this
+    job's shards of them)."""
     targets, requests = [], {}
     for entry in entries:
-        describe(entry, cfg)
+        if ranks.rank == 0:
+            describe(entry, cfg)
         block = entry.layout.depth - 1
         stored = {k: a for k, a in entry.aggregators.items() if k in entry.request.pooled}
         targets.append(Target(entry.cache, block, entry.shapes, stored))
         requests[block] = requests.get(block, TokenRequest()) | entry.live_request
-    warn_single_view(plans, datamodule.augment)
-    check_disk(targets, plans, cfg.cache.dtype)
+    if ranks.rank == 0:
+        warn_single_view(plans, datamodule.augment)
+    refusal = ranks.broadcast(
+        disk_refusal(targets, plans, cfg.cache.dtype) if ranks.rank == 0 else None
+    )
+    if refusal:
+        raise CacheError(refusal)
     extract(
         targets,
         build_live_source(cfg, requests),
@@ -178,8 +206,10 @@ def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, 
         augmented={"train"} if datamodule.augment else set(),
         precision=entries[0].identity["precision"],
         watch=watch,
+        share=ranks.share(cfg),
+        ranks=ranks,
     )
-    if len(entries) > 1:
+    if len(entries) > 1 and ranks.rank == 0:
         log.info(
             "One backbone pass filled the caches of blocks %s: %s",
             ", ".join(str(t.block) for t in targets),
@@ -188,14 +218,14 @@ def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, 
 
 
 def start(entry: PlannedCache, cfg: DictConfig, datamodule) -> dict[str, SplitPlan]:
-    """Write the manifest of a new cache; a resumed one keeps the plan its first attempt wrote
-    (its shard size, say)."""
+    """Write the plan of a new cache; a resumed one, or another part of it, keeps the plan its
+    first attempt wrote (its shard size, say)."""
     views = entry.identity["views"]
     plans = {
         split: SplitPlan(len(datamodule.splits[split]), views[split], cfg.cache.shard_size)
         for split in SPLITS
     }
-    entry.cache.start(
+    plan = entry.cache.start(
         {
             "format": FORMAT,
             "key": entry.key,
@@ -209,7 +239,7 @@ def start(entry: PlannedCache, cfg: DictConfig, datamodule) -> dict[str, SplitPl
             "splits": {s: {"plan": asdict(p), "shards": []} for s, p in plans.items()},
         }
     )
-    return {s: SplitPlan(**entry.cache.manifest_entry(s)["plan"]) for s in SPLITS}
+    return {s: SplitPlan(**plan["splits"][s]["plan"]) for s in SPLITS}
 
 
 def split_views(cfg: DictConfig, datamodule: ProbeDataModule) -> dict[str, int]:

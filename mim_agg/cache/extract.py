@@ -2,9 +2,11 @@
 caches of several blocks of one backbone from one pass of it.
 
 Each shard is computed from the same images in the same batches whatever happened before
-(shards start on batch boundaries; training views are augmented under the random state of
-``(seed, view, index)``, the state online epoch ``view`` uses), so an extraction killed at any
-moment and rerun yields byte-identical shards.
+and whichever process computes it (shards start on batch boundaries; training views are
+augmented under the random state of ``(seed, view, index)``, the state online epoch ``view``
+uses), so an extraction killed at any moment and rerun, or split between processes
+(``mim_agg.cache.parts``), yields byte-identical shards. A signal stops every process of a job
+after its current shard.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from tqdm import tqdm
 from mim_agg.aggregators import Aggregator
 from mim_agg.backbones import LiveTokens, TokenLayout, TokenRequest, Tokens
 from mim_agg.backbones.tokens import TENSOR_FIELDS, require_finite
-from mim_agg.cache.store import DTYPES, CacheError, SplitPlan, TokenCache, quantize
+from mim_agg.cache.parts import Ranks, Share
+from mim_agg.cache.store import DTYPES, SplitPlan, TokenCache, quantize
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +112,9 @@ class Target:
     aggregators: dict[str, Aggregator]
 
 
-def check_disk(targets: list[Target], plans: dict[str, SplitPlan], dtype: str) -> None:
-    """Print what will be written; refuse when the free space cannot hold what is left."""
+def disk_refusal(targets: list[Target], plans: dict[str, SplitPlan], dtype: str) -> str | None:
+    """Print what will be written; why to refuse, when the free space cannot hold what is left
+    to write (by every part and rank: they share the disk)."""
     remaining = 0
     for target in targets:
         per_view = bytes_per_view(target.shapes, dtype)
@@ -126,17 +130,18 @@ def check_disk(targets: list[Target], plans: dict[str, SplitPlan], dtype: str) -
                 human(per_view),
                 human(size),
             )
-            done = target.cache.shards_done(split) * plan.shard_size
-            remaining += max(0, plan.count - done) * plan.views * per_view
+            missing = (s for s in range(plan.num_shards) if not target.cache.shard_done(split, s))
+            remaining += sum(len(plan.shard_range(s)) for s in missing) * plan.views * per_view
     root = targets[0].cache.root
     free = shutil.disk_usage(root).free
     log.info("Still to write: %s; free on that disk: %s.", human(remaining), human(free))
     if remaining > free:
-        raise CacheError(
+        return (
             f"The token cache needs {human(remaining)} more, but only {human(free)} are free "
             f"under {root}. Free space, move it (paths.cache_dir=...), store fewer bytes "
             "(cache.dtype=int8, fewer cache.views) or cache only parameter-free heads."
         )
+    return None
 
 
 def extract_batch(source, images, targets: list[Target], dtype: str, batch_size: int, bf16: bool):
@@ -173,43 +178,62 @@ def extract(
     augmented: set[str],
     precision: str = "32-true",
     watch=None,
+    share: Share | None = None,
+    ranks: Ranks | None = None,
 ) -> None:
-    """Write every missing shard of every split of every target in one pass of ``source``,
-    with a progress bar per split; on a GPU under bf16 autocast when ``precision`` (the
-    trainer's) says so. A shard that some targets hold already is written to the others."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    source.to(device)
-    bf16 = precision.startswith("bf16")
+    """Write every missing shard of ``share`` (this process's) of every split of every target
+    in one pass of ``source``, with a progress bar per split; on a GPU under bf16 autocast when
+    ``precision`` (the trainer's) says so. A shard that some targets hold already is written to
+    the others. After each round of shards every rank asks whether any rank was signalled, and
+    all stop together (``Preempted``)."""
+    share, ranks = share or Share(), ranks or Ranks()
+    source.to(ranks.device)
     for target in targets:
         for aggregator in target.aggregators.values():
-            aggregator.to(device)
+            aggregator.to(ranks.device)
+    bf16 = precision.startswith("bf16")
+
+    def compute(images, pending):
+        return extract_batch(source, images, pending, dtype, batch_size, bf16)
+
     for name, plan in plans.items():
-        done = [target.cache.shards_done(name) for target in targets]
-        views = Views(splits[name], plan.views, name in augmented)
+        rounds = share.rounds(plan.num_shards)
+        mine = [shard for shard in rounds if shard is not None]
+        done = [s for s in mine if all(t.cache.shard_done(name, s) for t in targets)]
         bar = tqdm(
-            total=plan.count, initial=min(plan.count, min(done) * plan.shard_size), unit="img",
-            desc=f"extract {name}",
+            total=sum(len(plan.shard_range(s)) for s in mine),
+            initial=sum(len(plan.shard_range(s)) for s in done), unit="img",
+            desc=f"extract {name}" + (f" (rank {ranks.rank})" if ranks.size > 1 else ""),
+            disable=not mine,
         )  # fmt: skip
-        for shard in range(min(done), plan.num_shards):
-            pending = [t for t, d in zip(targets, done, strict=True) if d <= shard]
-            subset = torch.utils.data.Subset(views, list(plan.shard_range(shard)))
-            loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
-            parts: list[dict[str, list[torch.Tensor]]] = [{} for _ in pending]
-            label_chunks = []
-            for images, labels in loader:
-                if watch is not None:
-                    watch.check()
-                views_of_batch = images.flatten(0, 1)  # [images x views, 3, H, W]
-                fields = extract_batch(source, views_of_batch, pending, dtype, batch_size, bf16)
-                for target_fields, target_parts in zip(fields, parts, strict=True):
-                    for field, tensor in target_fields.items():
-                        target_parts.setdefault(field, []).append(
-                            tensor.unflatten(0, (len(labels), plan.views))
-                        )
-                label_chunks.append(labels)
-                bar.update(len(labels))
-            labels = torch.cat(label_chunks).to(torch.int64)
-            for target, target_parts in zip(pending, parts, strict=True):
-                tensors = {field: torch.cat(chunks) for field, chunks in target_parts.items()}
-                target.cache.write_shard(name, shard, {**tensors, "targets": labels})
+        views = Views(splits[name], plan.views, name in augmented)
+        for shard in rounds:
+            missing = (
+                [] if shard is None else [t for t in targets if not t.cache.shard_done(name, shard)]
+            )
+            if missing:
+                subset = torch.utils.data.Subset(views, list(plan.shard_range(shard)))
+                loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+                write_shard(missing, name, shard, loader, plan.views, compute)
+                bar.update(len(subset))
+            if ranks.stop_requested(watch):
+                log.warning("Rank %d stops extracting after its shard of this round.", ranks.rank)
+                watch.check()
         bar.close()
+
+
+def write_shard(targets: list[Target], split: str, shard: int, loader, views: int, compute):
+    """One shard of every target from the batches of ``loader``; ``compute(images, targets)``
+    gives each target's stored fields of a batch (``extract_batch``)."""
+    parts: list[dict[str, list[torch.Tensor]]] = [{} for _ in targets]
+    label_chunks = []
+    for images, labels in loader:
+        fields = compute(images.flatten(0, 1), targets)  # [images x views, 3, H, W]
+        for target_fields, target_parts in zip(fields, parts, strict=True):
+            for field, tensor in target_fields.items():
+                target_parts.setdefault(field, []).append(tensor.unflatten(0, (len(labels), views)))
+        label_chunks.append(labels)
+    labels = torch.cat(label_chunks).to(torch.int64)
+    for target, target_parts in zip(targets, parts, strict=True):
+        tensors = {field: torch.cat(chunks) for field, chunks in target_parts.items()}
+        target.cache.write_shard(split, shard, {**tensors, "targets": labels})

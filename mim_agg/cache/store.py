@@ -1,12 +1,17 @@
 """A token cache on disk: one folder per key, a JSON manifest, safetensors shards per split.
 
 Each shard ``<split>/shard-<i>.safetensors`` holds ``shard_size`` consecutive images of the
-split: every stored field as ``[n, views, ...]`` plus ``targets [n]``. Shards are written
-whole (temporary file, fsync, rename) and entered in the manifest only afterwards, so a killed
-extraction leaves complete shards that the manifest names and nothing half-written that a
-reader could take. The manifest carries the SHA-256 of its own content, checked on every
-read: an edited count or class number is refused, not trained on. A complete cache is never
-written again, so reading one takes no lock and needs no write access (a read-only mount).
+split: every stored field as ``[n, views, ...]`` plus ``targets [n]``. An extraction first
+fixes the plan (``plan.json``: the manifest without shards); each shard is written whole
+(temporary file, fsync, rename), then its record (``shard-<i>.json``: size and SHA-256). Any
+number of processes may fill one cache, each its own shards (``mim_agg.cache.parts``): a
+shard counts once its record exists, so a killed process leaves complete shards and nothing
+half-written that a rerun or a reader could take. Whoever records the last shard writes the
+manifest, once (a hard link that only one process can make), from the plan and the records:
+the same manifest however many processes took part. The manifest carries the SHA-256 of its
+own content, checked on every read: an edited count or class number is refused, not trained
+on. A complete cache is never written again, so reading one takes no lock and needs no write
+access (a read-only mount).
 safetensors maps the file (``torch.UntypedStorage.from_file``): reading an image touches only
 its pages, stays in the stored dtype, and needs no memory that grows with the dataset
 (measured against ``numpy.memmap``: the same speed; safetensors keeps bfloat16, names and
@@ -19,8 +24,11 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +38,14 @@ from safetensors.torch import save
 
 from mim_agg.errors import UserError
 from mim_agg.runs.identity import config_hash
-from mim_agg.utils.files import read_json, sha256_of, write_atomic, write_json
+from mim_agg.utils.files import (
+    FILE_MODE,
+    read_json,
+    sha256_of,
+    strict_json,
+    write_atomic,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +58,7 @@ DTYPES = {
 }
 SCALE = ".scale"  # int8 fields carry a float32 scale per row of their last dimension
 VERIFIED = "verified.json"  # shards whose SHA-256 was checked, with their size and mtime then
+PLAN = "plan.json"  # the manifest-to-be, without shards: what every extracting process fills
 DIGEST = "digest"  # the manifest's key for the SHA-256 of the rest of its content
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 REBUILD = "python run.py task=extract <this run's overrides>"
@@ -100,6 +116,28 @@ def shard_file(split: str, shard: int) -> str:
     return f"{split}/shard-{shard:05d}.safetensors"
 
 
+def shard_record(split: str, shard: int) -> str:
+    return f"{split}/shard-{shard:05d}.json"
+
+
+def create_once(path: Path, content: str) -> bool:
+    """Write ``path`` whole unless it exists; False when it did. Of processes racing to write
+    it, exactly one succeeds (``os.link`` never replaces), and no reader sees a partial file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(temporary, FILE_MODE)
+        with os.fdopen(handle, "w") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        os.link(temporary, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
 def manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest without its digest, as canonical JSON (key order and spacing
     do not count, every value does)."""
@@ -114,6 +152,7 @@ class TokenCache:
     def __init__(self, root: Path | str, rebuild: str = REBUILD) -> None:
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.json"
+        self.plan_path = self.root / PLAN
         self.rebuild = rebuild
 
     @property
@@ -130,8 +169,10 @@ class TokenCache:
             )
         return manifest
 
-    def _write_manifest(self, manifest: dict) -> None:
-        write_json(self.manifest_path, {**manifest, DIGEST: manifest_digest(manifest)})
+    @staticmethod
+    def _signed(manifest: dict) -> str:
+        signed = {**manifest, DIGEST: manifest_digest(manifest)}
+        return json.dumps(strict_json(signed), indent=2, allow_nan=False) + "\n"
 
     @property
     def complete(self) -> bool:
@@ -142,42 +183,48 @@ class TokenCache:
         )
 
     # ------------------------------------------------------------------------- writing
-    def start(self, manifest: dict) -> None:
-        """Create the folder and manifest, or check that an existing one is for the same key
-        (shards already complete are kept: extraction resumes after them)."""
+    def start(self, manifest: dict) -> dict:
+        """The plan every extracting process follows: the first to start writes ``manifest``
+        (its ``splits`` without shards) as ``plan.json``, later ones (a resumed extraction,
+        the other parts) check its key and keep its plan (its shard size, say)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        existing = self.manifest
-        if existing and existing.get("key") != manifest["key"]:
+        if self.manifest_path.exists() and not self.complete:  # an older format's progress
+            self.manifest_path.unlink(missing_ok=True)
+        create_once(self.plan_path, json.dumps(manifest, indent=2) + "\n")
+        plan = read_json(self.plan_path)
+        if plan.get("key") != manifest["key"]:
             raise CacheError(
-                f"{self.manifest_path} belongs to another cache (key {existing.get('key')}, "
+                f"{self.plan_path} belongs to another cache (key {plan.get('key')}, "
                 f"not {manifest['key']}); remove {self.root} to rebuild it."
             )
-        if not existing:
-            self._write_manifest(manifest)
-        for temporary in self.root.glob("*/.shard-*.tmp"):  # a kill mid-write left these
-            temporary.unlink()
+        return plan
 
     @contextlib.contextmanager
-    def locked(self):
-        """One extracting process per cache; another waits for it (a sweep's jobs share one
-        cache). Readers need no lock: they read only a complete cache, which nobody writes."""
-        with self._open_lock() as lock:
+    def locked(self, name: str = ".lock", wait: bool = True):
+        """Yield whether this process holds the lock file ``name``: one extraction job per
+        cache (per part of it, ``mim_agg.cache.parts``); another waits for it (a sweep's jobs
+        share one cache), or with ``wait=False`` is told at once. Readers need no lock: they
+        read only a complete cache, which nobody writes."""
+        with self._open_lock(name) as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
                 log.info("Another process is writing %s; waiting for it.", self.root)
                 fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield
+                yield True
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _open_lock(self):
+    def _open_lock(self, name: str):
         """The lock file, in the cache folder: the first write of an extraction, so a folder
         that cannot be written is refused here, before any work."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            return open(self.root / ".lock", "a+")
+            return open(self.root / name, "a+")
         except OSError as error:
             if error.errno not in NOT_WRITABLE:
                 raise
@@ -187,26 +234,46 @@ class TokenCache:
                 "complete cache is read without writing, from a read-only mount too)."
             ) from None
 
-    def shards_done(self, split: str) -> int:
-        return len(self.manifest["splits"][split]["shards"])
+    def shard_done(self, split: str, shard: int) -> bool:
+        return (self.root / shard_record(split, shard)).is_file()
 
     def write_shard(self, split: str, shard: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write one shard whole, then enter it in the manifest."""
+        """Write one shard whole, then its record: its size, SHA-256 (of the bytes written,
+        so ``check`` need not read them again) and the size and time it was written with."""
         data = save({k: v.contiguous() for k, v in tensors.items()})
         (self.root / split).mkdir(exist_ok=True)
-        write_atomic(self.root / shard_file(split, shard), data)
-        manifest = self.manifest
-        shards = manifest["splits"][split]["shards"]
-        if len(shards) != shard:
-            raise CacheError(f"Shard {shard} of {split} written out of order in {self.root}.")
-        shards.append(
-            {
-                "file": shard_file(split, shard),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-        self._write_manifest(manifest)
+        path = write_atomic(self.root / shard_file(split, shard), data)
+        status = path.stat()
+        record = {
+            "file": shard_file(split, shard),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "verified": [status.st_size, status.st_mtime_ns],
+        }
+        write_json(self.root / shard_record(split, shard), record)
+
+    def publish(self) -> bool:
+        """Write the manifest when every shard of the plan is recorded (else False): the
+        plan with every split's shards in order, the shards verified as written. Several
+        processes may find the last record at once; one writes the manifest, all return True.
+        Temporary files of killed writers go then: nobody writes this cache again."""
+        if self.complete:
+            return True
+        plan = read_json(self.plan_path)
+        records = {}
+        for split, entry in plan["splits"].items():
+            shards = range(SplitPlan(**entry["plan"]).num_shards)
+            records[split] = [read_json(self.root / shard_record(split, s)) for s in shards]
+            if None in records[split]:
+                return False
+        verified = {r["file"]: r.pop("verified") for split in records.values() for r in split}
+        for split, entry in plan["splits"].items():
+            entry["shards"] = records[split]
+        self._record_verified(verified)
+        if create_once(self.manifest_path, self._signed(plan)):
+            for temporary in self.root.glob("*/.shard-*.tmp"):
+                temporary.unlink(missing_ok=True)
+        return True
 
     # ------------------------------------------------------------------------- reading
     def check(self, key: str, verify: bool | str = True) -> None:

@@ -217,8 +217,8 @@ def test_the_figure_hatches_heads_not_significantly_different_and_stars_the_winn
     (star,) = [line for line in ax.get_lines() if line.get_marker() == "*"]
     assert heads[round(star.get_xdata()[0])] == "best"
     (legend,) = fig.legends
-    texts = " | ".join(t.get_text() for t in legend.get_texts())
-    assert "★ winner of its column" in texts and "≈ not significantly different" in texts
+    texts = " | ".join(t.get_text().replace("\n", " ") for t in legend.get_texts())
+    assert "★ the winner of its column" in texts and "≈ not significantly different" in texts
     assert "error bars: 95% bootstrap interval over the test images (one seed)" in texts
 
 

@@ -60,7 +60,7 @@ def table_points(table: dict[tuple, Cell], keys: list[str]) -> list[CostPoint]:
     """A report's cells with their mean accuracy over seeds; cells without costs (k-NN) are
     left out."""
     points = []
-    for (*column, head), cell in table.items():
+    for (*column, head), cell in sorted(table.items(), key=lambda item: natural(item[0])):
         row = cell.chosen[0]  # seeds and learning rates change no cost
         if all(row.get(field) not in (None, "") for _, field in COSTS.values()):
             label = column_label(tuple(column), keys) if keys else ""
@@ -78,7 +78,7 @@ def cost_figure(points: list[CostPoint], title: str) -> Figure:
     scales), each head a labelled point, each group's Pareto front a staircase drawn on to
     the costliest head (what lies below it is beaten by a head at most as costly), its heads
     ringed."""
-    groups = sorted({p.group for p in points}, key=lambda g: natural((g,)))
+    groups = list(dict.fromkeys(p.group for p in points))  # in the table's column order
     fig = Figure(figsize=(12, 5.6), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     labels = []

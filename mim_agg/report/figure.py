@@ -33,16 +33,12 @@ def results_figure(
     fig = Figure(figsize=(max(6.4, 0.55 * len(table) + 2), 5.2), layout="constrained")
     ax = fig.subplots()
     colours = {column: f"C{index % 10}" for index, column in enumerate(columns)}
-    labelled = set()
     for position, head in enumerate(heads):
         present = [c for c in columns if (*c, head) in table]
         for slot, column in enumerate(present):
             cell, marks = table[(*column, head)], stats.get((*column, head))
             mean = 100 * statistics.fmean(cell.values)
             error = error_bar(cell, marks)
-            named = column in labelled or len(columns) == 1  # one column: no legend entry
-            label = None if named else legend_label(column_label(column, keys))
-            labelled.add(column)
             offset = (slot - (len(present) - 1) / 2) * width
             same = marks is not None and marks.significant is False
             bars = ax.bar(
@@ -54,7 +50,6 @@ def results_figure(
                 facecolor="white" if same else colours[column],
                 edgecolor=colours[column],
                 hatch=HATCH if same else None,
-                label=label,
             )
             # inside the bar: above it, the label would collide with the error bar
             ax.bar_label(bars, [f"n={len(cell.values)}"], fontsize=7, label_type="center")
@@ -67,9 +62,14 @@ def results_figure(
     wrapped = "\n".join(textwrap.fill(line, 80) for line in title.split("\n"))
     ax.set_title(wrapped, fontsize=9)
     ax.set_ylim(0, 110)
-    extra = mark_legend(comparisons, table)
-    if len(columns) > 1 or extra:
-        outside_legend(fig, ax, extra)
+    entries = [  # plain patches: a column's first bar may be hatched
+        Patch(facecolor=colours[column], label=legend_label(column_label(column, keys)))
+        for column in columns
+        if len(columns) > 1
+    ]
+    entries += mark_legend(comparisons, table)
+    if entries:
+        outside_legend(fig, ax, entries)
     return fig
 
 
@@ -99,7 +99,7 @@ def mark_legend(comparisons: Comparisons | None, table: dict[tuple, Cell]) -> li
                 color="black",
                 linestyle="None",
                 markersize=9,
-                label=f"{WINNER_MARK} winner of its column (best held-out accuracy)",
+                label=f"{WINNER_MARK} the winner of its column (best held-out accuracy)",
             )
         )
         entries.append(
@@ -107,8 +107,10 @@ def mark_legend(comparisons: Comparisons | None, table: dict[tuple, Cell]) -> li
                 facecolor="white",
                 edgecolor="0.3",
                 hatch=HATCH,
-                label=f"{SAME_MARK} not significantly different from it (McNemar exact, Holm, "
-                "p ≥ 0.05)",
+                label=legend_label(
+                    f"{SAME_MARK} not significantly different from it (McNemar exact, Holm, "
+                    "p ≥ 0.05)"
+                ),
             )
         )
     bootstrap = any(stats.interval_kind == "bootstrap" for stats in comparisons.cells.values())
@@ -122,7 +124,7 @@ def mark_legend(comparisons: Comparisons | None, table: dict[tuple, Cell]) -> li
         if present
     ]
     if bootstrap or (entries and shown):
-        label = "error bars: " + "; ".join(shown)
+        label = legend_label("error bars: " + "; ".join(shown))
         entries.append(
             Line2D([], [], marker="|", color="black", linestyle="None", markersize=10, label=label)
         )

@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -102,34 +103,54 @@ def named_by_config_key(cfg: DictConfig, key: str):
         raise ConfigError(str(error).replace("aggregator.", prefix, 1)) from None
 
 
-def learning_rates(cfg: DictConfig) -> list[float]:
-    """``probe.blrs`` (or ``probe.blr`` alone); a choice among several heads needs held-out
-    data to be made on."""
+class HeadSpec(NamedTuple):
+    """One point of the head grid: what the head pools and how it is optimised."""
+
+    options: dict  # the aggregator's, as build_aggregator takes them
+    blr: float  # base learning rate
+    wd: float  # weight decay of its weight matrices
+
+
+def optimizer_grid(cfg: DictConfig) -> tuple[list[float], list[float]]:
+    """``probe.blrs`` (or ``probe.blr`` alone) and ``probe.wds`` (or ``probe.weight_decay``
+    alone); a choice among several heads needs held-out data to be made on. ``get``: a probe
+    run's config from before ``probe.wds`` existed has none."""
     blrs = list(cfg.probe.blrs or [cfg.probe.blr])
-    if len(aggregator_configs(cfg)) * len(blrs) > 1 and cfg.dataset.heldout_fraction == 0:
+    wds = list(cfg.probe.get("wds") or [cfg.probe.weight_decay])
+    heads = len(aggregator_configs(cfg)) * len(blrs) * len(wds)
+    if heads > 1 and cfg.dataset.heldout_fraction == 0:
         raise ConfigError(
             "Choosing among several heads needs held-out data; set dataset.heldout_fraction > 0."
         )
-    return blrs
+    return blrs, wds
 
 
-def head_grid(cfg: DictConfig) -> dict[str, tuple[dict, float]]:
-    """Every (aggregator options, base learning rate) pair of the run, by head name.
+def head_grid(cfg: DictConfig) -> dict[str, HeadSpec]:
+    """Every (aggregator options, base learning rate, weight decay) of the run, by head name.
 
-    The aggregators are those of ``aggregator_configs``; the rates are ``learning_rates``.
-    One rate keeps plain aggregator names.
+    The aggregators are those of ``aggregator_configs``; the rates and decays are
+    ``optimizer_grid``'s, every pair. A single rate or decay keeps names without it.
     """
-    blrs = learning_rates(cfg)
+    blrs, wds = optimizer_grid(cfg)
     return {
-        head_name(key, blr, len(blrs)): (OmegaConf.to_container(options, resolve=True), blr)
+        head_name(key, blr, wd, len(blrs), len(wds)): HeadSpec(
+            OmegaConf.to_container(options, resolve=True), blr, wd
+        )
         for key, options in aggregator_configs(cfg).items()
         for blr in blrs
+        for wd in wds
     }
 
 
-def head_name(aggregator_key: str, blr: float, num_blrs: int) -> str:
-    """``abmilp``, or ``abmilp_blr0p1`` in a learning-rate grid (no dots: module names)."""
-    return aggregator_key if num_blrs == 1 else f"{aggregator_key}_blr{blr:g}".replace(".", "p")
+def head_name(aggregator_key: str, blr: float, wd: float, num_blrs: int, num_wds: int) -> str:
+    """``abmilp``; ``abmilp_blr0p1`` in a learning-rate grid, ``abmilp_wd0p0001`` in a
+    weight-decay grid, ``abmilp_blr0p1_wd0p0001`` in both (no dots: module names)."""
+    name = aggregator_key
+    if num_blrs > 1:
+        name += f"_blr{blr:g}".replace(".", "p")
+    if num_wds > 1:
+        name += f"_wd{wd:g}".replace(".", "p")
+    return name
 
 
 def build_head(seed: int, layout: TokenLayout, options: dict, num_classes: int) -> ProbeHead:
@@ -140,16 +161,17 @@ def build_head(seed: int, layout: TokenLayout, options: dict, num_classes: int) 
 
 
 def build_heads(cfg: DictConfig, layout: TokenLayout, num_classes: int) -> dict[str, ProbeHead]:
-    """One head per (aggregator, learning rate) of ``head_grid``, by head name: the run's
-    aggregators, built once, here (a cache's plan reads the heads' own)."""
-    blrs = learning_rates(cfg)
+    """One head per (aggregator, learning rate, weight decay) of ``head_grid``, by head name:
+    the run's aggregators, built once, here (a cache's plan reads the heads' own)."""
+    blrs, wds = optimizer_grid(cfg)
     heads = {}
     for key, options in aggregator_configs(cfg).items():
         options = OmegaConf.to_container(options, resolve=True)
         with named_by_config_key(cfg, key):
             for blr in blrs:
-                head = build_head(cfg.seed, layout, options, num_classes)
-                heads[head_name(key, blr, len(blrs))] = head
+                for wd in wds:
+                    head = build_head(cfg.seed, layout, options, num_classes)
+                    heads[head_name(key, blr, wd, len(blrs), len(wds))] = head
     return heads
 
 
@@ -198,17 +220,18 @@ def build_probe(
     num_classes = num_classes or cfg.dataset.num_classes
     layout = source.layout if source else backbone_layout(cfg)
     heads = heads or build_heads(cfg, layout, num_classes)
+    grid = head_grid(cfg)
     if source is None:
         request = token_request(head.aggregator for head in heads.values())
         source = build_live_source(cfg, {layout.depth - 1: request})
     return LinearProbe(
         source,
         heads,
-        blrs={name: blr for name, (_, blr) in head_grid(cfg).items()},
+        blrs={name: spec.blr for name, spec in grid.items()},
+        weight_decays={name: spec.wd for name, spec in grid.items()},
         num_classes=num_classes,
         batch_size=cfg.probe.batch_size,
         optimizer=cfg.probe.optimizer,
-        weight_decay=cfg.probe.weight_decay,
         momentum=cfg.probe.momentum,
         warmup_epochs=cfg.probe.warmup_epochs,
     )
@@ -243,7 +266,7 @@ def load_probe_head(cfg: DictConfig, checkpoint: str, layout: TokenLayout) -> Pr
         weights = state["state_dict"]
         selected = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     num_classes = selected["classifier.weight"].shape[0]
-    head = build_head(run_cfg.seed, layout, head_grid(run_cfg)[name][0], num_classes)
+    head = build_head(run_cfg.seed, layout, head_grid(run_cfg)[name].options, num_classes)
     require_finite(
         f"The weights of head {name!r} in {str(checkpoint_path)!r}",
         selected.values(),

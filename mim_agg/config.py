@@ -38,6 +38,7 @@ class ProbeConfig:  # each recipe's values: conf/probe/*.yaml; below, what they 
     blr: float = MISSING
     blrs: list[float] | None = MISSING
     weight_decay: float = MISSING
+    wds: list[float] | None = MISSING
     momentum: float = MISSING
     epochs: int = MISSING
     warmup_epochs: float = MISSING

@@ -35,6 +35,10 @@ RULES = {
         "null or a non-empty list of rates > 0",
     ),
     "probe.weight_decay": (lambda v, c: v >= 0, ">= 0"),
+    "probe.wds": (
+        lambda v, c: v is None or (len(v) > 0 and all(x >= 0 for x in v)),
+        "null or a non-empty list of weight decays >= 0",
+    ),
     "probe.momentum": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
     "probe.effective_batch": (
         lambda v, c: v is None or (v >= c.probe.batch_size and v % c.probe.batch_size == 0),

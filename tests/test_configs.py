@@ -106,11 +106,11 @@ def test_heads_options(name, tmp_path):
     cfg = compose_config([f"heads={name}"], tmp_path)
     grid = head_grid(cfg)
     assert "cls" in grid  # the `aggregator` head is always part of the grid
-    for options, blr in grid.values():
-        assert blr == cfg.probe.blr
-        build_aggregator(layout=TokenLayout(768, 1, True, (14, 14)), **options)
+    for spec in grid.values():
+        assert (spec.blr, spec.wd) == (cfg.probe.blr, cfg.probe.weight_decay)
+        build_aggregator(layout=TokenLayout(768, 1, True, (14, 14)), **spec.options)
     if name == "all":
-        assert {options["name"] for options, _ in grid.values()} == set(AGGREGATORS)
+        assert {spec.options["name"] for spec in grid.values()} == set(AGGREGATORS)
 
 
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)

@@ -285,7 +285,10 @@ def prefix_tokens(has_cls: bool, registers: int) -> str:
 def check_prefix_tokens(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Refuse a file whose tokens before the patches ([cls], registers, DINOv3's storage
     tokens) are not the architecture's: each patch would be read from another position, a
-    shifted grid that loads without an error elsewhere only by luck."""
+    shifted grid that loads without an error elsewhere only by luck. A file without a patch
+    embedding is no ViT's at all: the key comparison after this says what it holds."""
+    if "patch_embed.proj.weight" not in state:
+        return
     theirs = ("cls_token" in state, _count_registers(state.get("reg_token")))
     ours = (
         getattr(model, "cls_token", None) is not None,

@@ -1,9 +1,9 @@
 """Linear probing of many heads over one frozen-backbone pass per batch.
 
-Heads are independent: own parameters, own optimizer parameter groups (so own learning rate
-and schedule), losses summed so gradients never mix. Each head's best epoch is chosen on the
-held-out split; the test split is evaluated once, at the end, with both the selected and the
-last-epoch weights of every head.
+Heads are independent: own parameters, own optimizer parameter groups (so own learning rate,
+weight decay and schedule), losses summed so gradients never mix. Each head's best epoch is
+chosen on the held-out split; the test split is evaluated once, at the end, with both the
+selected and the last-epoch weights of every head.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ class LinearProbe(L.LightningModule):
         source: TokenSource,
         heads: dict[str, ProbeHead],
         blrs: dict[str, float],
+        weight_decays: dict[str, float],
         num_classes: int,
         batch_size: int,
         optimizer: str = "lars",
-        weight_decay: float = 0.0,
         momentum: float = 0.9,
         warmup_epochs: float = 10,
     ) -> None:
@@ -71,9 +71,9 @@ class LinearProbe(L.LightningModule):
         self.source = source
         self.heads = nn.ModuleDict(heads)
         self.blrs = blrs
+        self.weight_decays = weight_decays
         self.batch_size = batch_size
         self.optimizer_name = optimizer
-        self.weight_decay = weight_decay
         self.momentum = momentum
         self.warmup_epochs = warmup_epochs
         self.num_classes = num_classes
@@ -274,14 +274,12 @@ class LinearProbe(L.LightningModule):
         images_per_step = self._images_per_step()
         groups = []
         for name, head in self.heads.items():
-            lr = scaled_lr(self.blrs[name], images_per_step)
+            lr, wd = scaled_lr(self.blrs[name], images_per_step), self.weight_decays[name]
             params = [p for p in head.parameters() if p.requires_grad]
             matrices = [p for p in params if p.ndim > 1]
             vectors = [p for p in params if p.ndim <= 1]
             # named per head: LearningRateMonitor logs lr-<optimizer>/<head>
-            groups.append(
-                dict(params=matrices, lr=lr, weight_decay=self.weight_decay, lars=True, name=name)
-            )
+            groups.append(dict(params=matrices, lr=lr, weight_decay=wd, lars=True, name=name))
             groups.append(
                 dict(params=vectors, lr=lr, weight_decay=0.0, lars=False, name=f"{name}/no_decay")
             )

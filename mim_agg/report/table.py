@@ -2,12 +2,13 @@
 
 Jobs are told apart by every result-changing config value that differs between them (dataset,
 backbone, block, image size, optimizer, ...). Within a job, and across jobs that differ only
-in the learning rate, each aggregator's head is chosen on held-out accuracy, per seed; seeds
-are then collapsed into mean +- std (n) of that head's test accuracy.
+in the learning rate or weight decay, each aggregator's head is chosen on held-out accuracy,
+per seed; seeds are then collapsed into mean +- std (n) of that head's test accuracy.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,9 +22,14 @@ WINNER_MARK = "★"  # the column's winner, when another head was compared with 
 SAME_MARK = "≈"  # not significantly different from the winner
 
 # Not columns: seeds (the training seed, and the low-shot subset's, which follows it unless
-# set) are averaged over, learning rates are chosen on held-out, and a head's aggregator and
-# its options (``aggregator`` and the extra ``heads``) name the row (``head_labels``).
-SELECTED_OVER = ("seed", "dataset.subset_seed", "probe.blr", "probe.blrs", "aggregator", "heads")
+# set) are averaged over, learning rates and weight decays are chosen on held-out, and a
+# head's aggregator and its options (``aggregator`` and the extra ``heads``) name the row
+# (``head_labels``).
+SELECTED_OVER = (
+    "seed", "dataset.subset_seed", "probe.blr", "probe.blrs", "probe.weight_decay", "probe.wds",
+    "aggregator", "heads",
+)  # fmt: skip
+HEAD_GRID_SUFFIX = re.compile(r"(_blr[^_]+)?(_wd[^_]+)?$")  # builders.head_name's
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -63,8 +69,9 @@ def constant_context(jobs: list[Job], keys=("backbone.arch", "backbone.weights",
 
 
 def head_key(row: dict) -> str:
-    """The head without its learning rate: ``abmilp_blr0p1`` -> ``abmilp``."""
-    return row["head"].split("_blr")[0]
+    """The head without its learning rate and weight decay: ``abmilp_blr0p1_wd0p0001`` ->
+    ``abmilp``."""
+    return HEAD_GRID_SUFFIX.sub("", row["head"], count=1)
 
 
 def head_options(config: dict, head: str) -> dict:

@@ -37,7 +37,7 @@ NOT_RESULTS = (
 
 # Keys that enter a run's identity only where they differ from their default, which they
 # were added with: the runs named before them keep their names.
-NAMED_WHEN_SET = {"backbone.dtype": DEFAULT_DTYPE}
+NAMED_WHEN_SET = {"backbone.dtype": DEFAULT_DTYPE, "probe.wds": None}
 
 
 def result_config(cfg: DictConfig) -> dict:

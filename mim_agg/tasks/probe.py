@@ -233,10 +233,11 @@ def describe_heads(cfg: DictConfig, model: LinearProbe) -> list[dict]:
     return [
         {
             "head": name,
-            "aggregator": options["name"],
-            "blr": blr,
+            "aggregator": spec.options["name"],
+            "blr": spec.blr,
+            "wd": spec.wd,
             "added_gflops": added_gflops(model.heads[name], model.source.layout),
             **model.results[name],
         }
-        for name, (options, blr) in head_grid(cfg).items()
+        for name, spec in head_grid(cfg).items()
     ]

@@ -32,6 +32,7 @@ HEAD_COLUMNS = (
     "head",
     "aggregator",
     "blr",
+    "wd",
     "trainable_params",
     "added_gflops",
     "val/acc1_best",

@@ -12,6 +12,7 @@ import re
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mim_agg.data.decode import DECODERS
 from mim_agg.errors import ConfigError
 
 # efficient-probing's leaderboard families (MIM, JEA, Hybrid = MIM + JEA, VLM, GEN), and none:
@@ -57,6 +58,12 @@ RULES = {
     "dataset.test_size": (lambda v, c: v is None or v >= 1, "null or >= 1"),
     "dataset.shots": (lambda v, c: v is None or v >= 1, "null or >= 1"),
     "dataset.fraction": (lambda v, c: v is None or 0 < v <= 1, "null or in (0, 1]"),
+    "dataset.decode": (
+        lambda v, c: v in DECODERS,
+        "pil (Pillow, the reference), turbo (libjpeg-turbo, the same pixels) or turbo_dct "
+        "(libjpeg-turbo downscaling in the IDCT for the eval resize: other pixels; README, "
+        "'Data path')",
+    ),
     "backbone.img_size": (lambda v, c: v >= 1, ">= 1"),
     "backbone.mean": (
         lambda v, c: v is None or (len(v) == 3 and all(math.isfinite(x) for x in v)),

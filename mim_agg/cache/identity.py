@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from mim_agg.backbones import TokenRequest
 from mim_agg.backbones.frozen import DEFAULT_DTYPE, is_timm_tag, resolve_normalization
 from mim_agg.cache.store import FORMAT
+from mim_agg.data.decode import DEFAULT_DECODE
 from mim_agg.runs.identity import config_hash
 from mim_agg.utils.files import sha256_of
 
@@ -124,6 +125,7 @@ def cache_identity(
         arch, weights = oracle
         oracle = {"arch": arch, "weights": weights_identity(weights, cfg.seed)}
     dtype = backbone.get("dtype", DEFAULT_DTYPE)  # named when set: older caches keep their keys
+    decode = cfg.dataset.get("decode", DEFAULT_DECODE)  # the same
     return {
         "format": FORMAT,
         "arch": backbone.arch,
@@ -140,6 +142,7 @@ def cache_identity(
         "dtype": cfg.cache.dtype,
         "request": request.as_dict(),
         "dataset": cfg.dataset.name,
+        **({"decode": decode} if decode != DEFAULT_DECODE else {}),
         "splits": split_ids,
         "views": views,
         "num_classes": num_classes,

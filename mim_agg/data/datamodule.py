@@ -20,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from mim_agg.data.decode import DEFAULT_DECODE, encoded
 from mim_agg.data.sampling import EpochLoader, EpochSampler, seeded_random
 from mim_agg.data.sources import (
     DataError,
@@ -216,6 +217,7 @@ class ProbeDataModule(SplitLoaders):
         shots: int | None = None,
         fraction: float | None = None,
         subset_seed: int = 0,
+        decode: str = DEFAULT_DECODE,
     ) -> None:
         super().__init__()
         if not 0.0 <= heldout_fraction < 1.0:
@@ -233,8 +235,9 @@ class ProbeDataModule(SplitLoaders):
             )
         self.shots, self.fraction, self.subset_seed = shots, fraction, subset_seed
         self.augment = augment  # false: train on the eval transform (centre crop), as a cache can
-        self.train_transform = build_transform(augment, img_size, mean, std)
-        self.eval_transform = build_transform(False, img_size, mean, std)
+        self.decode = decode  # pil | turbo | turbo_dct: mim_agg/data/decode.py
+        self.train_transform = build_transform(augment, img_size, mean, std, decode=decode)
+        self.eval_transform = build_transform(False, img_size, mean, std, decode=decode)
         self.splits: dict[str, TransformedSubset] = {}
 
     @classmethod
@@ -251,6 +254,7 @@ class ProbeDataModule(SplitLoaders):
         if self.splits:
             return
         train, test = self.source.load(self.num_classes, self.seed)
+        train, test = (encoded(split, self.decode, self.name) for split in (train, test))
         labels = np.concatenate([targets_of(train), targets_of(test)])
         self.num_classes = self._resolve_num_classes(classes_of(train), labels)
         for split, source in (("train", train), ("test", test)):

@@ -13,6 +13,7 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 from mim_agg.backbones.frozen import DEFAULT_DTYPE
+from mim_agg.data.decode import DEFAULT_DECODE
 
 # Keys inside the groups a task reads that never change a run's numbers, for every task.
 NOT_RESULTS = (
@@ -37,7 +38,11 @@ NOT_RESULTS = (
 
 # Keys that enter a run's identity only where they differ from their default, which they
 # were added with: the runs named before them keep their names.
-NAMED_WHEN_SET = {"backbone.dtype": DEFAULT_DTYPE, "probe.wds": None}
+NAMED_WHEN_SET = {
+    "backbone.dtype": DEFAULT_DTYPE,
+    "probe.wds": None,
+    "dataset.decode": DEFAULT_DECODE,
+}
 
 
 def result_config(cfg: DictConfig) -> dict:

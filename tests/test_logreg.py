@@ -15,6 +15,8 @@ from mim_agg.cache import TokenCache
 from mim_agg.errors import ConfigError
 from mim_agg.logreg import c_grid, fit_logistic_regression
 from mim_agg.runs.runner import run_task
+from mim_agg.utils.predictions import FILE as PREDICTIONS
+from mim_agg.utils.predictions import read_predictions
 from tests.helpers import FAST, cached_features, compose_config
 
 TOL = 1e-6  # both solvers stop when no gradient entry of the scaled objective exceeds it
@@ -65,6 +67,7 @@ def test_logreg_task_equals_scikit_learn_on_the_cached_features(tmp_path):
     summary = run_task(compose_config([*overrides, *grid, "cache.dtype=float32"], tmp_path))
     (folder,) = (tmp_path / "cache").iterdir()
     cache = TokenCache(folder)
+    stored = read_predictions(tmp_path / "run" / PREDICTIONS)
     for name, key in (("mean", "mean()"), ("cls", "cls()")):
         result = summary["heads"][name]
         train, heldout, test = (
@@ -77,7 +80,10 @@ def test_logreg_task_equals_scikit_learn_on_the_cached_features(tmp_path):
             heldout_accuracy[best]
         )
         both = (np.concatenate([train[0], heldout[0]]), np.concatenate([train[1], heldout[1]]))
-        assert result["test/acc1"] == pytest.approx(sklearn_fit(*both, best).score(*test))
+        predicted = sklearn_fit(*both, best).predict(test[0])
+        assert result["test/acc1"] == pytest.approx((predicted == test[1]).mean())
+        np.testing.assert_array_equal(stored.predicted[name], predicted)  # per test image
+    np.testing.assert_array_equal(stored.targets, test[1])
     assert summary["winner"] == max(
         ("mean", "cls"), key=lambda n: summary["heads"][n]["val/acc1_best"]
     )

@@ -12,13 +12,11 @@ into a running top-k.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import MISSING, DictConfig
-from rich.table import Table
 
 from mim_agg.builders import build_datamodule
 from mim_agg.cache.features import PooledFeatures, evaluation_config, frozen_aggregators
@@ -28,9 +26,7 @@ from mim_agg.knn.vote import accuracy
 from mim_agg.utils.files import write_atomic, write_json
 from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import HeadPredictions, write_predictions
-from mim_agg.utils.results import log_table, write_csv
-
-log = logging.getLogger(__name__)
+from mim_agg.utils.results import show_selection, write_csv
 
 SUMMARY = "weighted k-NN of every aggregator's features (knn.k, knn.temperatures, knn.probe_ckpt)"
 USES_RUN_FOLDER = True
@@ -153,29 +149,5 @@ def evaluate(cfg, heldout: NearestNeighbours, test: NearestNeighbours, targets, 
 
 
 def show(summary: dict) -> None:
-    chosen = summary["heads"][summary["winner"]]["val/acc1_best"] is not None
-    how = "k and T chosen on held-out" if chosen else "one aggregator, one k and T: nothing chosen"
-    table = Table(title=f"mim_agg k-NN (test accuracy; {how})")
-    for column in ("head", "test acc1", "test acc5", "held-out acc1", "k", "T"):
-        table.add_column(column, justify="left" if column == "head" else "right")
-    for name, result in summary["heads"].items():
-        heldout = result["val/acc1_best"]
-        table.add_row(
-            name + (" *" if name == summary["winner"] and len(summary["heads"]) > 1 else ""),
-            f"{100 * result['test/acc1']:.2f}",
-            f"{100 * result['test/acc5']:.2f}",
-            "-" if heldout is None else f"{100 * heldout:.2f}",
-            str(result["k"]),
-            f"{result['temperature']:g}",
-        )
-    log_table(table)
-    best = summary["heads"][summary["winner"]]
-    log.info(
-        "%s %s: test acc1 %.2f%% (k=%s, T=%g%s)",
-        "Winner" if chosen else "Result of",
-        summary["winner"],
-        100 * best["test/acc1"],
-        best["k"],
-        best["temperature"],
-        " chosen on held-out" if chosen else "",
-    )
+    settings = {"k": lambda r: str(r["k"]), "T": lambda r: f"{r['temperature']:g}"}
+    show_selection(summary, "k-NN", "k and T", settings)

@@ -17,9 +17,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import MISSING, DictConfig
-from rich.table import Table
 
 from mim_agg.backbones.tokens import require_finite
 from mim_agg.builders import build_datamodule
@@ -28,7 +28,9 @@ from mim_agg.errors import ConfigError
 from mim_agg.knn.vote import accuracy
 from mim_agg.logreg import c_grid, fit_logistic_regression
 from mim_agg.utils.files import write_atomic, write_json
-from mim_agg.utils.results import log_table, write_csv
+from mim_agg.utils.predictions import FILE as PREDICTIONS
+from mim_agg.utils.predictions import HeadPredictions, write_predictions
+from mim_agg.utils.results import show_selection, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +74,25 @@ def run(cfg: DictConfig, watch=None) -> dict:
     check_grid(cfg, datamodule, len(aggregators))
     pooled = PooledFeatures(cfg, datamodule, aggregators, group=SETTINGS_GROUP, watch=watch)
     splits = {s: pooled.whole(s, "logreg") for s in SPLITS}
-    results = {}
+    labels = {s: splits[s][1] for s in SPLITS}
+    results, predicted = {}, {}
     for name in aggregators:
         features = {s: splits[s][0][name] for s in SPLITS}
-        labels = {s: splits[s][1] for s in SPLITS}
-        results[name] = evaluate(cfg, name, features, labels, datamodule.num_classes, watch)
+        results[name], predicted[name] = evaluate(
+            cfg, name, features, labels, datamodule.num_classes, watch
+        )
     winner = max(results, key=lambda n: results[n]["val/acc1_best"] or 0.0)
     summary = {"winner": winner, **results[winner], "heads": results}
     show(summary)
     rows = [{"head": n, "aggregator": aggregators[n].name, **r} for n, r in results.items()]
+    test_labels = labels["test"].cpu().numpy()
+    predictions = HeadPredictions.in_image_order(
+        np.arange(len(test_labels)),  # the cached test split, read in order
+        test_labels,
+        {name: classes.cpu().numpy() for name, classes in predicted.items()},
+        datamodule.num_classes,
+    )
+    write_predictions(output_dir / PREDICTIONS, predictions)
     write_csv(output_dir / "heads.csv", rows, COLUMNS)
     write_json(output_dir / "metrics.json", summary)
     return summary
@@ -99,9 +111,10 @@ def check_grid(cfg: DictConfig, datamodule, num_aggregators: int) -> None:
         )
 
 
-def evaluate(cfg, name: str, features: dict, labels: dict, classes: int, watch=None) -> dict:
+def evaluate(cfg, name: str, features: dict, labels: dict, classes: int, watch=None):
     """Held-out accuracy of a fit on train for every C; the best C is fitted again on train
-    plus held-out, which scores the test split once."""
+    plus held-out, which scores the test split once. Returns the results and each test
+    image's predicted class."""
     settings = cfg.logreg
 
     dtype = DTYPES[settings.dtype]
@@ -140,7 +153,7 @@ def evaluate(cfg, name: str, features: dict, labels: dict, classes: int, watch=N
         "test/acc1": accuracy(logits, labels["test"]),
         "test/acc5": accuracy(logits, labels["test"], top=5),
         "heldout": {f"C={c:.4g}": acc for c, acc in scores.items()},
-    }
+    }, logits.argmax(1)
 
 
 def finished(output_dir: Path) -> dict:
@@ -150,28 +163,5 @@ def finished(output_dir: Path) -> dict:
 
 
 def show(summary: dict) -> None:
-    chosen = summary["heads"][summary["winner"]]["val/acc1_best"] is not None
-    how = "C chosen on held-out" if chosen else "one aggregator, one C: nothing chosen"
-    table = Table(title=f"mim_agg logistic regression (test accuracy; {how})")
-    for column in ("head", "test acc1", "test acc5", "held-out acc1", "C", "iterations"):
-        table.add_column(column, justify="left" if column == "head" else "right")
-    for name, result in summary["heads"].items():
-        heldout = result["val/acc1_best"]
-        table.add_row(
-            name + (" *" if name == summary["winner"] and len(summary["heads"]) > 1 else ""),
-            f"{100 * result['test/acc1']:.2f}",
-            f"{100 * result['test/acc5']:.2f}",
-            "-" if heldout is None else f"{100 * heldout:.2f}",
-            f"{result['C']:.4g}",
-            str(result["iterations"]),
-        )
-    log_table(table)
-    best = summary["heads"][summary["winner"]]
-    log.info(
-        "%s %s: test acc1 %.2f%% (C=%.4g%s)",
-        "Winner" if chosen else "Result of",
-        summary["winner"],
-        100 * best["test/acc1"],
-        best["C"],
-        " chosen on held-out" if chosen else "",
-    )
+    settings = {"C": lambda r: f"{r['C']:.4g}", "iterations": lambda r: str(r["iterations"])}
+    show_selection(summary, "logistic regression", "C", settings)

@@ -111,3 +111,11 @@ def test_a_trained_probes_pooling_is_fitted_beside_the_grid(probe_ckpt, tmp_path
     assert 0 < summary["heads"]["probe_abmilp"]["test/acc1"] <= 1
     with pytest.raises(ConfigError, match="logreg.probe_ckpt=<that run>"):
         run_task(compose_config([*FAST, "task=logreg", "aggregator=abmilp"], tmp_path / "learned"))
+
+
+def test_a_logreg_run_is_named_after_its_aggregator_as_a_knn_run_is():
+    from mim_agg.runs.identity import run_name
+
+    choices = {"backbone": "mae_vitb", "aggregator": "mean", "dataset": "digits"}
+    name = run_name(compose_config(["task=logreg", "aggregator=mean", "dataset=digits"]), choices)
+    assert name.startswith("logreg-mae_vitb-mean-digits-")

@@ -104,7 +104,7 @@ def differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
 def run_name(cfg: DictConfig, choices: dict) -> str:
     """``probe-mae_vitb-abmilp-digits-<hash>``: readable, and unique per result config."""
     parts = [cfg.task, choices.get("backbone")]
-    if cfg.task in ("probe", "knn"):
+    if cfg.task in ("probe", "knn", "logreg"):
         parts.append(choices.get("aggregator"))
         if choices.get("heads") not in (None, "none"):
             parts.append(f"heads_{choices['heads']}")

@@ -46,6 +46,7 @@ class ProbeConfig:  # each recipe's values: conf/probe/*.yaml; below, what they 
     effective_batch: int | None = None  # per optimizer step; null: batch_size x devices
     checkpoint_every_n_steps: int = 500  # besides every epoch; 0: epochs only
     features: str = "online"  # online: a live backbone per batch | cached: from the token cache
+    test_each_epoch: bool = False  # also score test after each epoch: best-epoch figure, labelled
 
 
 @dataclass
@@ -57,6 +58,7 @@ class CacheConfig:  # values and their meaning: conf/cache/default.yaml
     verify: Any = MISSING  # true | false | full (OmegaConf has no bool-or-str type)
     blocks: list[int] | None = MISSING
     also_for: dict[str, Any] = MISSING
+    part: str | None = MISSING
 
 
 @dataclass

@@ -131,6 +131,8 @@ def test_experiment_ep_row_runs_end_to_end_and_writes_the_row(tmp_path):
         (row,) = list(csv.DictReader(handle))
     assert (row["backbone"], row["family"], row["dataset"]) == ("vit_tiny", "none", "digits")
     assert all(0 <= float(row[c]) <= 100 for c in ("k-NN", "LP", "EP"))
+    for probe in ("LP", "EP"):  # the test split's best epoch is at least the held-out choice's
+        assert float(row[f"{probe} (best epoch on test)"]) >= float(row[probe])
     assert row["linear_input"] == "cls"
     assert "| backbone | family | dataset | k-NN | LP | EP |" in result.stdout
     assert len(list((tmp_path / "cache").iterdir())) == 1  # one extraction served both jobs

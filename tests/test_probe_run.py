@@ -121,3 +121,23 @@ def test_callbacks_lr_monitor_logs_each_heads_learning_rate_by_name(tmp_path):
     run(cfg)
     columns = read_csv_log(tmp_path / "run")[0].keys()
     assert {"lr-SGD/cls", "lr-SGD/mean"} <= set(columns)
+
+
+@pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
+def test_scoring_test_each_epoch_adds_the_best_epoch_figure_and_changes_nothing_else(
+    finished_run, tmp_path
+):
+    cfg, summary, _ = finished_run
+    tracked = compose_config(
+        [*FAST, "aggregator=abmilp", "probe.epochs=4", "probe.test_each_epoch=true"], tmp_path
+    )
+    result = run(tracked)
+    scores = [float(r["test_epoch/abmilp/acc1"]) for r in read_csv_log(tmp_path / "run")
+              if r.get("test_epoch/abmilp/acc1")]  # fmt: skip
+    assert len(scores) == 4  # one per epoch, none from the sanity check
+    assert result["test/acc1_best_epoch"] == pytest.approx(max(scores))
+    assert result["best_test_epoch"] == scores.index(max(scores))
+    assert scores[-1] == pytest.approx(result["test/acc1_last"])  # the last epoch's weights
+    for key in ("test/acc1", "test/acc1_last", "val/acc1_best", "best_epoch"):
+        assert result[key] == summary[key], key  # the same run, the same choice
+    assert "test/acc1_best_epoch" not in summary  # only when asked for

@@ -158,12 +158,22 @@ class SplitLoaders(L.LightningDataModule):
         steps_per_epoch = -(-batches // trainer.accumulate_grad_batches)
         return trainer.global_step % steps_per_epoch * trainer.accumulate_grad_batches
 
+    test_each_epoch = False  # ``probe.test_each_epoch``: the task sets it
+
     @property
     def has_heldout(self) -> bool:
         return len(self.splits["heldout"]) > 0
 
-    def val_dataloader(self) -> DataLoader | list:
-        return self._evaluation_loader("heldout") if self.has_heldout else []
+    @property
+    def validation_splits(self) -> tuple[str, ...]:
+        """The splits scored after every epoch, in loader order: held-out, which selects, and
+        with ``test_each_epoch`` the test split, for the best-epoch-on-test figure that
+        efficient-probing publishes (it selects nothing here)."""
+        heldout = ("heldout",) if self.has_heldout else ()
+        return heldout + (("test",) if self.test_each_epoch else ())
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._evaluation_loader(split) for split in self.validation_splits]
 
     def test_dataloader(self) -> DataLoader:
         return self._evaluation_loader("test")

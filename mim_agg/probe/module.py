@@ -3,7 +3,8 @@
 Heads are independent: own parameters, own optimizer parameter groups (so own learning rate,
 weight decay and schedule), losses summed so gradients never mix. Each head's best epoch is
 chosen on the held-out split; the test split is evaluated once, at the end, with both the
-selected and the last-epoch weights of every head.
+selected and the last-epoch weights of every head (and, with ``probe.test_each_epoch``, after
+every epoch too, for efficient-probing's best-epoch figure, which chooses nothing here).
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ class LinearProbe(L.LightningModule):
             {
                 f"{split}__{name}": accuracy_metrics(num_classes)
                 for name in heads
-                for split in ("heldout", "test_best", "test_last")
+                for split in ("heldout", "test_epoch", "test_best", "test_last")
             }
         )
         self.selection = {name: {"acc1": -1.0, "epoch": -1, "state": None} for name in heads}
+        self.test_by_epoch: dict[str, list[float]] = {name: [] for name in heads}
         self.diverged: dict[str, int] = {}  # head -> the step its loss became non-finite
         self.results: dict[str, dict] = {}
         self.predictions: HeadPredictions | None = None  # of the selected heads, after test
@@ -143,11 +145,14 @@ class LinearProbe(L.LightningModule):
                 f"learning rates {rates}; try smaller ones, e.g. probe.blr={min(rates) / 10:g}."
             )
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        metrics = {"heldout": "heldout", "test": "test_epoch"}[
+            self._validation_splits[dataloader_idx]
+        ]
         inputs, targets = batch
         tokens = self.tokens(inputs)
         for name, head in self.live_heads.items():
-            self._update(f"heldout__{name}", head(tokens), targets)
+            self._update(f"{metrics}__{name}", head(tokens), targets)
 
     def test_step(self, batch, batch_idx):
         inputs, targets = batch
@@ -171,7 +176,26 @@ class LinearProbe(L.LightningModule):
         return values
 
     # --------------------------------------------------------------------------- selection
+    @property
+    def _validation_splits(self) -> tuple[str, ...]:
+        return self.trainer.datamodule.validation_splits
+
     def on_validation_epoch_end(self) -> None:
+        if "test" in self._validation_splits:
+            self._score_test_epoch()
+        if "heldout" in self._validation_splits:
+            self._select_on_heldout()
+
+    def _score_test_epoch(self) -> None:
+        """``probe.test_each_epoch``: each head's test accuracy after this epoch, kept for the
+        best-epoch figure alone; nothing is chosen by it."""
+        for name in self.live_heads:
+            values = self._compute(f"test_epoch__{name}")
+            if not self.trainer.sanity_checking:
+                self.test_by_epoch[name].append(values["acc1"])
+                self.log(f"test_epoch/{name}/acc1", values["acc1"])
+
+    def _select_on_heldout(self) -> None:
         for name, head in self.live_heads.items():
             values = self._compute(f"heldout__{name}")
             if self.trainer.sanity_checking:
@@ -227,9 +251,10 @@ class LinearProbe(L.LightningModule):
                 "best_epoch": self.selection[name]["epoch"] if self._has_heldout else None,
                 "trainable_params": self.heads[name].num_trainable_parameters(),
                 "diverged_at_step": None,
+                **self._best_test_epoch(name),
             }
             for metric, value in self.results[name].items():
-                if metric.startswith("test/"):
+                if metric.startswith("test/") and value is not None:
                     self.log(f"test/{name}/{metric[5:]}", value)
         self.predictions = self._gather_predictions()
 
@@ -253,6 +278,19 @@ class LinearProbe(L.LightningModule):
             self.num_classes,
         )
 
+    def _best_test_epoch(self, name: str) -> dict:
+        """With ``probe.test_each_epoch``, the best test accuracy over epochs and its epoch:
+        efficient-probing's published figure, which selects on the test split (so it is
+        reported beside ours, never as it)."""
+        if "test" not in self._validation_splits:
+            return {}
+        scores = self.test_by_epoch[name]
+        best = max(range(len(scores)), key=scores.__getitem__) if scores else None
+        return {
+            "test/acc1_best_epoch": None if best is None else scores[best],
+            "best_test_epoch": best,
+        }
+
     def _diverged_result(self, name: str) -> dict:
         """No accuracy at all: numbers of a diverged head would only mislead."""
         metrics = ("test/acc1", "test/acc5", "test/loss", "test/acc1_last", "test/acc5_last")
@@ -262,6 +300,7 @@ class LinearProbe(L.LightningModule):
             "best_epoch": None,
             "trainable_params": sum(p.numel() for p in self.heads[name].parameters()),
             "diverged_at_step": self.diverged[name],
+            **dict.fromkeys(self._best_test_epoch(name)),
         }
 
     @property
@@ -333,6 +372,7 @@ class LinearProbe(L.LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)
         }
         checkpoint["head_selection"] = self.selection
+        checkpoint["test_by_epoch"] = self.test_by_epoch
         checkpoint["diverged_heads"] = self.diverged
         checkpoint["random_state"] = {
             "torch": torch.get_rng_state(),
@@ -344,6 +384,7 @@ class LinearProbe(L.LightningModule):
         frozen_state = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN)}
         checkpoint["state_dict"].update(frozen_state)
         self.selection = checkpoint["head_selection"]
+        self.test_by_epoch = checkpoint.get("test_by_epoch", self.test_by_epoch)  # older: none
         self.diverged = checkpoint["diverged_heads"]
         for name in self.diverged:
             self.heads[name].requires_grad_(False)

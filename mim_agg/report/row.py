@@ -4,9 +4,10 @@ A row comes from the jobs of ``experiment=ep_row``: a ``task=knn`` job and a ``t
 the same backbone and data. LP is the probe's head named by ``aggregator`` (``cls`` or
 ``mean``: the backbone's ``linear_input``), k-NN that aggregator's k-NN result, EP the probe's
 ``efficient_probe`` head. Each cell is our test top-1 of the held-out-selected choice (k and T
-for k-NN, the learning rate and epoch for LP and EP); the leaderboard's own numbers pick the
-best epoch on the test split, which the last columns do not do either: they give the last
-epoch's test accuracy (``test/acc1_last``), the figure that selects nothing.
+for k-NN, the learning rate and epoch for LP and EP). Beside them, labelled: the last epoch's
+test accuracy (``test/acc1_last``, which selects nothing) and, from runs with
+``probe.test_each_epoch``, the best epoch's test accuracy over the learning rates
+(``test/acc1_best_epoch``): the leaderboard's own rule, which selects on the test split.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ COLUMNS = (
     "EP",
     "LP (last epoch)",
     "EP (last epoch)",
+    "LP (best epoch on test)",
+    "EP (best epoch on test)",
 )
 
 
@@ -45,6 +48,13 @@ def _selected(rows: list[dict], head: str) -> dict | None:
     if not candidates:
         return None
     return max(candidates, key=lambda r: float(r.get("val/acc1_best") or "-inf"))
+
+
+def _best_on_test(rows: list[dict], head: str) -> dict | None:
+    """The leaderboard's figure for ``head``: the best test accuracy over its epochs and
+    learning rates, chosen on the test split itself."""
+    candidates = [r for r in rows if head_key(r) == head and r.get("test/acc1_best_epoch")]
+    return max(candidates, key=lambda r: float(r["test/acc1_best_epoch"]), default=None)
 
 
 def _percent(row: dict | None, metric: str = "test/acc1") -> str:
@@ -76,6 +86,12 @@ def leaderboard_rows(jobs: list[Job]) -> list[dict]:
                 "EP": _percent(ep),
                 "LP (last epoch)": _percent(lp, "test/acc1_last"),
                 "EP (last epoch)": _percent(ep, "test/acc1_last"),
+                "LP (best epoch on test)": _percent(
+                    _best_on_test(probe.heads, linear) if probe else None, "test/acc1_best_epoch"
+                ),
+                "EP (best epoch on test)": _percent(
+                    _best_on_test(probe.heads, EP_HEAD) if probe else None, "test/acc1_best_epoch"
+                ),
                 "linear_input": linear,
             }
         )
@@ -95,9 +111,10 @@ def leaderboard_markdown(rows: list[dict]) -> str:
     lines = [
         "# efficient-probing's leaderboard layout: test top-1 (%)",
         "",
-        "k-NN, LP and EP: each chosen on held-out (k and T; learning rate and epoch). The last",
-        "two columns: the last epoch's test accuracy. The leaderboard picks the best epoch on",
-        "the test split itself, which these numbers never do.",
+        "k-NN, LP and EP: each chosen on held-out (k and T; learning rate and epoch). Then the",
+        "last epoch's test accuracy, which selects nothing, and the best epoch's test accuracy",
+        "(over learning rates too): the leaderboard's own rule, which selects on the test split,",
+        "so it reads higher than a held-out choice by construction.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|---" * len(COLUMNS) + "|",

@@ -41,6 +41,7 @@ NOT_RESULTS = (
 NAMED_WHEN_SET = {
     "backbone.dtype": DEFAULT_DTYPE,
     "probe.wds": None,
+    "probe.test_each_epoch": False,  # adds a figure (best epoch on test), changes no other
     "dataset.decode": DEFAULT_DECODE,
 }
 

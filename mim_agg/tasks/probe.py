@@ -70,6 +70,7 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
             cache, cfg.probe.batch_size, cfg.dataset.num_workers, cfg.dataset.seed
         )
         source = CachedTokens.of(cache)
+    datamodule.test_each_epoch = cfg.probe.test_each_epoch
     model = build_probe(cfg, datamodule.num_classes, source, heads)
     loggers = build_loggers(cfg)
     try:

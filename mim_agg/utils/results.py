@@ -40,6 +40,8 @@ HEAD_COLUMNS = (
     "test/acc1",
     "test/acc5",
     "test/acc1_last",
+    "test/acc1_best_epoch",  # probe.test_each_epoch: the best epoch on test (selects on test)
+    "best_test_epoch",
     "diverged_at_step",
 )
 

@@ -228,3 +228,21 @@ def test_a_sweep_of_analyses_is_pointed_to_the_figure_that_compares_them(tmp_pat
         (run_dir / "heads.csv").unlink()  # an analysis trains no heads
     with pytest.raises(UserError, match="trained no heads .* scripts/compare_attention.py"):
         run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
+
+
+def test_a_head_that_diverged_at_every_learning_rate_has_no_cell(tmp_path):
+    from mim_agg.report.runs import read_sweeps
+
+    sweep_dir = fake_sweep(tmp_path, ["aggregator=cls"])
+    heads = [("cls_blr0p1", 0.1, 0.6, 0.6), ("mean_blr1", 1, "", ""), ("abmilp_blr1", 1, 0.7, 0.5),
+             ("abmilp_blr1e3", 1e3, "", "")]  # fmt: skip
+    fake_job(sweep_dir, 0, ["aggregator=cls"], heads=heads)
+    jobs = read_sweeps([sweep_dir])
+    table = cells(head_rows(jobs, []), [])
+    assert sorted(table) == [("abmilp",), ("cls",)]  # mean diverged everywhere: no cell
+    assert table[("abmilp",)].values == [0.5]  # the rate that diverged is never chosen
+    out = tmp_path / "report"
+    run_task(
+        compose_config(["task=report", f"report.sweep_dir={sweep_dir}", f"report.out_dir={out}"])
+    )
+    assert "| abmilp |" in (out / "results.md").read_text()

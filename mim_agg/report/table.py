@@ -145,9 +145,12 @@ class Cell:
 
 def cells(rows: list[dict], keys: list[str], metric: str = "test/acc1") -> dict[tuple, Cell]:
     """``(column values..., head key) -> Cell``: per seed the head with the best held-out
-    accuracy among the learning rates, then the seeds together."""
+    accuracy among the learning rates, then the seeds together. A head that diverged has no
+    accuracy and is never chosen; one that diverged at every rate has no cell."""
     chosen: dict[tuple, dict[object, dict]] = {}
     for row in rows:
+        if row.get(metric) in (None, ""):  # diverged: heads.csv leaves its accuracy empty
+            continue
         key = (*(str(row[k]) for k in keys), row["head_label"])
         best = chosen.setdefault(key, {})
         replicate = (row["seed"], row.get("subset_seed"))

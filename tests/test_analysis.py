@@ -451,3 +451,14 @@ def test_compare_takes_a_relative_sweep_folder_from_the_project_root(
     monkeypatch.setattr(sys, "argv", ["compare_attention.py", str(relative)])
     runpy.run_path(str(PROJECT_ROOT / "scripts" / "compare_attention.py"), run_name="__main__")
     assert (analysis_sweep / "attention_compare.png").is_file()
+
+
+def test_blocks_other_than_timms_pre_norm_vit_blocks_are_refused_by_name():
+    from torch import nn
+
+    from mim_agg.analysis.tracing import trace_blocks
+    from mim_agg.errors import ConfigError
+
+    refused = pytest.raises(ConfigError, match="task=analyze reads .* blocks are Linears. Pick")
+    with refused, trace_blocks(nn.ModuleList([nn.Linear(2, 2)])):
+        pass

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mim_agg.backbones.frozen import watch_attention
+from mim_agg.errors import ConfigError
 
 
 class BlockRecord:
@@ -31,8 +32,9 @@ def trace_blocks(blocks: nn.ModuleList):
     handles, fused = [], []
     for block, record in zip(blocks, records, strict=True):
         if not all(hasattr(block, name) for name in ("attn", "ls1", "norm1")):
-            raise ValueError(
-                f"Attention analysis needs timm's pre-norm ViT blocks; got {type(block).__name__}."
+            raise ConfigError(
+                "task=analyze reads the attention and updates of timm's pre-norm ViT blocks; "
+                f"this backbone's blocks are {type(block).__name__}s. Pick a ViT backbone."
             )
         fused.append(block.attn.fused_attn)
         handles += [

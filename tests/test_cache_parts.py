@@ -85,13 +85,14 @@ def test_a_part_is_refused_outside_task_extract(tmp_path):
         check_ranges(cfg)
 
 
-@pytest.mark.slow  # two extractions on two processes each
+@pytest.mark.slow  # two runs on two processes each
 def test_ranks_stop_together_on_a_signal_to_one_and_resume_to_the_one_process_cache(
     tmp_path, monkeypatch
 ):
     """SIGUSR1 to rank 1 as it loads its first image: both ranks finish their current shard
-    (rank 0 its first, rank 1 its first) and exit 128 + SIGUSR1; the rerun writes the rest,
-    and the cache is the one a single process writes."""
+    (rank 0 its first, rank 1 its first) and exit 128 + SIGUSR1. The rerun, a probe trained
+    from the cache on the same two ranks, writes the rest before the trainer joins the ranks
+    the extraction started, and the cache is the one a single process writes."""
     command = [*EXTRACT, "dataset.name=synthetic_signal", "trainer=ddp_sim"]
     env = {
         "MIM_AGG_PLUGINS": "tests.extraction_signal",
@@ -108,8 +109,11 @@ def test_ranks_stop_together_on_a_signal_to_one_and_resume_to_the_one_process_ca
     assert done == ["heldout/shard-00000.json", "heldout/shard-00001.json"]
     before = written_at(cache)
 
-    second = run_cli(*command, root=tmp_path / "ddp", **env)
+    probe = [*command[1:], "task=probe", "probe.features=cached"]
+    second = run_cli(*probe, root=tmp_path / "ddp", **env)
     assert second.returncode == 0, second.stderr[-3000:]
+    (run_dir,) = (tmp_path / "ddp" / "outputs" / "runs").iterdir()
+    assert (run_dir / "metrics.json").is_file()
     after = written_at(cache)
     assert {name: after[name] for name in before} == before  # kept, not written again
 

@@ -18,14 +18,24 @@ from tests.helpers import FAST, compose_config, run_cli
 from tests.signals import signal_once
 
 # 75 test and about 37 held-out images: odd counts, which a padding sampler would repeat.
+# About 113 training images: 4 batches of 16 per rank and epoch.
 DATA = ["dataset.train_size=150", "dataset.test_size=75", "+aggregator@heads.mean=mean"]
+TWO_PROCESSES = [*FAST, *DATA, "trainer=ddp_sim"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The run folder of one uninterrupted ``trainer=ddp_sim`` run, shared by the tests."""
+    root = tmp_path_factory.mktemp("two_processes")
+    result = run_cli(*TWO_PROCESSES, root=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (root / "outputs" / "runs").iterdir()
+    return run_dir
 
 
 @pytest.mark.slow
-def test_two_processes_count_every_test_image_exactly_once(tmp_path):
-    result = run_cli(*FAST, *DATA, "trainer=ddp_sim", root=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+def test_two_processes_count_every_test_image_exactly_once(two_processes, tmp_path):
+    run_dir = two_processes
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
 
@@ -64,45 +74,30 @@ def test_two_processes_count_every_test_image_exactly_once(tmp_path):
         assert stored.predicted[name].tolist() == predicted[(name, "test/acc1")]
 
 
-# 2 epochs of 2 batches per rank (60 training images, batch 16, two ranks), from a token cache
-# both ranks extract (shards of 16 images) before the trainer joins their process group.
-RESUMABLE = [
-    *FAST,
-    "trainer=ddp_sim",
-    "dataset.train_size=80",
-    "dataset.test_size=20",
-    "probe.features=cached",
-    "cache.shard_size=16",
-]
-
-
 def results(run_dir) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {k: v for k, v in metrics.items() if not k.endswith(("_per_s", "_time_s"))}
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_rank_stops_every_rank_at_one_step_and_the_rerun_ends_equal(tmp_path):
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step_and_the_rerun_ends_equal(
+    two_processes, tmp_path
+):
     """SIGTERM to rank 1 alone: both ranks agree on the step, one checkpoint is written, both
     exit 128 + SIGTERM (rank zero first: Lightning's launcher kills it when a child exits
     non-zero first); the rerun resumes and ends as the run never interrupted."""
-    for root in ("reference", "interrupted"):
-        (tmp_path / root).mkdir()
-    reference = run_cli(*RESUMABLE, root=tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    command = [*RESUMABLE, signal_once("SIGTERM", "train_batch", 1, tmp_path / "fired", rank=1)]
-    first = run_cli(*command, root=tmp_path / "interrupted")
+    command = [*TWO_PROCESSES, signal_once("SIGTERM", "train_batch", 1, tmp_path / "fired", 1)]
+    first = run_cli(*command, root=tmp_path)
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
     log = first.stdout + first.stderr
     stops = dict(re.findall(r"Rank (\d) stops at step (\d+)", log))
     assert stops.keys() == {"0", "1"} and len(set(stops.values())) == 1  # one step for both
     assert log.count("Exiting with status 143 (SIGTERM)") == 2  # both ranks
-    (run_dir,) = (tmp_path / "interrupted" / "outputs" / "runs").iterdir()
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "preempted"
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
 
-    second = run_cli(*command, root=tmp_path / "interrupted")
+    second = run_cli(*command, root=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming from" in (run_dir / "cli.log").read_text()
-    (reference_dir,) = (tmp_path / "reference" / "outputs" / "runs").iterdir()
-    assert results(run_dir) == results(reference_dir)
+    assert results(run_dir) == results(two_processes)

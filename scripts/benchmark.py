@@ -14,22 +14,31 @@ measures the peak memory of ``heads=ep`` at ViT-B at efficient-probing's effecti
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import json
+import os
 import platform
+import resource
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
+from sklearn.datasets import load_sample_images
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from mim_agg.aggregators import AGGREGATORS, build_aggregator
 from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenLayout, TokenRequest, Tokens
@@ -40,7 +49,11 @@ from mim_agg.cache.data import CachedSplit
 from mim_agg.cache.extract import Target, extract
 from mim_agg.cache.store import SplitPlan
 from mim_agg.cli import CONFIG_DIR
+from mim_agg.data import ProbeDataModule
+from mim_agg.data.datamodule import TransformedSubset
+from mim_agg.data.decode import ImageFile, TurboDecode
 from mim_agg.data.sampling import EpochSampler
+from mim_agg.data.sources import load_image
 from mim_agg.probe import ProbeHead
 from mim_agg.runs.runner import run_task as run
 
@@ -73,6 +86,13 @@ def parse_args() -> argparse.Namespace:
         "--ep-arch", default="vit_base_patch16_224", help="heads=ep GPU memory: architecture"
     )
     parser.add_argument("--ep-batch", type=int, default=512, help="heads=ep GPU memory: batch")
+    parser.add_argument(
+        "--data-images", type=int, default=256, help="data path: 500 x 375 JPEGs measured"
+    )
+    parser.add_argument("--data-workers", type=int, default=2, help="data path: loader workers")
+    parser.add_argument(
+        "--data-path-only", action="store_true", help="measure the data path alone (data_path)"
+    )
     parser.add_argument(
         "--ep-accumulation", type=int, default=8, help="heads=ep GPU memory: batches per step"
     )
@@ -403,14 +423,244 @@ def _extraction(source, images: torch.Tensor, batch_size: int, dtype: str, preci
     return len(images)
 
 
+# The data path: JPEG files to the tensors a backbone reads, per CPU core. CPU time, not wall
+# time: the figures hold on a machine that other work loads (its load average is recorded).
+IMAGENET_SIZE = (500, 375)  # ImageNet's most common size (width, height)
+LARGE_SIZE = (1000, 750)  # larger photographs (iNaturalist, Places365, SUN397 keep more pixels)
+DECODES = ("pil", "turbo", "turbo_dct")  # dataset.decode; turbo* need simplejpeg (fastjpeg)
+LOADERS = {  # the data module's own loaders, as a probing run iterates them
+    "eval": lambda module: module.test_dataloader(),
+    "train": lambda module: module.train_loader(),
+}
+
+
+def photo_jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
+    """A JPEG (quality 90) with a photograph's spectrum: random phases under the 1/f amplitude
+    of natural images, luminance and weaker colour. At 500 x 375, about 120 KB, as ImageNet's
+    files (107 KB mean)."""
+    width, height = size
+    frequency = np.hypot(np.fft.rfftfreq(width)[None, :], np.fft.fftfreq(height)[:, None])
+    frequency[0, 0] = np.inf  # no constant term: the mean is set below
+
+    def field() -> np.ndarray:
+        spectrum = rng.normal(size=frequency.shape) + 1j * rng.normal(size=frequency.shape)
+        values = np.fft.irfft2(spectrum / frequency, s=(height, width))
+        return values / values.std()
+
+    luminance = field()
+    pixels = 128 + 48 * np.stack([luminance + 0.35 * field() for _ in range(3)], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def jpeg_folder(root: Path, files: list[bytes]) -> None:
+    """``files`` in the ImageNet layout (two classes), the same files in train/ and val/."""
+    for index, data in enumerate(files):
+        for split in ("train", "val"):
+            path = root / split / f"class{index % 2}" / f"{index:05d}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+
+@contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Pillow and simplejpeg decode on one thread anyway
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def per_core(work, items: list, repeats: int = 2) -> float:
+    """Items per CPU-second of ``work(item)`` over ``items`` in this process: the best of
+    ``repeats`` passes (CPU time, so the machine's other work counts little)."""
+    rates = []
+    for _ in range(repeats):
+        start = time.process_time()
+        for item in items:
+            work(item)
+        rates.append(len(items) / (time.process_time() - start))
+    return max(rates)
+
+
+def data_module(root: Path, decode: str, workers: int = 0) -> ProbeDataModule:
+    """The image-folder data module a probing run on ``root`` builds, at 224 px, batch 32."""
+    dataset = {"name": "image_folder", "root": str(root), "num_classes": 2, "decode": decode}
+    dataset.update(heldout_fraction=0.0, num_workers=workers)
+    module = ProbeDataModule.from_config(
+        dataset, img_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        batch_size=32,
+    )  # fmt: skip
+    module.setup()
+    return module
+
+
+def data_path(args: argparse.Namespace) -> dict:
+    """Images per second per CPU core of the eval (Resize 256 + CenterCrop 224) and training
+    (RandomResizedCrop 224 + flip) transforms under each ``dataset.decode``, on
+    ``--data-images`` ImageNet-like JPEGs (and a quarter as many of 1000 x 750); and what
+    ``turbo`` and ``turbo_dct`` change in the eval tensors and features, on those and on
+    scikit-learn's two sample photographs (real JPEGs, 640 x 427)."""
+    decodes = DECODES if importlib.util.find_spec("simplejpeg") else DECODES[:1]
+    rng = np.random.default_rng(0)
+    photos = [photo_jpeg(rng, IMAGENET_SIZE) for _ in range(args.data_images)]
+    large = [photo_jpeg(rng, LARGE_SIZE) for _ in range(max(2, args.data_images // 4))]
+    real = [Path(name).read_bytes() for name in load_sample_images().filenames]
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as root:
+        folders = {name: Path(root, name) for name in ("synthetic", "large", "photographs")}
+        for folder, files in zip(folders.values(), (photos, large, real), strict=True):
+            jpeg_folder(folder, files)
+        with one_thread():
+            rates = data_rates(folders, decodes, args.data_workers)
+        differences = {}
+        for name in ("synthetic", "photographs"):
+            splits = {d: data_module(folders[name], d).splits["test"] for d in decodes}
+            splits["pil_bilinear"] = bilinear(splits["pil"])
+            differences[name] = eval_differences(splits.pop("pil"), splits)
+    return {
+        "images": {
+            "count": len(photos),
+            "size": list(IMAGENET_SIZE),
+            "mean_bytes": float(np.mean([len(data) for data in photos])),
+            "large_count": len(large),
+            "large_size": list(LARGE_SIZE),
+            "quality": 90,
+        },
+        **rates,
+        "difference": differences,
+        "feature_model": "vit_tiny_patch16_224, random weights (seed 0)",
+        "clock": "process CPU time (time.process_time; the loader's workers: getrusage of the "
+        "joined children), one torch thread",
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "cpu_count": os.cpu_count(),
+        **({} if len(decodes) > 1 else {"note": "simplejpeg is not installed: pil alone"}),
+    }
+
+
+def data_rates(folders: dict, decodes: tuple[str, ...], workers: int) -> dict:
+    """Per CPU core: decoding alone (``decode_rates``), a split's items (file, decode,
+    transform) under each decoder, and images per worker CPU-second through the loaders."""
+    modules = {decode: data_module(folders["synthetic"], decode, workers) for decode in decodes}
+    large = {decode: data_module(folders["large"], decode) for decode in decodes}
+    files = sorted(Path(folders["synthetic"], "val").glob("*/*.JPEG"))
+    return {
+        "decode_per_core": decode_rates(files, decodes),
+        "eval_per_core": split_rates(modules, "test"),
+        "train_per_core": split_rates(modules, "train"),
+        "eval_large_per_core": split_rates(large, "test"),
+        "loader": {
+            "workers": workers,
+            "batch_size": 32,
+            **{
+                f"{split}_{decode}": loader_rates(partial(loader, module), workers)
+                for decode, module in modules.items()
+                for split, loader in LOADERS.items()
+            },
+        },
+    }
+
+
+def decode_rates(files: list[Path], decodes: tuple[str, ...]) -> dict:
+    """File to 8-bit RGB per CPU-second: Pillow (``pil``), libjpeg-turbo at full size
+    (``turbo``) and at the eval resize's scale (``turbo_dct``), and torchvision's
+    ``decode_jpeg`` on the CPU (libjpeg-turbo into a tensor; on a GPU it runs nvJPEG)."""
+    paths = [str(path) for path in files]
+    rates = {"pil": per_core(load_image, paths)}
+    for name, side in (("turbo", None), ("turbo_dct", 256))[: len(decodes) - 1]:
+        decode = TurboDecode(side)
+        rates[name] = per_core(lambda path, decode=decode: decode(ImageFile(path)), paths)
+    rates["torchvision"] = per_core(
+        lambda path: decode_jpeg(read_file(path), mode=ImageReadMode.RGB), paths
+    )
+    return rates
+
+
+def split_rates(modules: dict, split: str) -> dict:
+    """Items of ``split`` (file read, decode, transform: ``TransformedSubset.__getitem__``) per
+    CPU-second under each decoder; training items keyed by ``(index, epoch)`` as the loader's."""
+    rates = {}
+    for decode, module in modules.items():
+        subset = module.splits[split]
+        keys = [(i, 0) for i in range(len(subset))] if split == "train" else range(len(subset))
+        rates[decode] = per_core(subset.__getitem__, list(keys))
+    return rates
+
+
+def loader_rates(make_loader, workers: int) -> dict:
+    """One pass of the loader ``make_loader()`` builds: images per CPU-second of its workers
+    (their CPU time: the finished children's, read once the loader is gone and its workers are
+    joined), per worker and second of wall time, and the main process's CPU time per image."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    main, wall = time.process_time(), time.perf_counter()
+    loader = make_loader()
+    images = sum(len(labels) for _, labels in loader)
+    wall, main = time.perf_counter() - wall, time.process_time() - main
+    del loader  # its persistent workers are joined as it goes
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    worker_cpu = worker_cpu if workers else main  # no workers: the main process loads
+    return {
+        "images_per_worker_cpu_s": images / worker_cpu,
+        "images_per_worker_wall_s": images / wall / max(workers, 1),
+        "main_cpu_ms_per_image": 1e3 * main / images,
+    }
+
+
+def eval_differences(reference: TransformedSubset, others: dict) -> dict:
+    """Each of ``others``' eval tensors (splits of the same images) against ``reference``'s,
+    in 8-bit levels (the normalised difference times std x 255), and the cosine similarity of
+    a random ViT-Ti/16's ``[cls]`` on both (seed 0: pretrained weights cannot be fetched
+    offline)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+
+    def tensors_and_cls(split: TransformedSubset) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([split[i][0] for i in range(len(split))])
+        with torch.inference_mode():
+            return images, model.forward_features(images)[:, 0]
+
+    images, cls = tensors_and_cls(reference)
+    figures = {}
+    for name, split in others.items():
+        other_images, other_cls = tensors_and_cls(split)
+        levels = (images - other_images).abs() * std * 255
+        cosine = torch.nn.functional.cosine_similarity(cls, other_cls, dim=1)
+        figures[name] = {
+            "pixel_mean_abs_levels": levels.mean().item(),
+            "pixel_max_abs_levels": levels.max().item(),
+            "cls_cosine_mean": cosine.mean().item(),
+            "cls_cosine_min": cosine.min().item(),
+        }
+    return figures
+
+
+def bilinear(split: TransformedSubset) -> TransformedSubset:
+    """``split`` resized bilinearly instead of bicubically: a yardstick, what another common
+    choice of resampling changes."""
+    transform = create_transform(
+        224, interpolation="bilinear", crop_pct=0.875, mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )  # fmt: skip
+    return TransformedSubset(split.base, split.indices, transform)
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as cache_dir:
-        report = measure(args, ["probe.features=cached", f"paths.cache_dir={cache_dir}"])
+    if args.data_path_only:
+        report = {"setup": setup(args), "data_path": data_path(args)}
+    else:
+        with tempfile.TemporaryDirectory() as cache_dir:
+            report = measure(args, ["probe.features=cached", f"paths.cache_dir={cache_dir}"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print_report(report)
+    if not args.data_path_only:
+        print_report(report)
+    print_data_path(report["data_path"])
 
 
 def measure(args: argparse.Namespace, cached: list[str]) -> dict:
@@ -438,15 +688,7 @@ def measure(args: argparse.Namespace, cached: list[str]) -> dict:
     layout = skeleton(arch=args.arch, img_size=args.img_size).layout
     heads = {name: head_throughput(name, layout, args) for name in sorted(AGGREGATORS)}
     return {
-        "setup": {
-            **vars(args),
-            "out": str(args.out),
-            "images_per_run": 70 * args.classes,
-            "torch": torch.__version__,
-            "device": device_name(),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        "setup": setup(args),
         "single_head_s": single,
         "bench8_s": eight,
         "all_heads_s": every,
@@ -463,6 +705,19 @@ def measure(args: argparse.Namespace, cached: list[str]) -> dict:
         "ep_memory": ep_memory(args.ep_arch, 224, args.ep_batch, args.ep_accumulation),
         **cache_figures(args),
         **extract_overhead(args),
+        "data_path": data_path(args),
+    }
+
+
+def setup(args: argparse.Namespace) -> dict:
+    return {
+        **vars(args),
+        "out": str(args.out),
+        "images_per_run": 70 * args.classes,
+        "torch": torch.__version__,
+        "device": device_name(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
     }
 
 
@@ -521,6 +776,40 @@ def print_report(report: dict) -> None:
         + ", ".join(f"{k} {v:.2f}" for k, v in report["extract_overhead"].items())
         + " (target >= 0.95)"
     )
+
+
+def print_data_path(data: dict) -> None:
+    images = data["images"]
+    load = ", ".join(f"{value:.1f}" for value in data["load_average"]["before"])
+    table = Table(
+        title=f"data path: images/s per CPU core, {images['count']} JPEGs of "
+        f"{images['size'][0]} x {images['size'][1]} ({images['mean_bytes'] / 1e3:.0f} KB), "
+        f"load average {load} on {data['cpu_count']} cores"
+    )
+    columns = ("decode", "decode alone", "eval", "train", "eval 1000 x 750")
+    columns += ("loader eval", "loader train")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "decode" else "right")
+    for decode, rate in data["eval_per_core"].items():
+        loaders = [data["loader"][f"{split}_{decode}"] for split in LOADERS]
+        table.add_row(
+            decode,
+            f"{data['decode_per_core'][decode]:,.0f}",
+            f"{rate:,.0f}",
+            f"{data['train_per_core'][decode]:,.0f}",
+            f"{data['eval_large_per_core'][decode]:,.0f}",
+            *(f"{loader['images_per_worker_cpu_s']:,.0f}" for loader in loaders),
+        )
+    console = Console()
+    console.print(table)
+    for images, differences in data["difference"].items():
+        for decode, difference in differences.items():
+            console.print(
+                f"{decode} against pil, eval tensors of the {images}: mean |difference| "
+                f"{difference['pixel_mean_abs_levels']:.2f} levels (max "
+                f"{difference['pixel_max_abs_levels']:.0f}); random ViT-Ti \\[cls] cosine "
+                f"mean {difference['cls_cosine_mean']:.5f} (min {difference['cls_cosine_min']:.5f})"
+            )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 with the machine's load), only what is deterministic: every figure is present, finite and
 positive, the ratios are the quotients of their timings, and the counted sizes."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -47,6 +48,10 @@ def test_benchmark_writes_its_report(tmp_path):
         "64",
         "--memory-batch",
         "4",
+        "--data-images",
+        "2",
+        "--data-workers",
+        "1",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -87,3 +92,47 @@ def test_benchmark_writes_its_report(tmp_path):
     memory = report["ep_memory"]
     assert "skipped" in memory or positive(memory["peak_allocated_gb"])
     assert "all_poolers_ratio" in result.stdout and "extraction overhead" in result.stdout
+    assert all(positive(rate) for rate in report["data_path"]["eval_per_core"].values())
+    assert "data path: images/s per CPU core" in result.stdout
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # decodes, loads through worker processes and runs a ViT for seconds
+def test_the_data_path_alone_reports_every_decoder_per_core(tmp_path, monkeypatch, capsys):
+    """``--data-path-only``: per-core rates of every decoder for decoding alone, the eval and
+    training items and the loaders, on ImageNet-sized JPEGs of ImageNet's file size; turbo
+    changes no pixel, turbo_dct some (as bilinear resizing does: the yardstick)."""
+    pytest.importorskip("simplejpeg")
+    out = tmp_path / "data.json"
+    arguments = ["--out", str(out), "--data-path-only", "--data-images", "4"]
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", *arguments, "--data-workers", "1"])
+    load_script("benchmark").main()
+    report = json.loads(out.read_text())
+    assert set(report) == {"setup", "data_path"}
+    data = report["data_path"]
+    images = data["images"]
+    assert images["count"] == 4 and images["size"] == [500, 375] and images["large_count"] == 2
+    assert 90e3 < images["mean_bytes"] < 160e3  # ImageNet's files: 107 KB on average
+    decoders = {"pil", "turbo", "turbo_dct"}
+    assert set(data["decode_per_core"]) == decoders | {"torchvision"}
+    for figure in ("decode_per_core", "eval_per_core", "train_per_core", "eval_large_per_core"):
+        assert decoders <= set(data[figure]), figure
+        assert all(positive(rate) for rate in data[figure].values()), figure
+    for split in ("eval", "train"):
+        for decode in decoders:
+            assert all(positive(v) for v in data["loader"][f"{split}_{decode}"].values())
+    for images, figures in data["difference"].items():
+        assert set(figures) == {"turbo", "turbo_dct", "pil_bilinear"}, images
+        same = figures["turbo"]
+        assert same["pixel_max_abs_levels"] == 0 and same["cls_cosine_min"] == pytest.approx(1)
+        for other in ("turbo_dct", "pil_bilinear"):
+            assert figures[other]["pixel_mean_abs_levels"] > 0, (images, other)
+            assert 0.9 < figures[other]["cls_cosine_min"] < 1, (images, other)
+    assert len(data["load_average"]["before"]) == 3 and data["cpu_count"] >= 1
+    assert "data path: images/s per CPU core" in capsys.readouterr().out

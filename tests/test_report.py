@@ -18,10 +18,11 @@ from mim_agg.utils.results import HEAD_COLUMNS, write_csv
 from tests.helpers import FAST, compose_config
 
 
-def fake_job(sweep_dir, number, overrides, status="done", heads=(), error=None):
-    """A run folder as a probe job leaves it, linked into ``sweep_dir`` as job ``number``."""
+def fake_job(sweep_dir, number, overrides, status="done", heads=(), error=None, run_name=None):
+    """A run folder as a probe job leaves it (named ``run_name``, as ``runs.identity.run_name``
+    names one), linked into ``sweep_dir`` as job ``number``."""
     cfg = compose_config([*FAST, *overrides], sweep_dir.parent)
-    run_dir = sweep_dir.parent / "runs" / f"job{number}-{sweep_dir.name}"
+    run_dir = sweep_dir.parent / "runs" / (run_name or f"job{number}-{sweep_dir.name}")
     run_dir.mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     record = {"status": status, "overrides": overrides, "attempts": [{"status": status}]}

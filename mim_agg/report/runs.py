@@ -34,6 +34,12 @@ class Job:
     error: str | None = None
 
 
+def backbone_name(job: Job) -> str:
+    """The backbone's config name, from the run folder ``<task>-<backbone>-...``."""
+    parts = job.path.name.split("-") if job.path else []
+    return parts[1] if len(parts) > 2 else str((job.config.get("backbone") or {}).get("arch"))
+
+
 def read_sweeps(sweep_dirs: list[Path]) -> list[Job]:
     """Every job of every sweep folder, in job order; a folder without a sweep is refused."""
     jobs = []

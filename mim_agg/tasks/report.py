@@ -6,9 +6,10 @@
 Writes ``results.csv`` (one row per head and seed, every varying config value a column),
 ``results.md`` (held-out-selected heads, mean ± std [95% interval] (n) over seeds, marked where
 not significantly different from their column's winner, then the jobs that did not finish
-and why), ``significance.csv`` (each paired test), ``results.png`` and ``results_cost.png``
-(accuracy against trainable parameters and added GFLOPs, with the Pareto front) into
-``report.out_dir`` (default: the first sweep);
+and why), ``significance.csv`` (each paired test), ``results_published.csv`` (where a head
+has a figure in ``mim_agg/report/published.csv``: it beside ours, as ``results.md`` shows it),
+``results.png`` and ``results_cost.png`` (accuracy against trainable parameters and added
+GFLOPs, with the Pareto front) into ``report.out_dir`` (default: the first sweep);
 for sweeps of ``experiment=ep_row`` also ``results_row.{md,csv}``, efficient-probing's
 leaderboard layout (``mim_agg.report.row``): one row per backbone, its k-NN, LP and EP.
 """
@@ -28,6 +29,7 @@ from mim_agg.report import how_jobs_ended
 from mim_agg.report.comparisons import compare
 from mim_agg.report.cost import cost_figure, table_points
 from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
+from mim_agg.report.published import beside, beside_markdown
 from mim_agg.report.row import is_leaderboard, leaderboard_markdown, leaderboard_rows
 from mim_agg.report.runs import Job, read_sweeps
 from mim_agg.report.table import cells, constant_context, head_rows, markdown, varying_keys
@@ -112,11 +114,16 @@ def report(sweeps: list[Path], out: Path) -> dict:
     rows = head_rows(finished, keys)
     table = cells(rows, keys)
     comparisons = compare(table, keys, finished)
-    text = markdown(table, keys, jobs, title.replace("\n", "; "), comparisons)
+    published = beside(table, keys, finished)
+    text = markdown(
+        table, keys, jobs, title.replace("\n", "; "), comparisons, beside_markdown(published)
+    )
     print(text)
     columns = [*keys, "seed", "subset_seed", "head_label", "run", *(rows[0] if rows else {})]
     write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
     write_atomic(out / "results.md", text)
+    if published:
+        write_csv(out / "results_published.csv", published, list(published[0]))
     if comparisons.rows:
         write_csv(out / "significance.csv", comparisons.rows, list(comparisons.rows[0]))
     if is_leaderboard(finished):  # experiment=ep_row: also the leaderboard's row layout

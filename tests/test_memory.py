@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 from mim_agg.backbones import FrozenBackbone, TokenRequest
-from mim_agg.backbones.memory import ExtractionMemory, extraction_memory, memory_warning
+from mim_agg.backbones.memory import ExtractionMemory, extraction_memory, gigabytes, memory_warning
 from mim_agg.errors import ConfigError
 
 BATCH = 8
@@ -124,3 +124,22 @@ def test_the_warning_names_a_batch_size_that_fits():
     assert "not even one image fits" in memory_warning(need, free=3 * 10**9)
     with_map = ExtractionMemory(256, 2 * 10**9, 4 * 10**9, 6 * 10**9, 2 * 10**9)
     assert with_map.batch_size_within(8 * 10**9) == 128
+
+
+def test_an_extraction_on_a_gpu_warns_when_less_is_free(monkeypatch, caplog):
+    """``task=extract``'s check on rank 0's GPU (its free memory faked: no CUDA here): the
+    estimate is logged; the warning comes with the batch size that fits, and only then."""
+    from mim_agg.cache.build import check_gpu_memory
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["debug=fast", "cache.batch_size=64"])
+    requests = {11: TokenRequest(tokens=True, cls_attn=True)}  # ViT-Ti's last block
+    need = extraction_memory(cfg.backbone, 64, reads_attention=True)
+    for free, warned in ((need.total, False), (need.total - 1, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, free))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mim_agg.cache.build"):
+            check_gpu_memory(cfg, requests, "bf16-mixed", torch.device("cuda", 0))
+        assert f"cache.batch_size=64 needs about {gigabytes(need.total)}" in caplog.text
+        fits = f"use cache.batch_size={need.batch_size_within(free)} or less"
+        assert (fits in caplog.text) == warned and need.batch_size_within(free) == 63 + (not warned)

@@ -7,12 +7,12 @@ allocations a CPU forward of small models makes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mim_agg.backbones.architectures import HieraReader, ViTReader
 from mim_agg.backbones.frozen import FrozenBackbone, skeleton
 from mim_agg.errors import ConfigError
 from mim_agg.validation import backbone_arguments
@@ -40,8 +40,8 @@ class ExtractionMemory:
     def batch_size_within(self, free: int) -> int:
         """The largest batch whose estimate fits in ``free`` bytes (0: not even one image):
         everything but the weights grows with the batch."""
-        per_image = (self.activations + self.attention) / self.batch_size
-        return max(0, math.floor((free - self.weights) / per_image))
+        growing = self.activations + self.attention
+        return max(0, (free - self.weights) * self.batch_size // growing)
 
 
 def extraction_memory(
@@ -81,6 +81,12 @@ def extraction_memory(
     no map and is refused, as its extraction would be. ``tests/test_memory.py`` measures the
     allocations of CPU forwards of small models of each family against this count."""
     backbone = skeleton(**backbone_arguments(backbone_cfg))
+    if not isinstance(backbone.reader, ViTReader | HieraReader):
+        raise ConfigError(
+            f"mim_agg cannot estimate the memory backbone.arch={backbone.reader.arch} needs: it "
+            "counts the attention and MLP blocks of timm's ViTs (Eva and Beit among them) and "
+            "Hiera."
+        )
     weight = backbone.weight_dtype
     compute = COMPUTE if autocast else weight
     sizes = Itemsizes(
@@ -181,17 +187,17 @@ def memory_warning(need: ExtractionMemory, free: int) -> str | None:
     advice = (
         f"use cache.batch_size={fits} or less"
         if fits
-        else "not even one image fits beside the weights: use backbone.dtype=bfloat16 or a "
-        "larger GPU"
+        else "not even one image fits beside the weights: free the GPU, take a larger one, or "
+        "load float32 weights in backbone.dtype=bfloat16"
     )
     return (
         f"cache.batch_size={need.batch_size} needs about {gigabytes(need.total)} on this GPU "
-        f"({describe(need)}; mim_agg/backbones/memory.py), but only {gigabytes(free)} are "
+        f"({breakdown(need)}; mim_agg/backbones/memory.py), but only {gigabytes(free)} are "
         f"free: {advice}."
     )
 
 
-def describe(need: ExtractionMemory) -> str:
+def breakdown(need: ExtractionMemory) -> str:
     """``weights 8.7 GB, activations 5.5 GB``, and the attention map's share where it has one."""
     parts = f"weights {gigabytes(need.weights)}, activations {gigabytes(need.activations)}"
     return parts + (f", attention map {gigabytes(need.attention)}" if need.attention else "")

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from mim_agg.aggregators import Aggregator, token_request
 from mim_agg.backbones import TokenLayout, TokenRequest
 from mim_agg.backbones.frozen import skeleton
+from mim_agg.backbones.memory import breakdown, extraction_memory, gigabytes, memory_warning
 from mim_agg.builders import (
     backbone_layout,
     build_aggregators,
@@ -195,6 +196,8 @@ def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, 
     )
     if refusal:
         raise CacheError(refusal)
+    if ranks.rank == 0 and ranks.device.type == "cuda":
+        check_gpu_memory(cfg, requests, entries[0].identity["precision"], ranks.device)
     extract(
         targets,
         build_live_source(cfg, requests),
@@ -215,6 +218,32 @@ def extract_together(entries: list[PlannedCache], plans: dict, cfg, datamodule, 
             ", ".join(str(t.block) for t in targets),
             ", ".join(str(entry.cache.root) for entry in entries),
         )
+
+
+def check_gpu_memory(cfg: DictConfig, requests: dict, precision: str, device) -> None:
+    """Log what one backbone pass of ``cache.batch_size`` images needs on this GPU, computed
+    (``mim_agg/backbones/memory.py``: an oracle's model is not counted), and warn with a batch
+    size that fits when less is free: before the weights are loaded, so the free memory is
+    what the weights and the pass share."""
+    reads_attention = any(r.cls_attn or r.center_rows for r in requests.values())
+    backbone = cfg_at_block(cfg, max(requests)).backbone
+    bf16 = precision.startswith("bf16")
+    try:
+        need = extraction_memory(backbone, cfg.cache.batch_size, reads_attention, bf16)
+    except ConfigError as unknown:
+        log.info("No GPU memory estimate: %s", unknown)
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    log.info(
+        "One backbone pass of cache.batch_size=%d needs about %s (%s); %s free on the GPU.",
+        cfg.cache.batch_size,
+        gigabytes(need.total),
+        breakdown(need),
+        gigabytes(free),
+    )
+    warning = memory_warning(need, free)
+    if warning:
+        log.warning(warning)
 
 
 def start(entry: PlannedCache, cfg: DictConfig, datamodule) -> dict[str, SplitPlan]:

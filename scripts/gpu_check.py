@@ -5,11 +5,13 @@
 
 Measures ViT-B/16 all-token extraction images/s under bf16 autocast (synthetic input on the
 device, tokens copied into pinned host memory), the same with ``torch.compile``, cached-probing
-images/s of an AbMILP head on bf16 tokens, and peak GPU memory; then the peak memory of
-``heads=ep`` (the linear probe and efficient-probing's fourteen poolers) at ViT-B from cached
-tokens at batch 512 x 8 accumulated = 4096 (``ep_memory`` of scripts/benchmark.py, the README's
-figure). Then runs the quickstart and a ``heads=bench8`` probe on the GPU (bf16), online and
-from the cache, and checks each head's test accuracy against the same probe on the CPU in fp32.
+images/s of an AbMILP head on bf16 tokens, and peak GPU memory; batched JPEG decoding on the
+device (``jpeg_decode``: ImageNet-sized files, alone and with the eval transform); then the
+peak memory of ``heads=ep`` (the linear probe and efficient-probing's fourteen poolers) at
+ViT-B from cached tokens at batch 512 x 8 accumulated = 4096 (``ep_memory`` of
+scripts/benchmark.py, the README's figure). Then runs the quickstart and a ``heads=bench8``
+probe on the GPU (bf16), online and from the cache, and checks each head's test accuracy
+against the same probe on the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -23,8 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from benchmark import ep_memory  # scripts/benchmark.py: this script's folder is on sys.path
+from benchmark import (  # scripts/benchmark.py: this script's folder is on sys.path
+    IMAGENET_SIZE,
+    ep_memory,
+    photo_jpeg,
+)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
 
 from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenRequest, Tokens
@@ -114,6 +124,43 @@ def throughput(args: argparse.Namespace, device: str) -> dict:
     return figures
 
 
+def jpeg_decode(args: argparse.Namespace, device: str) -> dict:
+    """Images/s of torchvision's batched ``decode_jpeg`` on the device (nvJPEG on a GPU) of
+    ImageNet-like JPEGs (500 x 375, quality 90: ``benchmark.photo_jpeg``), alone and with the
+    eval transform on the device (bicubic antialiased resize of the shorter side to 256,
+    centre crop 224, normalisation, image by image as sizes differ in real data): what a GPU
+    decoding path (``dataset.decode=gpu``, not implemented yet) would feed a backbone, the
+    loader only reading files. README, "Data path"."""
+    batch = 2 if args.smoke else 128
+    rng = np.random.default_rng(0)
+    files = [
+        torch.frombuffer(bytearray(photo_jpeg(rng, IMAGENET_SIZE)), dtype=torch.uint8)
+        for _ in range(batch)
+    ]
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def decode() -> list[torch.Tensor]:
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+
+    def decode_and_transform() -> torch.Tensor:
+        crops = [
+            F.center_crop(F.resize(image, [256], F.InterpolationMode.BICUBIC), [224])
+            for image in decode()
+        ]
+        return (torch.stack(crops).float() / 255 - mean) / std
+
+    return {
+        "batch": batch,
+        "device": device_name(device),
+        "decode_images_per_s": timed(decode, args.seconds, batch, sync),
+        "decode_eval_transform_images_per_s": timed(
+            decode_and_transform, args.seconds, batch, sync
+        ),
+    }
+
+
 def cli(root: Path, *overrides: str) -> dict:
     """``python run.py OVERRIDES`` under ``root``; the run's metrics.json."""
     env = {**os.environ, "MIM_AGG_ROOT": str(root), "WANDB_MODE": "disabled"}
@@ -172,6 +219,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "throughput": throughput(args, device),
+        "jpeg_decode": jpeg_decode(args, device),
     }
     sizes = EP_MEMORY_SMOKE if args.smoke else EP_MEMORY
     report["ep_memory"] = ep_memory(*sizes, classes=2 if args.smoke else 8, smoke=args.smoke)

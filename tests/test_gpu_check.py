@@ -21,6 +21,10 @@ def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["throughput"]["extract_images_per_s"] > 0
     assert report["throughput"]["cached_probe_abmilp_images_per_s"] > 0
+    decoding = report["jpeg_decode"]  # torchvision's batched decode_jpeg, here on the CPU
+    assert (
+        decoding["decode_images_per_s"] > 0 and decoding["decode_eval_transform_images_per_s"] > 0
+    )
     # heads=ep from cached tokens through probe.effective_batch: linear probe + 14 poolers
     memory = report["ep_memory"]
     assert memory["heads"] == 15 and memory["effective_batch"] == 8 * 2

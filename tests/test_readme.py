@@ -134,43 +134,33 @@ def test_the_backbone_table_lists_every_leaderboard_row_with_a_config_or_why_not
         assert config != "—" or notes.startswith("absent: "), notes
 
 
-def extraction_memory(config: str, batch: int = 256) -> list[float]:
-    """Parameters, and the bytes of the weights, of one block's largest set of live activations
-    at ``batch`` images and of an explicit attention map, as the README's memory table defines
-    them: per token the residual stream and the kept tokens in the weights' dtype, the
-    LayerNorm's output in float32, the MLP's hidden layer before and after its activation
-    (twice the widths its input projections give) in bfloat16; per head and pair of tokens
-    bfloat16 logits and a float32 softmax."""
-    from torch import nn
+def parameter_count(count: int) -> str:
+    """``85.8M``, ``1.84B``: how the memory table writes a parameter count."""
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
 
-    from mim_agg.backbones.frozen import skeleton
-    from mim_agg.validation import backbone_arguments
+
+@pytest.mark.slow  # builds 16 large skeletons (on the meta device: no memory, ~1 s each)
+def test_the_memory_table_is_what_extraction_memory_computes():
+    """Every row at ``cache.batch_size=256``, each config of a row alike; the table covers the
+    big models (bfloat16 weights) and every DINOv3 ViT."""
+    from omegaconf import OmegaConf
+
+    from mim_agg.backbones.memory import extraction_memory, gigabytes
     from tests.helpers import compose_config
 
-    backbone = skeleton(**backbone_arguments(compose_config([f"backbone={config}"]).backbone))
-    params = sum(p.numel() for p in backbone.model.parameters())
-    itemsize = torch.empty((), dtype=backbone.weight_dtype).element_size()
-    linears = [m for m in backbone.model.blocks[-1].mlp.modules() if isinstance(m, nn.Linear)]
-    hidden = sum(linear.out_features for linear in linears[:-1])  # fc1, or SwiGLU's two
-    layout = backbone.layout
-    tokens = batch * layout.num_tokens
-    activations = tokens * (2 * layout.dim * itemsize + 4 * layout.dim + 2 * 2 * hidden)
-    attention = batch * layout.num_heads * layout.num_tokens**2 * (2 + 4)
-    return [params, params * itemsize, activations, attention]
-
-
-@pytest.mark.slow  # builds six large skeletons (on the meta device: no memory)
-def test_the_big_models_memory_is_computed_from_their_sizes():
     rows = table_rows("config | parameters | weights | activations | total | reading attention")
-    assert len(rows) == 6
-    for config, *cells in rows:
-        params, weights, activations, attention = extraction_memory(config.strip("`"))
-        expected = [
-            f"{params / 1e9:.2f}B",
-            *(f"{size / 1e9:.1f} GB" for size in (weights, activations, weights + activations)),
-            f"{(weights + activations + attention) / 1e9:.1f} GB",
-        ]
-        assert cells == expected, config
+    listed = {name for row in rows for name in re.findall(r"`([^`]+)`", row[0])}
+    configs = sorted((CONFIG_DIR / "backbone").glob("*.yaml"))
+    big = {p.stem for p in configs if OmegaConf.load(p).get("dtype") == "bfloat16"}
+    dinov3 = {p.stem for p in configs if p.stem.startswith("dinov3_vit")}
+    assert big | dinov3 <= listed, sorted(big | dinov3 - listed)
+    for names, *cells in rows:
+        for config in re.findall(r"`([^`]+)`", names):
+            backbone = compose_config([f"backbone={config}"]).backbone
+            plain = extraction_memory(backbone, 256, reads_attention=False)
+            reading = extraction_memory(backbone, 256, reads_attention=True)
+            sizes = (plain.weights, plain.activations, plain.total, reading.total)
+            assert cells == [parameter_count(plain.parameters), *map(gigabytes, sizes)], config
 
 
 def test_every_launcher_is_listed():

@@ -178,3 +178,30 @@ def test_every_option_of_a_single_config_group_is_in_its_row(group):
     for key in options:
         if key != "defaults":
             assert f"`{key}`" in row, f"{group}.{key} is missing from README.md"
+
+
+def test_the_cache_footprint_is_the_cache_s_own_arithmetic():
+    """Bytes per view (``bytes_per_view`` of the fields an extraction stores: all tokens for a
+    learned head, the pooled ``[cls]`` for the linear probe) and ImageNet's totals (1,281,167
+    train and 50,000 val images), for ViT-S/B/L/H at 224 px; float16 takes what bfloat16
+    takes. Skeletons on the meta device: nothing allocated."""
+    from mim_agg.backbones import TokenRequest
+    from mim_agg.backbones.frozen import skeleton
+    from mim_agg.cache.extract import bytes_per_view, field_shapes
+
+    rows = table_rows("per view, 224 px")
+    assert len(rows) == 8
+    for what, *cells in rows:
+        arch = re.findall(r"`([^`]+)`", what)[0]
+        layout = skeleton(arch=arch, img_size=224).layout
+        if "tokens" in what:
+            shapes = field_shapes(layout, TokenRequest(tokens=True), {})
+        else:
+            shapes = field_shapes(layout, TokenRequest(pooled=("cls",)), {"cls": layout.dim})
+        assert " x ".join(map(str, next(iter(shapes.values())))) in what, what
+        sizes = [bytes_per_view(shapes, dtype) for dtype in ("float32", "bfloat16", "int8")]
+        expected = [
+            f"{s:,} B · {s * 1_281_167 / 1e9:,.1f} · {s * 50_000 / 1e9:,.2f} GB" for s in sizes
+        ]
+        assert cells == expected, what
+        assert bytes_per_view(shapes, "float16") == sizes[1]

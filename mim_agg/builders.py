@@ -260,20 +260,40 @@ def load_probe_head(cfg: DictConfig, checkpoint: str, layout: TokenLayout) -> Pr
     name = json.loads((run_dir / "metrics.json").read_text())["winner"]
     fix = "pass a finished probe run's last.ckpt, or train that run again (resume=false)"
     state = read_run_checkpoint(checkpoint_path, fix, keys=("state_dict", "head_selection"))
+    head = selected_head(run_cfg, state, name, layout, checkpoint_path)
+    note_other_dataset(run_cfg, cfg, run_dir, head.classifier.out_features)
+    return head
+
+
+def selected_head(
+    run_cfg: DictConfig, state: dict, name: str, layout: TokenLayout, checkpoint_path: Path
+) -> ProbeHead:
+    """Head ``name`` of a probe run (its ``config.yaml``: ``run_cfg``) with the weights
+    held-out selected for it in checkpoint ``state`` (its last ones when nothing was held out,
+    as the probe's test does); refused where they are not finite or do not fit the head the
+    run's config builds (another aggregator or backbone width)."""
     selected = state["head_selection"][name]["state"]
     if selected is None:  # nothing was held out: the last epoch's weights are the selected ones
         prefix = f"heads.{name}."
         weights = state["state_dict"]
         selected = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    where = f"head {name!r} in {str(checkpoint_path)!r}"
+    if "classifier.weight" not in selected:
+        raise UserError(f"The checkpoint holds no weights of {where}; train that run again.")
     num_classes = selected["classifier.weight"].shape[0]
     head = build_head(run_cfg.seed, layout, head_grid(run_cfg)[name].options, num_classes)
     require_finite(
-        f"The weights of head {name!r} in {str(checkpoint_path)!r}",
+        f"The weights of {where}",
         selected.values(),
-        "that probe run (heads.csv, cli.log) or pass another knn.probe_ckpt / analysis.probe_ckpt",
+        "that probe run (heads.csv, cli.log) or use another probe run",
     )
-    note_other_dataset(run_cfg, cfg, run_dir, num_classes)
-    head.load_state_dict(selected)
+    try:
+        head.load_state_dict(selected)
+    except RuntimeError as error:
+        raise UserError(
+            f"The weights of {where} do not fit the head its config.yaml builds (backbone or "
+            f"aggregator changed?): {str(error).splitlines()[0]} Train that run again."
+        ) from None
     return head.eval()
 
 

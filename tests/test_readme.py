@@ -18,7 +18,7 @@ from tests.helpers import PROJECT_ROOT
 README = (PROJECT_ROOT / "README.md").read_text()
 GROUPS = (  # backbone: its own table, below
     "heads", "dataset", "probe", "trainer", "logger", "experiment", "report", "cache", "knn",
-    "logreg", "debug", "callbacks",
+    "logreg", "evaluate", "debug", "callbacks",
 )  # fmt: skip
 
 

@@ -1,0 +1,180 @@
+"""``task=evaluate``: a finished probe run scored on fake copies of ImageNet-V2, -Sketch, -R, -A
+and -ReaL in their archives' layouts, each accuracy against an independent computation from
+the heads' logits (restricted argmax for -R/-A, set membership for ReaL)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from mim_agg.backbones.loading import read_run_checkpoint
+from mim_agg.builders import build_datamodule, build_probe
+from mim_agg.data.imagenet_variants import imagenet_wnids
+from mim_agg.data.sources import DataError
+from mim_agg.errors import UserError
+from mim_agg.runs.runner import run_task
+from mim_agg.utils.predictions import read_predictions
+from tests.helpers import FAST, compose_config
+
+INDICES = [1, 7, 300, 999]  # the probe's 4 classes, by ImageNet-1k index
+WNIDS = [imagenet_wnids()[i] for i in INDICES]
+OTHER = 5  # an ImageNet class the probe lacks: its images are left out
+
+
+def jpeg(path, label: int, index: int) -> None:
+    """A 32 px image whose colour says its class, with a little noise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1000 * label + index)
+    colour = np.array([60 * (label % 4), 255 - 50 * label % 255, 40 * index % 255])
+    pixels = np.clip(colour + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    """A two-head probe trained on 4 wnid folders (ImageNet's layout), and its wnid list."""
+    root = tmp_path_factory.mktemp("evaluate")
+    imagenet = root / "imagenet"
+    for label, wnid in enumerate(WNIDS):
+        for i in range(8):
+            jpeg(imagenet / "train" / wnid / f"{wnid}_{i}.JPEG", label, i)
+        for i in range(2):  # ILSVRC2012_val_<n>: n = 2 * label + i + 1 (ReaL reads them too)
+            jpeg(imagenet / "val" / wnid / f"ILSVRC2012_val_{2 * label + i + 1:08d}.JPEG", label, i)
+    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    overrides = [
+        *FAST,
+        "dataset=image_folder",
+        f"dataset.root={imagenet}",
+        "dataset.num_workers=0",
+        "aggregator=mean",
+        "+aggregator@heads.abmilp=abmilp",
+    ]
+    run_task(compose_config(overrides, root))
+    return root
+
+
+def evaluate(probe_run, dataset: str, *overrides: str, wnids: str = "wnids.txt") -> dict:
+    command = [
+        *FAST,
+        "task=evaluate",
+        f"evaluate.run={probe_run / 'run'}",
+        f"dataset={dataset}",
+        f"dataset.wnids={probe_run / wnids}",
+        "dataset.num_workers=0",
+        *overrides,
+    ]
+    return run_task(compose_config(command, probe_run / "evaluating"))
+
+
+def logits_of(probe_run, files) -> dict[str, np.ndarray]:
+    """Every head's logits on ``files``, computed here: the run's backbone and heads built
+    from its config, each head's held-out-selected weights loaded from the checkpoint."""
+    run_dir = probe_run / "run"
+    trained = OmegaConf.load(run_dir / "config.yaml")
+    model = build_probe(trained, 4).eval()
+    state = read_run_checkpoint(run_dir / "checkpoints" / "last.ckpt", "", ("head_selection",))
+    transform = build_datamodule(trained).eval_transform
+    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        tokens = model.source(images)
+        out = {}
+        for name, head in model.heads.items():
+            head.load_state_dict(state["head_selection"][name]["state"])
+            out[name] = head.eval()(tokens).numpy()
+    return out
+
+
+def check(result: dict, expected: dict[str, float]) -> None:
+    assert set(result["heads"]) == set(expected) == {"mean", "abmilp"}
+    for name, accuracy in expected.items():
+        assert result["heads"][name]["test/acc1"] == pytest.approx(accuracy, abs=1e-9), name
+
+
+@pytest.mark.slow  # trains a probe for seconds
+def test_v2_sketch_r_a_score_the_probe_s_classes_r_and_a_restricted(probe_run, tmp_path):
+    v2 = tmp_path / "v2" / "imagenetv2-top-images-format-val"
+    sketch, rendition = tmp_path / "sketch", tmp_path / "imagenet-r"
+    files = {"v2": [], "sketch": [], "r": []}  # (file, probe label)
+    for label, index in enumerate(INDICES):
+        for i in range(2):
+            path = v2 / str(index) / f"{i}.jpeg"
+            jpeg(path, label, i + 5)
+            files["v2"].append((path, label))
+            path = sketch / WNIDS[label] / f"{i}.JPEG"
+            jpeg(path, (label + 1) % 4, i)  # sketches look like another class
+            files["sketch"].append((path, label))
+            if label in (0, 2):  # ImageNet-R's subset: 2 of the probe's classes
+                path = rendition / WNIDS[label] / f"{i}.jpg"
+                jpeg(path, label + 1, i)
+                files["r"].append((path, label))
+    jpeg(v2 / str(OTHER) / "x.jpeg", 0, 0)  # classes the probe lacks: left out
+    jpeg(sketch / imagenet_wnids()[OTHER] / "x.JPEG", 0, 0)
+    jpeg(rendition / imagenet_wnids()[OTHER] / "x.jpg", 0, 0)
+
+    for key, dataset, overrides in (
+        ("v2", "imagenet_v2", [f"dataset.root={tmp_path / 'v2'}", "dataset.variant=top-images"]),
+        ("sketch", "imagenet_sketch", [f"dataset.root={sketch}"]),
+        ("r", "imagenet_r", [f"dataset.root={rendition}"]),
+        ("a", "imagenet_a", [f"dataset.root={rendition}"]),  # the same layout as -R
+    ):
+        listed = files["r" if key == "a" else key]
+        labels = np.array([label for _, label in listed])
+        logits = logits_of(probe_run, [path for path, _ in listed])
+        scored = [0, 2] if key in ("r", "a") else [0, 1, 2, 3]
+        expected = {
+            name: float(np.mean(np.array(scored)[z[:, scored].argmax(1)] == labels))
+            for name, z in logits.items()
+        }
+        result = evaluate(probe_run, dataset, *overrides)
+        check(result, expected)
+        assert result["images"] == len(listed) and result["scored_classes"] == len(scored)
+        folder = probe_run / "run" / "evaluate" / result["dataset"]
+        assert json.loads((folder / "metrics.json").read_text())["heads"] == result["heads"]
+        predictions = read_predictions(folder / "predictions.safetensors")
+        assert predictions.accuracy("abmilp") == pytest.approx(expected["abmilp"])
+    assert result["dataset"] == "imagenet_a"
+    # The run's own results stand beside them, untouched.
+    assert json.loads((probe_run / "run" / "metrics.json").read_text())["winner"] in expected
+
+
+@pytest.mark.slow  # trains a probe for seconds
+def test_real_counts_a_prediction_in_the_label_set_and_skips_images_without_one(probe_run):
+    imagenet = probe_run / "imagenet"
+    real = [[0, 1], [INDICES[0]], [], [OTHER], [INDICES[1], INDICES[2]], [INDICES[1]]]
+    real += [[INDICES[2], INDICES[3]], [INDICES[2]], [INDICES[3]]]  # images 1..8 (and a spare)
+    real[0] = [INDICES[0], INDICES[3]]
+    (imagenet / "real.json").write_text(json.dumps(real))
+    files = sorted((imagenet / "val").rglob("*.JPEG"), key=lambda p: p.name)
+    numbers = [int(p.stem[-8:]) for p in files]
+    sets = {n: {INDICES.index(i) for i in real[n - 1] if i in INDICES} for n in numbers}
+    kept = [(f, n) for f, n in zip(files, numbers, strict=True) if sets[n]]
+    assert len(kept) == 6  # image 3 has no label, image 4 only one the probe lacks
+    logits = logits_of(probe_run, [f for f, _ in kept])
+    expected = {
+        name: float(np.mean([p in sets[n] for p, (_, n) in zip(z.argmax(1), kept, strict=True)]))
+        for name, z in logits.items()
+    }
+    result = evaluate(probe_run, "imagenet_real", f"dataset.root={imagenet}")
+    check(result, expected)
+    assert result["images"] == 6 and result["heads"]["mean"]["test/acc5"] is None
+
+
+@pytest.mark.slow  # trains a probe for seconds
+def test_an_unfinished_run_or_other_classes_are_refused(probe_run, tmp_path):
+    with pytest.raises(UserError, match="is no finished run"):
+        run_task(
+            compose_config(
+                [*FAST, "task=evaluate", f"evaluate.run={tmp_path}", "dataset=imagenet_r"],
+                tmp_path / "x",
+            )
+        )
+    (tmp_path / "three.txt").write_text("\n".join(WNIDS[:3]))
+    jpeg(tmp_path / "r" / WNIDS[0] / "a.jpg", 0, 0)
+    with pytest.raises(DataError, match="class folders of"):
+        root = f"dataset.root={tmp_path / 'r'}"
+        evaluate(probe_run, "imagenet_r", root, wnids=str(tmp_path / "three.txt"))

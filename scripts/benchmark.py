@@ -426,7 +426,7 @@ def _extraction(source, images: torch.Tensor, batch_size: int, dtype: str, preci
 # The data path: JPEG files to the tensors a backbone reads, per CPU core. CPU time, not wall
 # time: the figures hold on a machine that other work loads (its load average is recorded).
 IMAGENET_SIZE = (500, 375)  # ImageNet's most common size (width, height)
-LARGE_SIZE = (1000, 750)  # larger photographs (iNaturalist, Places365, SUN397 keep more pixels)
+LARGE_SIZE = (1000, 750)  # photographs kept larger than ImageNet's (own image folders)
 DECODES = ("pil", "turbo", "turbo_dct")  # dataset.decode; turbo* need simplejpeg (fastjpeg)
 LOADERS = {  # the data module's own loaders, as a probing run iterates them
     "eval": lambda module: module.test_dataloader(),

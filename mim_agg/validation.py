@@ -165,7 +165,10 @@ def missing_keys(node: DictConfig, key: str) -> list[str]:
 
 def backbone_arguments(backbone) -> dict:
     """``FrozenBackbone``'s arguments from ``cfg.backbone``: its keys less the representation
-    rules (``REPRESENTATION_KEYS``), which the runs read and the model never needs."""
+    rules (``REPRESENTATION_KEYS``), which the runs read and the model never needs. Plain
+    containers: timm takes lists (ConvNeXt's ``dims``), never a ``ListConfig``."""
+    if isinstance(backbone, DictConfig):
+        backbone = OmegaConf.to_container(backbone, resolve=True)
     return {k: v for k, v in backbone.items() if k not in REPRESENTATION_KEYS}
 
 

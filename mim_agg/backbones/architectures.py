@@ -5,14 +5,18 @@ interface: prefix tokens (``[cls]``, registers, RADIO's per-teacher summaries) b
 patch grid, blocks whose attention passes its softmax through ``attn_drop``, and
 ``forward_intermediates(..., return_prefix_tokens=True)``. Hiera is hierarchical: no prefix
 tokens, a grid and a width that change at each stage, windowed mask-unit attention and tokens
-kept in an unrolled order that timm rolls back into the grid. Each reader answers the same
-questions (the layout of a block's tokens, how to prune, the tokens of some blocks, the module
-whose attention can be watched), so ``FrozenBackbone`` reads any of them alike.
+kept in an unrolled order that timm rolls back into the grid. ConvNeXt is convolutional: no
+prefix tokens, no attention, a feature map per stage, built for any image size. Each reader
+answers the same questions (the layout of a block's tokens, how to prune, the tokens of some
+blocks, the module whose attention can be watched), so ``FrozenBackbone`` reads any of them
+alike.
 """
 
 from __future__ import annotations
 
 import torch
+from timm.models import model_entrypoint
+from timm.models.convnext import ConvNeXt
 from timm.models.hiera import Hiera
 from torch import nn
 
@@ -129,17 +133,102 @@ class HieraReader(Reader):
         )
 
 
-def reader_for(model: nn.Module, arch: str) -> ViTReader | HieraReader:
-    """The reader of ``model``'s family; an architecture neither reads is refused by name."""
+class ConvNeXtReader(Reader):
+    """ConvNeXt (Liu et al., 2022), DINOv3's ConvNeXts distilled from its ViT-7B among them:
+    four stages of depthwise-convolution blocks, each after a downsampling (the stem 4 x 4, then
+    2 x 2) that widens the map. ``block`` indexes the stages, as timm's ``forward_intermediates``
+    taps them: a stage's tokens are its feature map in row-major order, the last one's 7 x 7 at
+    224 px. No prefix tokens, no ``[cls]``: the model's own output is the global average,
+    normalised in its head."""
+
+    size_unit = "total stride"
+
+    def __init__(self, model: nn.Module, arch: str, img_size: int) -> None:
+        super().__init__(model, arch)
+        self.img_size = img_size  # a convolutional net is built for none: its grid follows it
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.stages)
+
+    @property
+    def size_multiple(self) -> int:
+        """The last stage's stride (32 px): each of its cells then covers whole pixels."""
+        return self.model.feature_info[-1]["reduction"]
+
+    def layout(self, block: int) -> TokenLayout:
+        stage = self.model.feature_info[block]  # width and stride of each stage, as timm lists
+        side = self.img_size // stage["reduction"]
+        return TokenLayout(
+            dim=stage["num_chs"],
+            num_prefix_tokens=0,
+            has_cls=False,
+            grid=(side, side),
+            num_heads=1,  # no attention: aggregators that follow the backbone's heads use one
+            depth=block + 1,
+        )
+
+    def prune(self, block: int, final_norm: bool) -> None:
+        if final_norm:
+            self.check_final_norm(block)
+        self.model.prune_intermediate_layers([block], prune_norm=not final_norm)
+
+    def check_final_norm(self, block: int) -> None:
+        """timm's ConvNeXts normalise the last stage's map (``norm_pre``, the ``head_norm_first``
+        ones) or only the pooled vector, in the head (the rest, DINOv3's and the original
+        ConvNeXts among them): their tokens have a final norm in the first case only."""
+        if isinstance(self.model.norm_pre, nn.Identity):
+            raise ConfigError(
+                f"backbone.final_norm=true: {self.arch} (ConvNeXt) normalises after pooling, in "
+                "its classifier head, so its tokens have no final norm; use "
+                "backbone.final_norm=false."
+            )
+        if block != self.depth - 1:
+            raise ConfigError(
+                f"backbone.final_norm=true: {self.arch} (ConvNeXt)'s final norm is sized for its "
+                f"last stage, not stage {block}; use backbone.final_norm=false or "
+                "backbone.block=-1."
+            )
+
+    def tokens(self, images: torch.Tensor, indices: list[int], norm: bool) -> list[torch.Tensor]:
+        outputs = self.model.forward_intermediates(
+            images,
+            indices=indices,
+            norm=norm,
+            stop_early=True,
+            output_fmt="NCHW",
+            intermediates_only=True,
+        )
+        return [out.flatten(2).transpose(1, 2).contiguous() for out in outputs]
+
+    def attention(self, block: int) -> nn.Module:
+        raise ConfigError(
+            f"{self.arch} (ConvNeXt) has no attention maps: it mixes tokens with depthwise "
+            "convolutions, so no token attends to any. Aggregators that read the backbone's "
+            "attention (center_attn, and those of [cls], which ConvNeXt lacks) and task=analyze "
+            "cannot serve it; pick one that reads the tokens."
+        )
+
+
+def takes_img_size(arch: str) -> bool:
+    """timm's ConvNeXt takes no ``img_size`` argument: a convolutional net is built for any
+    size (``ConvNeXtReader`` reads its grids from the size). Every other family takes one."""
+    return model_entrypoint(arch).__module__ != ConvNeXt.__module__
+
+
+def reader_for(model: nn.Module, arch: str, img_size: int) -> Reader:
+    """The reader of ``model``'s family; an architecture none reads is refused by name."""
     if isinstance(model, Hiera):
         return HieraReader(model, arch)
+    if isinstance(model, ConvNeXt):
+        return ConvNeXtReader(model, arch, img_size)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if grid is not None and hasattr(model, "blocks") and hasattr(model, "forward_intermediates"):
         return ViTReader(model, arch)
     raise ConfigError(
         f"backbone.arch={arch} builds a {type(model).__name__}, which mim_agg cannot read: it "
-        "reads timm's ViTs (a fixed patch grid after prefix tokens) and Hiera. For a NaFlex "
-        "model use its fixed-resolution twin (naflexvit_base_patch16_siglip -> "
+        "reads timm's ViTs (a fixed patch grid after prefix tokens), Hiera and ConvNeXt. For a "
+        "NaFlex model use its fixed-resolution twin (naflexvit_base_patch16_siglip -> "
         "vit_base_patch16_siglip_224, naflexvit_base_patch16_radio_v3 -> "
         "vit_base_patch16_radio_v3)."
     )

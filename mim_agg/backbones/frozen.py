@@ -11,7 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-from mim_agg.backbones.architectures import reader_for
+from mim_agg.backbones.architectures import reader_for, takes_img_size
 from mim_agg.backbones.loading import load_checkpoint_into
 from mim_agg.backbones.tokens import (
     TokenLayout,
@@ -27,7 +27,7 @@ DEFAULT_DTYPE = "float32"
 
 
 class FrozenBackbone(nn.Module):
-    """A timm ViT (or Hiera) that never trains.
+    """A timm ViT (or Hiera, or ConvNeXt) that never trains.
 
     Blocks after ``block`` are pruned, so asking for an early block also saves compute. The
     module stays in eval mode whatever Lightning asks, holds no trainable parameters and runs
@@ -76,7 +76,7 @@ class FrozenBackbone(nn.Module):
         self.family = family
         self.weight_dtype = weight_dtype(dtype)
         self.model = create_model(arch, weights, img_size, self.weight_dtype, **(arch_kwargs or {}))
-        self.reader = reader_for(self.model, arch)
+        self.reader = reader_for(self.model, arch, img_size)
         unit = self.reader.size_multiple
         if img_size % unit:
             raise UserError(
@@ -235,7 +235,9 @@ def create_model(
         raise ConfigError(
             f"backbone.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*')."
         )
-    kwargs = dict(num_classes=0, img_size=img_size, **arch_kwargs)
+    kwargs = dict(num_classes=0, **arch_kwargs)
+    if takes_img_size(arch):
+        kwargs["img_size"] = img_size
     if weights is None:
         return timm_model(arch, False, dtype, **kwargs)
     if is_timm_tag(weights):

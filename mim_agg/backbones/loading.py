@@ -402,6 +402,9 @@ def _arch(model: nn.Module) -> str:
 
 
 def _describe(model: nn.Module) -> str:
+    if isinstance(getattr(model, "stages", None), nn.Sequential):  # ConvNeXt: widths per stage
+        widths = [info["num_chs"] for info in model.feature_info]
+        return f"stage widths {widths}, depths {[len(stage.blocks) for stage in model.stages]}"
     embed_dim = getattr(model, "embed_dim", "?")
     depth = len(getattr(model, "blocks", []))
     return f"embed_dim={embed_dim}, depth={depth}"

@@ -31,11 +31,13 @@ from mim_agg.analysis.figures import (
 from mim_agg.analysis.statistics import StatisticsAccumulator, attention_statistics, update_ratios
 from mim_agg.analysis.tracing import trace_blocks
 from mim_agg.backbones import FrozenBackbone, Tokens
+from mim_agg.backbones.frozen import skeleton
 from mim_agg.backbones.tokens import require_finite
 from mim_agg.builders import build_backbone, build_datamodule, load_probe_head
 from mim_agg.runs.identity import result_config
 from mim_agg.utils.files import write_json
 from mim_agg.utils.loggers import build_loggers, finish_loggers, log_figures
+from mim_agg.validation import backbone_arguments
 
 SPLITS = {"val": "test", "train": "train"}
 
@@ -68,6 +70,8 @@ def reads(cfg: DictConfig) -> tuple[str, ...]:
 def run(cfg: DictConfig, watch=None) -> dict:
     """Short and read-only: a preemption signal ends it at the next batch; a rerun starts over."""
     output_dir = Path(cfg.paths.output_dir)
+    architecture = skeleton(**backbone_arguments(cfg.backbone))  # checked before any fetching:
+    architecture.reader.attention(architecture.block)  # a family without attention maps, by name
     torch.manual_seed(cfg.seed)
     loader = build_loader(cfg)
     backbone = build_backbone(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from mim_agg.errors import ConfigError
@@ -52,6 +53,13 @@ def test_a_mandatory_key_left_unset_is_refused_by_name(task, tmp_path):
     cfg = compose_config([*FAST, "dataset=image_folder", f"task={task}"], tmp_path)
     with pytest.raises(ConfigError, match=r"^dataset.root has no value, and task=.* set it on"):
         run_task(cfg)
+
+
+def test_a_mandatory_key_of_one_task_is_no_concern_of_another(tmp_path):
+    with pytest.raises(ConfigError, match=r"^evaluate.run has no value, and task=evaluate needs"):
+        run_task(compose_config([*FAST, "task=evaluate"], tmp_path))
+    assert OmegaConf.is_missing(compose_config([*FAST, "task=extract"], tmp_path).evaluate, "run")
+    assert run_task(compose_config([*FAST, "task=extract"], tmp_path))["complete"]
 
 
 def test_an_effective_batch_that_is_no_multiple_of_the_batch_is_refused(tmp_path):

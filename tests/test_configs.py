@@ -23,9 +23,16 @@ from mim_agg.builders import build_datamodule, head_grid
 from mim_agg.cli import CONFIG_DIR
 from mim_agg.config import BackboneConfig, DatasetConfig, register_configs
 from mim_agg.probe.module import OPTIMIZERS
+from mim_agg.runs.runner import required_groups, run_task
+from mim_agg.tasks import TASKS
 from mim_agg.tasks.probe import accumulation
 from mim_agg.utils.loggers import build_loggers
-from mim_agg.validation import FAMILIES, backbone_arguments, check_representation
+from mim_agg.validation import (
+    FAMILIES,
+    backbone_arguments,
+    check_representation,
+    missing_keys,
+)
 from tests.helpers import FAST, PROJECT_ROOT, compose_config
 
 
@@ -171,17 +178,25 @@ def test_callbacks_options(name, tmp_path):
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_options(name, tmp_path):
     cfg = compose_config([f"experiment={name}"], tmp_path)
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    resolve_what_its_task_reads(cfg)
 
 
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 @pytest.mark.parametrize("name", options("debug"))
 def test_debug_options(name, tmp_path):
     cfg = compose_config([f"debug={name}", "experiment=paper_mae_abmilp"], tmp_path)
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    resolve_what_its_task_reads(cfg)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert cfg.trainer.accelerator == "cpu" and cfg.logger.wandb is None
     assert not trainer.progress_bar_callback and "debug" in cfg.tags
+
+
+def resolve_what_its_task_reads(cfg) -> None:
+    """Every key of the groups the task must have filled is set, and every interpolation
+    resolves (another task's mandatory key, ``evaluate.run``, may stay ``???``)."""
+    for group in required_groups(cfg, TASKS[cfg.task]):
+        assert not missing_keys(cfg, group)
+    OmegaConf.to_container(cfg, resolve=True)
 
 
 def launcher_config(overrides: list[str]):
@@ -372,18 +387,16 @@ def test_a_new_aggregator_is_its_module_alone(toy_aggregator, tmp_path):
         compose_config(["aggregator=toy_sum", "aggregator.scal=2"], tmp_path)
     assert "Key 'scal' not in 'ToySumOptions'" in str(typo.value.__cause__)
     grid = head_grid(compose_config(["heads=all"], tmp_path))
-    assert grid["toy_sum"][0] == {"name": "toy_sum", "scale": 1.0}
-    assert {options["name"] for options, _ in grid.values()} == set(AGGREGATORS)
+    assert grid["toy_sum"].options == {"name": "toy_sum", "scale": 1.0}
+    assert {spec.options["name"] for spec in grid.values()} == set(AGGREGATORS)
     assert "toy_sum" in help_rows()["aggregator"]
     assert sorted(CONFIG_DIR.rglob("*")) == before  # nothing was written to conf/
 
 
 def test_an_unknown_task_is_refused_by_name_listing_the_tasks(tmp_path):
     from mim_agg.errors import ConfigError
-    from mim_agg.runs.runner import run_task
-    from mim_agg.tasks import TASKS
 
     cfg = compose_config([*FAST, "task=probs"], tmp_path)
     with pytest.raises(ConfigError, match="task=probs is no task; the tasks are analyze, "):
         run_task(cfg)
-    assert set(TASKS) == {"analyze", "extract", "knn", "logreg", "probe", "report"}
+    assert set(TASKS) == {"analyze", "evaluate", "extract", "knn", "logreg", "probe", "report"}

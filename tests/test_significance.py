@@ -1,5 +1,5 @@
 """Statistics between heads on constructed predictions whose answers are known, checked
-against scipy (and statsmodels where it is installed) or an independent calculation."""
+against scipy, statsmodels (a dev dependency) or an independent calculation."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def test_mcnemar_equals_the_exact_binomial_calculation(b, c):
 
 
 def test_mcnemar_equals_statsmodels():
-    contingency = pytest.importorskip("statsmodels.stats.contingency_tables")
+    from statsmodels.stats import contingency_tables as contingency
+
     for b, c in [(3, 9), (40, 61), (500, 430)]:
         first, second = paired(both=50, only_first=b, only_second=c, neither=50)
         expected = contingency.mcnemar([[50, b], [c, 50]], exact=True).pvalue
@@ -91,7 +92,8 @@ def test_holm_by_hand():
 
 
 def test_holm_equals_statsmodels():
-    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    from statsmodels.stats import multitest
+
     p_values = list(np.random.default_rng(2).random(12) ** 3)
     expected = multitest.multipletests(p_values, method="holm")[1]
     assert holm(p_values) == pytest.approx(list(expected), rel=1e-12)

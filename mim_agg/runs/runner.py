@@ -24,9 +24,7 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task} is no task; the tasks are {', '.join(sorted(TASKS))}.")
     task = TASKS[cfg.task]
-    check_required(
-        cfg, task.reads(cfg) if task.USES_RUN_FOLDER else tuple(k for k in cfg if k != "hydra")
-    )
+    check_required(cfg, required_groups(cfg, task))
     check_ranges(cfg)
     watch = SignalWatch()
     try:
@@ -52,6 +50,16 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
         raise  # hand_over always exits; this keeps type checkers informed
     finally:
         watch.close()
+
+
+def required_groups(cfg: DictConfig, task) -> tuple[str, ...]:
+    """The groups whose ``???`` keys ``task`` must have filled: those it reads where it declares
+    them, otherwise every group but the other tasks' own (``evaluate.run`` is no concern of
+    ``task=extract``)."""
+    if task.USES_RUN_FOLDER:
+        return task.reads(cfg)
+    others = {getattr(t, "SETTINGS_GROUP", None) for t in TASKS.values() if t is not task}
+    return tuple(key for key in cfg if key != "hydra" and key not in others)
 
 
 class DiskFull(UserError):

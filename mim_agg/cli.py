@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import logging
 import os
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from mim_agg.config import register_configs
 from mim_agg.errors import UserError, one_line
@@ -24,6 +27,9 @@ from mim_agg.utils.files import write_atomic
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+FULL_ERROR = "HYDRA_FULL_ERROR"  # "1": Hydra raises instead of printing (and so do we)
+USERS_FULL_ERROR = "MIM_AGG_USERS_HYDRA_FULL_ERROR"  # the user's own, while ours is set
+HYDRAS_ADVICE = "To append to your config use"  # "+key=value": nothing would read that key
 
 
 def import_plugins() -> None:
@@ -48,20 +54,67 @@ register_configs()
 quiet_third_party()
 
 
+def main() -> None:
+    """``python run.py``: Hydra's entry point, its composition errors (an unknown key, option or
+    value on the command line) answered as every other bad input is: one message naming the
+    key and the fix, exit status 2. Hydra prints those itself and exits 1 unless
+    ``HYDRA_FULL_ERROR=1`` lets them through to us, so it is set for the composition alone:
+    ``run_configured_task`` puts the user's own value back before anything runs."""
+    users_choice = os.environ.setdefault(USERS_FULL_ERROR, os.environ.get(FULL_ERROR, ""))
+    os.environ[FULL_ERROR] = "1"
+    try:
+        run_configured_task()
+    except CompactHydraException as error:
+        if users_choice == "1":
+            raise
+        print(f"Error: {composition_message(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def composition_message(error: CompactHydraException) -> str:
+    """A refused command line in one message: Hydra's lines less its ``+key`` advice, the
+    cause, and for an unknown key or option what its group has (the nearest first)."""
+    if isinstance(error, MissingConfigException) and error.options:  # group=<no such option>
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        return f"{group}={option}: no such option. {choices(option, error.options, group, '=')}"
+    lines = [line for line in str(error).splitlines() if not line.startswith(HYDRAS_ADVICE)]
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        lines.append(str(cause).splitlines()[0])
+        if isinstance(cause, ConfigKeyError | ConfigAttributeError) and cause.full_key:
+            parent = cause.parent_node
+            keys = [k for k in parent if k != "hydra"] if OmegaConf.is_dict(parent) else []
+            if keys:
+                lines.append(choices(str(cause.key), keys, cause.full_key.rpartition(".")[0], "."))
+    return " ".join(sentence(line.strip()) for line in lines if line.strip())
+
+
+def choices(name: str, names: list[str], group: str, joiner: str) -> str:
+    """``Did you mean dataset.root? The choices of dataset: name, root, ...``."""
+    nearest = difflib.get_close_matches(name, names, n=1)
+    guess = f"Did you mean {group + joiner if group else ''}{nearest[0]}? " if nearest else ""
+    return f"{guess}The choices of {group or 'the config'}: {', '.join(sorted(names))}."
+
+
+def sentence(line: str) -> str:
+    return line if line.endswith((".", "?", ":")) else f"{line}."
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def run_configured_task(cfg: DictConfig) -> float | None:
     """Run the configured task; return the held-out accuracy for Hydra sweepers (never test).
 
     A user error ends a single run with its message alone (exit status 2). In a sweep, a
     failing job is recorded and the others run on; the sweep ends with its summary (and
     report) and a non-zero exit status (``mim_agg.report.SweepEnd``).
     """
+    os.environ[FULL_ERROR] = os.environ.get(USERS_FULL_ERROR, "")  # composed: Hydra's way again
     context = launcher_context()
     try:
         summary = run_task(cfg, context)
     except UserError as error:
         remove_empty_run_folder(cfg)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if os.environ[FULL_ERROR] == "1":
             raise
         if context.sweep_dir is None:
             print(f"Error: {error}", file=sys.stderr)
@@ -69,7 +122,7 @@ def main(cfg: DictConfig) -> float | None:
         record_failure(context, cfg, error)
         return None
     except Exception as error:  # a bug: the traceback is in the job's log and error.txt
-        if context.sweep_dir is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if context.sweep_dir is None or os.environ[FULL_ERROR] == "1":
             raise
         log.exception("Job %s failed", context.job_num)
         record_failure(context, cfg, error)

@@ -6,8 +6,11 @@ message names the key, the value and what would be valid.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import re
+from collections.abc import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -153,11 +156,47 @@ def check_required(cfg: DictConfig, groups: tuple[str, ...]) -> None:
             )
 
 
+def check_declared(cfg: DictConfig) -> None:
+    """Refuse a key that ``+`` added on the command line to a group with a schema
+    (``+probe.blrs_=[0.1]``): Hydra adds it where asked, nothing reads it, and the run would
+    go on as if the option had been set. Free-form groups (``trainer``, ``callbacks``,
+    ``backbone.arch_kwargs``) take any key."""
+    for key, declared in undeclared_keys(cfg, ""):
+        group, _, name = key.rpartition(".")
+        nearest = difflib.get_close_matches(name, declared, n=1)
+        guess = f"Did you mean {group}.{nearest[0]}? " if nearest else ""
+        raise ConfigError(
+            f"{key} is no option of {group}: a '+' on the command line added it, and nothing "
+            f"reads it. {guess}The options of {group}: {', '.join(sorted(declared))}."
+        )
+
+
+def undeclared_keys(node: DictConfig, prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """``(dotted key, the declared keys beside it)`` of every key under ``node`` that its
+    schema (a dataclass) does not declare."""
+    schema = OmegaConf.get_type(node)
+    declared = (
+        [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node:
+        if declared is not None and key not in declared:
+            yield f"{prefix}{key}", declared
+        elif is_set_dict(node, key):
+            yield from undeclared_keys(node[key], f"{prefix}{key}.")
+
+
+def is_set_dict(node: DictConfig, key: str) -> bool:
+    """``node[key]`` holds a dict of its own (not ``???``, not an interpolation to follow)."""
+    if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+        return False
+    return OmegaConf.is_dict(node[key])
+
+
 def missing_keys(node: DictConfig, key: str) -> list[str]:
     """The dotted keys under ``node[key]`` left ``???`` (interpolations are not followed)."""
     if OmegaConf.is_missing(node, key):
         return [key]
-    if OmegaConf.is_interpolation(node, key) or not OmegaConf.is_dict(node[key]):
+    if not is_set_dict(node, key):
         return []
     child = node[key]
     return [f"{key}.{inner}" for name in child for inner in missing_keys(child, name)]

@@ -20,18 +20,23 @@ from urllib.parse import urlsplit
 
 from huggingface_hub.constants import HF_HUB_CACHE
 from hydra import compose, initialize_config_dir
+from hydra.errors import CompactHydraException
 
 from mim_agg.backbones.frozen import create_model, is_timm_tag, weight_dtype
 from mim_agg.backbones.loading import describe_checkpoint
-from mim_agg.cli import CONFIG_DIR
+from mim_agg.cli import CONFIG_DIR, composition_message
 from mim_agg.errors import UserError
 from mim_agg.utils.download import download
 from mim_agg.utils.files import sha256_of
 
 
 def main(overrides: list[str]) -> int:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except CompactHydraException as error:  # backbone=<no such config>, a misspelled key
+        print(f"Error: {composition_message(error)}", file=sys.stderr)
+        return 2
     backbone = cfg.backbone
     try:
         dtype = weight_dtype(backbone.dtype)

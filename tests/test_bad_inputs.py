@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 from PIL import Image
 
+from mim_agg.cli import composition_message
 from mim_agg.errors import ConfigError
 from mim_agg.runs.runner import run_task
+from mim_agg.validation import check_declared
 from tests.helpers import FAST, compose_config, run_cli
 
 
@@ -60,6 +63,50 @@ def test_a_mandatory_key_of_one_task_is_no_concern_of_another(tmp_path):
         run_task(compose_config([*FAST, "task=evaluate"], tmp_path))
     assert OmegaConf.is_missing(compose_config([*FAST, "task=extract"], tmp_path).evaluate, "run")
     assert run_task(compose_config([*FAST, "task=extract"], tmp_path))["complete"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["dataset=image_folder", "dataset.rooot=/data"],
+            "Could not override 'dataset.rooot'. Key 'rooot' not in 'DatasetConfig'. "
+            "Did you mean dataset.root? The choices of dataset: augment, decode,",
+        ),
+        (["seeed=1"], "Did you mean seed? The choices of the config: aggregator, analysis,"),
+        (
+            ["aggregator=abmilp", "aggregator.dept=2"],
+            "Did you mean aggregator.depth? The choices of aggregator: activation, depth,",
+        ),
+        (
+            ["probe.epochs=ten"],
+            "Error merging override probe.epochs=ten. Value 'ten' of type 'str' could not be "
+            "converted to Integer.",
+        ),
+    ],
+)
+def test_a_command_line_hydra_cannot_compose_is_one_message(overrides, expected, tmp_path):
+    with pytest.raises(CompactHydraException) as refused:
+        compose_config(overrides, tmp_path)
+    message = composition_message(refused.value)
+    assert expected in message and "\n" not in message
+    assert "+" not in message  # never Hydra's advice to add the key: nothing would read it
+
+
+def test_a_key_added_with_a_plus_to_a_group_with_a_schema_is_refused(tmp_path):
+    cfg = compose_config([*FAST, "+probe.blrs_=[0.1]"], tmp_path)
+    refusal = r"^probe.blrs_ is no option of probe: .* Did you mean probe.blrs\? The options of"
+    with pytest.raises(ConfigError, match=refusal):
+        run_task(cfg)
+    head = compose_config([*FAST, "+aggregator@heads.abmilp=abmilp", "+heads.abmilp.dept=2"])
+    with pytest.raises(ConfigError, match=r"^heads.abmilp.dept is no option of heads.abmilp"):
+        check_declared(head)
+    free = [
+        "+backbone.arch_kwargs.depth=1",
+        "+callbacks.lr._target_=x.Y",
+        "+aggregator@heads.m=max",
+    ]
+    check_declared(compose_config([*FAST, *free], tmp_path))  # free-form dicts take any key
 
 
 def test_an_effective_batch_that_is_no_multiple_of_the_batch_is_refused(tmp_path):

@@ -45,10 +45,15 @@ def test_cfg_job_shows_the_composed_config(tmp_path):
     )
 
 
-def test_unknown_option_fails_with_hydras_message(tmp_path):
-    result = run_cli("aggregator=nope", root=tmp_path)
-    assert result.returncode != 0
-    assert "Could not find 'aggregator/nope'" in result.stderr and "abmilp" in result.stderr
+def test_a_misspelled_option_is_one_message_naming_the_nearest_and_exit_status_2(tmp_path):
+    result = run_cli("aggregator=abmilpp", root=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (message,) = result.stderr.splitlines()
+    assert message.startswith("Error: aggregator=abmilpp: no such option. Did you mean ")
+    assert "aggregator=abmilp? The choices of aggregator: abmilp, abmilp_gated," in message
+    assert not (tmp_path / "outputs").exists()  # refused before a run folder was made
+    shown = run_cli("aggregator=abmilpp", root=tmp_path, HYDRA_FULL_ERROR="1")
+    assert shown.returncode == 1 and "MissingConfigException" in shown.stderr  # asked for it
 
 
 def test_missing_dataset_folder_fails_before_training(tmp_path):

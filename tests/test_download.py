@@ -290,6 +290,10 @@ def test_the_script_refuses_weights_of_another_architecture(tmp_path, tiny_state
     err = capsys.readouterr().err
     assert status == 2 and "does not fit backbone.arch=vit_small_patch16_224" in err
     assert (tmp_path / "weights" / "mocov3_vit-s-300ep.pth.tar.bad").is_file()
+    assert script["main"](["backbone=mocov3_vit_s"]) == 2  # a misspelled name: one message
+    assert "Error: backbone=mocov3_vit_s: no such option. Did you mean backbone=mocov3_vits?" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_url_that_is_not_found_says_to_check_it_not_to_rerun(tmp_path):

@@ -13,7 +13,7 @@ from mim_agg.runs.folder import RunContext, RunFolder, global_rank
 from mim_agg.runs.preemption import Preempted, SignalWatch
 from mim_agg.tasks import TASKS
 from mim_agg.utils.files import no_space
-from mim_agg.validation import check_ranges, check_required
+from mim_agg.validation import check_declared, check_ranges, check_required
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def run_task(cfg: DictConfig, context: RunContext | None = None) -> dict:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task} is no task; the tasks are {', '.join(sorted(TASKS))}.")
     task = TASKS[cfg.task]
+    check_declared(cfg)
     check_required(cfg, required_groups(cfg, task))
     check_ranges(cfg)
     watch = SignalWatch()

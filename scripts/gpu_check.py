@@ -11,7 +11,8 @@ peak memory of ``heads=ep`` (the linear probe and efficient-probing's fourteen p
 ViT-B from cached tokens at batch 512 x 8 accumulated = 4096 (``ep_memory`` of
 scripts/benchmark.py, the README's figure). Then runs the quickstart and a ``heads=bench8``
 probe on the GPU (bf16), online and from the cache, and checks each head's test accuracy
-against the same probe on the CPU in fp32.
+against the same probe on the CPU in fp32. On a machine with several GPUs, last, a distributed
+extraction (``trainer=ddp``) must write the cache one GPU writes, byte for byte.
 """
 
 from __future__ import annotations
@@ -161,16 +162,67 @@ def jpeg_decode(args: argparse.Namespace, device: str) -> dict:
     }
 
 
-def cli(root: Path, *overrides: str) -> dict:
-    """``python run.py OVERRIDES`` under ``root``; the run's metrics.json."""
+def run_py(root: Path, *overrides: str) -> None:
+    """``python run.py OVERRIDES`` under ``root``; a failure ends the check with its log."""
     env = {**os.environ, "MIM_AGG_ROOT": str(root), "WANDB_MODE": "disabled"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *overrides], env=env, capture_output=True, text=True
     )
     if result.returncode:
         raise SystemExit(f"run.py {' '.join(overrides)} failed:\n{result.stderr[-4000:]}")
+
+
+def cli(root: Path, *overrides: str) -> dict:
+    """``python run.py OVERRIDES`` under ``root``; the run's metrics.json."""
+    run_py(root, *overrides)
     (metrics,) = (root / "outputs" / "runs").glob("*/metrics.json")  # one run per root
     return json.loads(metrics.read_text())
+
+
+def distributed_extraction(args: argparse.Namespace, device: str) -> dict:
+    """``task=extract`` on every GPU of the machine (``trainer=ddp``) against one GPU: the two
+    caches must be byte for byte the same (plan, manifest and every shard), and the time
+    each took. One GPU cannot show it (skipped, said so); the smoke run uses
+    ``trainer=ddp_sim`` (two CPU processes) against ``trainer=cpu``."""
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if device == "cuda" and gpus < 2:
+        return {"skipped": f"{gpus} GPU here: distributed extraction needs two or more"}
+    trainers = {"one": "trainer=gpu", "all": "trainer=ddp"}
+    if device != "cuda":
+        trainers = {"one": "trainer=cpu", "all": "trainer=ddp_sim"}
+    extract = [
+        "task=extract", "backbone=vit_tiny", "backbone.img_size=64", "dataset=digits",
+        "aggregator=abmilp", "cache.shard_size=64", "cache.batch_size=32",
+    ]  # fmt: skip
+    if args.smoke:
+        extract += ["dataset.train_size=96", "dataset.test_size=32", "cache.shard_size=16"]
+    seconds, served = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, trainer in trainers.items():
+            started = time.perf_counter()
+            run_py(Path(folder) / name, *extract, trainer)
+            seconds[name] = time.perf_counter() - started
+            (cache,) = (Path(folder) / name / "cache").iterdir()
+            served[name] = cache_files(cache)
+    one, every = served["one"], served["all"]
+    differing = sorted(
+        name for name in one.keys() | every.keys() if one.get(name) != every.get(name)
+    )
+    return {
+        "processes": gpus or 2,
+        "one_process_s": seconds["one"],
+        "distributed_s": seconds["all"],
+        "files_compared": len(one),
+        "identical": not differing,
+        "differing_files": differing[:10],
+    }
+
+
+def cache_files(cache: Path) -> dict[str, bytes]:
+    """What a cache serves: its plan, manifest and shards (the writers' records and locks
+    differ by design: they hold modification times and ranks)."""
+    files = [cache / "plan.json", cache / "manifest.json", *cache.glob("*/shard-*.safetensors")]
+    return {str(path.relative_to(cache)): path.read_bytes() for path in sorted(files)}
 
 
 def end_to_end(args: argparse.Namespace, device: str) -> dict:
@@ -224,12 +276,14 @@ def main() -> None:
     sizes = EP_MEMORY_SMOKE if args.smoke else EP_MEMORY
     report["ep_memory"] = ep_memory(*sizes, classes=2 if args.smoke else 8, smoke=args.smoke)
     report["end_to_end"] = end_to_end(args, device)
+    report["distributed_extraction"] = distributed_extraction(args, device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     checks = [
         report["end_to_end"][k]["within_tolerance"] for k in ("bench8_online", "bench8_cached")
     ]
+    checks.append(report["distributed_extraction"].get("identical", True))  # True: skipped
     raise SystemExit(0 if all(checks) else 1)
 
 

@@ -32,3 +32,7 @@ def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path):
     for features in ("online", "cached"):
         run = report["end_to_end"][f"bench8_{features}"]
         assert len(run["test_acc1"]) == 8 and run["within_tolerance"]
+    distributed = report["distributed_extraction"]  # trainer=ddp_sim against trainer=cpu
+    # plan, manifest and 9 shards of 16 images: 96 split into train and held-out, 32 test
+    assert distributed["processes"] == 2 and distributed["files_compared"] == 2 + 9
+    assert distributed["identical"] and distributed["differing_files"] == []

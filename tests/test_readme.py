@@ -134,6 +134,64 @@ def test_the_backbone_table_lists_every_leaderboard_row_with_a_config_or_why_not
         assert config != "—" or notes.startswith("absent: "), notes
 
 
+# Quoted in README, keyed to no config in published.csv: the leaderboard's checkpoints are not
+# these configs' (CAPI IN-1k for capi_vitl's LVD-142M file, RADIOv2.5 for timm's C-RADIOv3), so
+# a run of ours would not be its figure's run.
+NOT_OUR_CHECKPOINT = {"capi_vitl", "radio_vitb16", "radio_vitl16"}
+
+
+def published_figure(config: str, column: str, ep_tokens: str | None = None) -> str:
+    """``mim_agg/report/published.csv``'s figure for a README cell, to one decimal as the
+    leaderboard prints it: ``column`` is k-NN, LP or EP on the representation ``config`` reads
+    (EP on ``ep_tokens`` where given)."""
+    from omegaconf import OmegaConf
+
+    from mim_agg.report.published import figure_for
+
+    values = OmegaConf.load(CONFIG_DIR / "backbone" / f"{config}.yaml")
+    linear = values.get("linear_input", "cls")
+    tokens = ep_tokens or values.get("ep_tokens", "patch")
+    task, head, options = {
+        "knn": ("knn", linear, {}),
+        "linear": ("probe", linear, {}),
+        "mean": ("probe", "mean", {}),
+        "abmilp": ("probe", "abmilp", {"depth": 1, "tokens": "patch", "pos_cond": False}),
+        "ep": ("probe", "efficient_probe", {"num_queries": 32, "d_out": 1, "tokens": tokens}),
+    }[column]
+    if head == "abmilp":
+        options["self_attn"] = "none"
+    figure = figure_for(config, "imagenet", task, head, options)
+    assert figure is not None, (config, column)
+    return f"{figure.value:.1f}"
+
+
+def test_the_backbone_tables_published_figures_are_the_files():
+    for config, *_, figures, _notes in table_rows(BACKBONE_TABLE):
+        if config == "—" or not figures or config.strip("`") in NOT_OUR_CHECKPOINT:
+            continue
+        quoted = figures.split(": ")[1].split(" / ")
+        expected = [published_figure(config.strip("`"), c) for c in ("knn", "linear", "ep")]
+        assert quoted == expected, config
+
+
+def test_the_which_aggregator_table_quotes_the_published_file():
+    """Every figure of "Which aggregator to pick" is published.csv's, to one decimal."""
+    configs = {
+        "MAE ViT-B/16 (MIM)": "mae_vitb", "MAE ViT-L/16 (MIM)": "mae_vitl",
+        "SimMIM ViT-B/16 (MIM)": "simmim_vitb", "CAPI ViT-L/14 (MIM)": "capi_vitl",
+        "DINO ViT-B/16 (JEA)": "dino_vitb", "DINOv2 ViT-B/14 (JEA)": "dinov2_vitb",
+    }  # fmt: skip
+    rows = table_rows("backbone (family) | k-NN")
+    assert [row[0] for row in rows] == list(configs)
+    columns = ("knn", "linear", "mean", "abmilp", "ep")
+    for label, *cells in rows:
+        for column, cell in zip(columns, cells, strict=True):
+            if cell and configs[label] not in NOT_OUR_CHECKPOINT:
+                assert cell.split()[0] == published_figure(configs[label], column), (label, column)
+    without_cls = rows[4][5].split("; ")[1]  # DINO's EP on the patches alone, beside its row's
+    assert without_cls == f"{published_figure('dino_vitb', 'ep', 'patch')} without)"
+
+
 def parameter_count(count: int) -> str:
     """``85.8M``, ``1.84B``: how the memory table writes a parameter count."""
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"

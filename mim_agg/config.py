@@ -238,12 +238,13 @@ def task_list() -> str:
 
 def _run_dir(*, _root_: DictConfig) -> str:
     """``hydra.run.dir`` and ``hydra.sweep.subdir``: ``outputs/runs/<run_name>``, absolute (a
-    sweep's jobs live beside single runs, not inside the sweep folder); a report's is the root,
-    which exists (it writes into ``report.out_dir`` or the sweep it reads)."""
-    if _root_.task == "report":  # writes where report.out_dir says; Hydra must make nothing
-        return str(under_root(_root_.paths.root_dir, "."))
+    sweep's jobs live beside single runs, not inside the sweep folder); that of a task without
+    a run folder of its own (report, evaluate) is the root, which exists (it writes into
+    ``report.out_dir``, the sweep it reads, or the probe run it scores)."""
     if _root_.task == "extract":  # the cache is its output; it picks its own folder by key
         return os.path.abspath(_root_.paths.cache_dir)
+    if _root_.task in TASKS and not TASKS[_root_.task].USES_RUN_FOLDER:  # Hydra must make nothing
+        return str(under_root(_root_.paths.root_dir, "."))
     if _root_.task not in TASKS:  # no identity to name it by: the runner refuses it by name
         return os.path.abspath(os.path.join(_root_.paths.output_root, "runs", "unknown-task"))
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default={})

@@ -4,11 +4,14 @@ the heads' logits (restricted argmax for -R/-A, set membership for ReaL)."""
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -18,8 +21,10 @@ from mim_agg.data.imagenet_variants import imagenet_wnids
 from mim_agg.data.sources import DataError
 from mim_agg.errors import UserError
 from mim_agg.runs.runner import run_task
+from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import read_predictions
-from tests.helpers import FAST, compose_config
+from tests.helpers import CONFIG_DIR, FAST, compose_config
+from tests.test_report import fake_sweep
 
 INDICES = [1, 7, 300, 999]  # the probe's 4 classes, by ImageNet-1k index
 WNIDS = [imagenet_wnids()[i] for i in INDICES]
@@ -162,6 +167,11 @@ def test_real_counts_a_prediction_in_the_label_set_and_skips_images_without_one(
     result = evaluate(probe_run, "imagenet_real", f"dataset.root={imagenet}")
     check(result, expected)
     assert result["images"] == 6 and result["heads"]["mean"]["test/acc5"] is None
+    # Per image, right or wrong by the label set: what the paired tests read.
+    stored = read_predictions(probe_run / "run" / "evaluate" / "imagenet_real" / PREDICTIONS)
+    for name, z in logits.items():
+        right = [p in sets[n] for p, (_, n) in zip(z.argmax(1), kept, strict=True)]
+        assert stored.correct(name).tolist() == right, name
 
 
 @pytest.mark.slow  # trains a probe for seconds
@@ -178,3 +188,69 @@ def test_an_unfinished_run_or_other_classes_are_refused(probe_run, tmp_path):
     with pytest.raises(DataError, match="class folders of"):
         root = f"dataset.root={tmp_path / 'r'}"
         evaluate(probe_run, "imagenet_r", root, wnids=str(tmp_path / "three.txt"))
+
+
+@pytest.mark.slow  # trains a probe for seconds
+def test_the_report_shows_each_set_beside_the_test_split_and_refuses_stale_results(
+    probe_run, tmp_path
+):
+    """A one-job sweep of the run: results.md's section and results_evaluate.csv give the
+    held-out-chosen heads' accuracies as evaluate wrote them; a run trained again since (its
+    last.ckpt changed) or a number that is no accuracy is refused."""
+    sketch = tmp_path / "sketch"
+    for label, wnid in enumerate(WNIDS):
+        for i in range(2):
+            jpeg(sketch / wnid / f"{i}.JPEG", label, i + 3)
+    scored = evaluate(probe_run, "imagenet_sketch", f"dataset.root={sketch}")["heads"]
+    run_dir = shutil.copytree(probe_run / "run", tmp_path / "runs" / "probe-vit_tiny-x")
+    sweep = fake_sweep(tmp_path, [])
+    (sweep / f"0-{run_dir.name}").symlink_to(run_dir)
+    report = compose_config(["task=report", f"report.sweep_dir={sweep}"])
+    run_task(report)
+
+    text = (sweep / "results.md").read_text().split("## Robustness and re-labelled test sets")[1]
+    table = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    table = [[cell.strip() for cell in row] for row in table]
+    columns, rows = table[0], {row[0]: row for row in table[1:]}
+    assert columns[:3] == ["head", "column", "test"] and "imagenet_sketch" in columns
+    with open(run_dir / "heads.csv") as handle:
+        test = {row["head"]: float(row["test/acc1"]) for row in csv.DictReader(handle)}
+    for head in ("mean", "abmilp"):  # one learning rate, one seed: each head is its row's
+        row = dict(zip(columns, rows[head], strict=True))
+        assert row["test"] == f"{100 * test[head]:.2f} (1)"
+        assert row["imagenet_sketch"] == f"{100 * scored[head]['test/acc1']:.2f} (1)"
+    with open(sweep / "results_evaluate.csv") as handle:
+        rows = {row["head"]: row for row in csv.DictReader(handle)}
+    assert {h: float(r["imagenet_sketch/acc1"]) for h, r in rows.items()} == {
+        h: pytest.approx(v["test/acc1"]) for h, v in scored.items()
+    }
+    assert all(row["selected"] == "True" for row in rows.values())
+
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    original = checkpoint.read_bytes()
+    checkpoint.write_bytes(original + b"\0")  # the run trained again: another checkpoint
+    with pytest.raises(UserError, match=r"/evaluate/[^/]+/metrics.json is stale: it scored a"):
+        run_task(report)
+    checkpoint.write_bytes(original)
+    metrics = run_dir / "evaluate" / "imagenet_sketch" / "metrics.json"
+    summary = json.loads(metrics.read_text())
+    summary["heads"]["abmilp"]["test/acc1"] = float("nan")
+    metrics.write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="head 'abmilp' has .* no accuracies in"):
+        run_task(report)
+
+
+def test_a_probe_on_a_test_only_set_is_pointed_to_task_evaluate(tmp_path):
+    jpeg(tmp_path / "r" / WNIDS[0] / "a.jpg", 0, 0)
+    overrides = [*FAST, "dataset=imagenet_r", f"dataset.root={tmp_path / 'r'}"]
+    with pytest.raises(DataError, match="test set only .* task=evaluate evaluate.run="):
+        run_task(compose_config([*overrides, "dataset.num_workers=0"], tmp_path))
+
+
+def test_the_command_line_makes_no_folder_for_an_evaluation(tmp_path):
+    """``python run.py task=evaluate ...`` resolves ``hydra.run.dir`` first: the root, which
+    exists (results go into the probe run scored), not a run name evaluate has none of."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        overrides = ["task=evaluate", f"paths.root_dir={tmp_path}"]
+        cfg = compose("config", overrides, return_hydra_config=True)
+    assert OmegaConf.select(cfg, "hydra.run.dir") == str(tmp_path)

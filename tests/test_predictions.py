@@ -144,3 +144,23 @@ def test_damaged_and_inconsistent_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"b has shape \(2,\)"):
         write_predictions(path, short)
     assert isinstance(DamagedFile("x"), UserError)  # one message, exit status 2
+
+
+def test_label_sets_count_a_prediction_in_the_image_s_set_and_travel_with_their_images(tmp_path):
+    """ImageNet-ReaL's rule, against membership computed here image by image."""
+    sets = {3: [1, 2], 1: [0], 2: [2, 3, 0], 0: [3]}  # image -> its right answers
+    order = [3, 1, 2, 0]
+    predicted = {"a": [2, 0, 3, 3], "b": [1, 1, 0, 3]}  # in ``order``
+    predictions = HeadPredictions.in_image_order(
+        order, [sets[i][0] for i in order], predicted, 4, [sets[i] for i in order]
+    )
+    write_predictions(tmp_path / FILE, predictions)
+    back = read_predictions(tmp_path / FILE)
+    for head, classes in predicted.items():
+        by_image = dict(zip(order, classes, strict=True))
+        expected = [by_image[i] in sets[i] for i in range(4)]
+        assert back.correct(head).tolist() == expected, head
+    assert back.accuracy("a") == 1.0 and back.accuracy("b") == 0.75
+    predictions.targets[1] = 1  # image 1's target outside its set [0]
+    with pytest.raises(ValueError, match="target is not in its label set"):
+        write_predictions(tmp_path / FILE, predictions)

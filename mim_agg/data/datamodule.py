@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mim_agg.data.decode import DEFAULT_DECODE, encoded
+from mim_agg.data.imagenet_variants import EvaluationImages
 from mim_agg.data.sampling import EpochLoader, EpochSampler, seeded_random
 from mim_agg.data.sources import (
     DataError,
@@ -264,6 +265,12 @@ class ProbeDataModule(SplitLoaders):
         if self.splits:
             return
         train, test = self.source.load(self.num_classes, self.seed)
+        if isinstance(test, EvaluationImages):  # ImageNet-V2, -R, ...: nothing to train on
+            raise DataError(
+                f"dataset={self.name} is a test set only (no train split): train the probe on "
+                "ImageNet (dataset=imagenet), then score that run on it with python run.py "
+                f"task=evaluate evaluate.run=<the probe run's folder> dataset={self.name}."
+            )
         train, test = (encoded(split, self.decode, self.name) for split in (train, test))
         labels = np.concatenate([targets_of(train), targets_of(test)])
         self.num_classes = self._resolve_num_classes(classes_of(train), labels)

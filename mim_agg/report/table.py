@@ -189,11 +189,11 @@ def markdown(
     jobs: list[Job],
     title: str,
     comparisons: Comparisons | None = None,
-    published: list[str] = (),
+    sections: list[list[str]] = (),
 ) -> str:
     """Heads as rows, the varying config values as columns, each cell with its interval and
-    significance mark (``comparisons``), what they mean; the published figures beside ours
-    (``published``: the section's lines, mim_agg.report.published); then every job that did
+    significance mark (``comparisons``), what they mean; further ``sections`` (each its
+    lines: the published figures beside ours, the evaluated sets); then every job that did
     not finish, by name, with its error's last line."""
     columns = sorted({key[:-1] for key in table}, key=natural)
     heads = sorted({key[-1] for key in table})
@@ -212,8 +212,8 @@ def markdown(
         lines.append(f"| {head} | " + " | ".join(row) + " |")
     if table and comparisons:
         lines += ["", *legend(comparisons)]
-    if published:
-        lines += ["", *published]
+    for section in sections:
+        lines += ["", *section]
     unfinished = [job for job in jobs if job.status != "done"]
     if unfinished:
         lines += ["", f"## Not in the table: {len(unfinished)} of {len(jobs)} jobs", ""]

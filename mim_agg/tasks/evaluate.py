@@ -7,8 +7,10 @@ through the backbone online with the run's eval transform, and scores every head
 top-5) over the classes the set scores (ImageNet-R/-A: their 200), or, on ReaL, a prediction
 in the image's label set. Nothing is chosen here: the run's winner stays its held-out winner.
 Results go beside the run's own, in ``<run>/evaluate/<set>/`` (``metrics.json``, ``heads.csv``,
-``predictions.safetensors`` where each image has one label), written whole, never over the
-run's own files.
+``predictions.safetensors``, on ReaL with each image's label set), written whole, never over
+the run's own files. ``metrics.json`` records the SHA-256 of the ``last.ckpt`` it scored, so a
+report refuses results the run has outgrown (trained again since: ``mim_agg.report.evaluated``,
+which shows them beside the run's test accuracy).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from mim_agg.data.decode import encoded
 from mim_agg.data.imagenet_variants import EvaluationImages
 from mim_agg.data.sources import DataError
 from mim_agg.errors import UserError
+from mim_agg.report.evaluated import CHECKPOINT, CHECKPOINT_KEY, FOLDER
 from mim_agg.runs.folder import RECORD
-from mim_agg.utils.files import write_json
+from mim_agg.utils.files import sha256_of, write_json
 from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import HeadPredictions, write_predictions
 from mim_agg.utils.results import write_csv
@@ -52,7 +55,6 @@ SUMMARY = (
 )
 USES_RUN_FOLDER = False  # results go into the probe run's folder, under evaluate/<set>/
 SETTINGS_GROUP = "evaluate"
-FOLDER = "evaluate"
 COLUMNS = ("head", "aggregator", "test/acc1", "test/acc5", "images")
 
 
@@ -65,7 +67,8 @@ class Settings:  # values and their meaning: conf/evaluate/default.yaml
 def run(cfg: DictConfig, watch=None) -> dict:
     run_dir = Path(cfg.evaluate.run).expanduser()
     trained = finished_probe_run(run_dir)
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = run_dir / CHECKPOINT
+    digest = sha256_of(checkpoint)  # before it is read: the report holds results to it
     fix = "evaluate a finished probe run, or train that run again (resume=false)"
     keys = ("state_dict", "head_selection", "diverged_heads")
     state = read_run_checkpoint(checkpoint, fix, keys=keys)
@@ -88,7 +91,7 @@ def run(cfg: DictConfig, watch=None) -> dict:
         images, batch_size=cfg.evaluate.batch_size, num_workers=cfg.dataset.num_workers
     )
     predicted, top5 = score(trained, heads, layout, batches, test)
-    summary = results(trained, run_dir, test, predicted, top5, grid)
+    summary = {**results(trained, run_dir, test, predicted, top5, grid), CHECKPOINT_KEY: digest}
     write_results(run_dir / FOLDER / test.title, test, summary, predicted, num_classes)
     for name, values in summary["heads"].items():
         log.info("%s on %s: test acc1 %s", name, test.title, values["test/acc1"])
@@ -99,11 +102,11 @@ def finished_probe_run(run_dir: Path) -> DictConfig:
     """The run's config, if it is a probe run that finished (its results and checkpoint)."""
     record = run_dir / RECORD
     status = json.loads(record.read_text()).get("status") if record.is_file() else None
-    needed = [run_dir / f for f in ("config.yaml", "metrics.json", "checkpoints/last.ckpt")]
+    needed = [run_dir / f for f in ("config.yaml", "metrics.json", CHECKPOINT)]
     if status != "done" or not all(path.is_file() for path in needed):
         raise UserError(
             f"evaluate.run={str(run_dir)!r} is no finished run (its {RECORD} says status "
-            f"{status!r}; it needs config.yaml, metrics.json and checkpoints/last.ckpt); "
+            f"{status!r}; it needs config.yaml, metrics.json and {CHECKPOINT}); "
             "finish that probe run first (the same command continues it)."
         )
     trained = OmegaConf.load(run_dir / "config.yaml")
@@ -219,14 +222,13 @@ def results(trained, run_dir: Path, test: EvaluationImages, predicted, top5, gri
 
 
 def write_results(folder: Path, test, summary: dict, predicted, num_classes: int) -> None:
-    """``metrics.json``, ``heads.csv`` and (one label per image) the predictions, each whole."""
+    """``metrics.json``, ``heads.csv`` and the predictions (on ReaL with the label sets),
+    each whole."""
     folder.mkdir(parents=True, exist_ok=True)
-    if test.label_sets is None:
-        image_index = np.arange(len(test))
-        predictions = HeadPredictions.in_image_order(
-            image_index, np.asarray(test.targets), predicted, num_classes
-        )
-        write_predictions(folder / PREDICTIONS, predictions)
+    predictions = HeadPredictions.in_image_order(
+        np.arange(len(test)), np.asarray(test.targets), predicted, num_classes, test.label_sets
+    )
+    write_predictions(folder / PREDICTIONS, predictions)
     rows = [
         {"head": name, "images": summary["images"], **values}
         for name, values in summary["heads"].items()

@@ -8,6 +8,8 @@ Writes ``results.csv`` (one row per head and seed, every varying config value a 
 not significantly different from their column's winner, then the jobs that did not finish
 and why), ``significance.csv`` (each paired test), ``results_published.csv`` (where a head
 has a figure in ``mim_agg/report/published.csv``: it beside ours, as ``results.md`` shows it),
+``results_evaluate.csv`` (where runs were scored by ``task=evaluate`` on ImageNet-V2, -Sketch,
+-R, -A or -ReaL: each head's accuracy on each set, ``results.md`` showing the chosen heads'),
 ``results.png`` and ``results_cost.png`` (accuracy against trainable parameters and added
 GFLOPs, with the Pareto front) into ``report.out_dir`` (default: the first sweep);
 for sweeps of ``experiment=ep_row`` also ``results_row.{md,csv}``, efficient-probing's
@@ -28,6 +30,7 @@ from mim_agg.errors import UserError
 from mim_agg.report import how_jobs_ended
 from mim_agg.report.comparisons import compare
 from mim_agg.report.cost import cost_figure, table_points
+from mim_agg.report.evaluated import evaluation_markdown, evaluation_rows, run_evaluations
 from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
 from mim_agg.report.published import beside, beside_markdown
 from mim_agg.report.row import is_leaderboard, leaderboard_markdown, leaderboard_rows
@@ -115,8 +118,10 @@ def report(sweeps: list[Path], out: Path) -> dict:
     table = cells(rows, keys)
     comparisons = compare(table, keys, finished)
     published = beside(table, keys, finished)
+    evaluated = run_evaluations(finished)
+    sections = (beside_markdown(published), evaluation_markdown(table, keys, evaluated))
     text = markdown(
-        table, keys, jobs, title.replace("\n", "; "), comparisons, beside_markdown(published)
+        table, keys, jobs, title.replace("\n", "; "), comparisons, [s for s in sections if s]
     )
     print(text)
     columns = [*keys, "seed", "subset_seed", "head_label", "run", *(rows[0] if rows else {})]
@@ -124,6 +129,8 @@ def report(sweeps: list[Path], out: Path) -> dict:
     write_atomic(out / "results.md", text)
     if published:
         write_csv(out / "results_published.csv", published, list(published[0]))
+    if scored := evaluation_rows(rows, keys, table, evaluated):
+        write_csv(out / "results_evaluate.csv", scored, list(scored[0]))
     if comparisons.rows:
         write_csv(out / "significance.csv", comparisons.rows, list(comparisons.rows[0]))
     if is_leaderboard(finished):  # experiment=ep_row: also the leaderboard's row layout

@@ -5,6 +5,11 @@ each head got right, not only how many. An evaluation writes, once, the test ima
 (their positions in the test split, ascending), their labels, and per head the predicted
 class: int16 where the classes fit (ImageNet-21k's 21,841 do), 2 bytes per image and head
 (50,000 ImageNet images x 24 heads: 2.4 MB). Written atomically, as every result file.
+
+Where an image has several right answers (ImageNet-ReaL: a prediction is right if it is in the
+image's label set), the file also holds every image's set, flattened (``label_values``, cut
+at ``label_offsets``: 2 bytes per label and 8 per image, beside the heads' 2 per image and
+head), and ``correct`` reads membership; ``targets`` is then each set's first label.
 """
 
 from __future__ import annotations
@@ -23,21 +28,59 @@ from mim_agg.utils.files import DamagedFile, write_atomic
 FILE = "predictions.safetensors"
 FORMAT = "1"
 HEAD_PREFIX = "predicted/"
+OFFSETS, VALUES = "label_offsets", "label_values"
+
+
+@dataclass
+class LabelSets:
+    """Every right answer per image: image ``i``'s are ``values[offsets[i]:offsets[i + 1]]``."""
+
+    offsets: np.ndarray  # [N + 1] from 0, increasing: at least one label per image
+    values: np.ndarray  # the labels, image after image
+
+    @classmethod
+    def of(cls, sets, num_classes: int) -> LabelSets:
+        counts = [len(labels) for labels in sets]
+        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        values = np.array([label for labels in sets for label in labels], dtype=np.int64)
+        return cls(offsets, values.astype(class_dtype(num_classes)))
+
+    def contain(self, classes: np.ndarray) -> np.ndarray:
+        """One bool per image: whether ``classes[i]`` is among image ``i``'s labels."""
+        hits = np.repeat(classes, np.diff(self.offsets)) == self.values
+        return np.logical_or.reduceat(hits, self.offsets[:-1])
+
+    def problem(self, targets: np.ndarray, num_classes: int) -> str | None:
+        offsets, values = self.offsets, self.values
+        if offsets.dtype.kind not in "iu" or values.dtype.kind not in "iu":
+            return "its label sets hold no class indices"
+        if offsets.shape != (len(targets) + 1,) or values.ndim != 1:
+            return f"its label offsets have shape {offsets.shape}, not ({len(targets) + 1},)"
+        if offsets[0] != 0 or np.any(np.diff(offsets) < 1) or offsets[-1] != len(values):
+            return "its label offsets do not cut the label values into one set per image"
+        if values.min() < 0 or values.max() >= num_classes:
+            return f"its label sets hold classes outside [0, {num_classes})"
+        if not self.contain(targets).all():
+            return "some image's target is not in its label set"
+        return None
 
 
 @dataclass
 class HeadPredictions:
     image_index: np.ndarray  # [N] positions in the test split, ascending
-    targets: np.ndarray  # [N] labels
+    targets: np.ndarray  # [N] labels (with label_sets: each set's first)
     predicted: dict[str, np.ndarray]  # head -> [N] predicted classes
     num_classes: int
+    label_sets: LabelSets | None = None  # several right answers per image (ReaL), else None
 
     @classmethod
     def in_image_order(
-        cls, image_index, targets, predicted: dict, num_classes: int
+        cls, image_index, targets, predicted: dict, num_classes: int, label_sets=None
     ) -> HeadPredictions:
-        """From arrays in any order (ranks of a distributed run, say), sorted by image."""
+        """From arrays in any order (ranks of a distributed run, say), sorted by image;
+        ``label_sets``: per image, its list of right answers, or None."""
         order = np.argsort(np.asarray(image_index), kind="stable")
+        sets = None if label_sets is None else [label_sets[i] for i in order]
         return cls(
             np.asarray(image_index, dtype=np.int64)[order],
             np.asarray(targets)[order].astype(np.int32),
@@ -46,10 +89,13 @@ class HeadPredictions:
                 for head, p in predicted.items()
             },
             num_classes,
+            None if sets is None else LabelSets.of(sets, num_classes),
         )
 
     def correct(self, head: str) -> np.ndarray:
-        """One bool per image: whether ``head`` predicted its label."""
+        """One bool per image: whether ``head`` predicted its label (one in its label set)."""
+        if self.label_sets is not None:
+            return self.label_sets.contain(self.predicted[head])
         return self.predicted[head] == self.targets
 
     def accuracy(self, head: str) -> float:
@@ -71,6 +117,8 @@ class HeadPredictions:
         for name, values in {"targets": self.targets, **self.predicted}.items():
             if values.min() < 0 or values.max() >= self.num_classes:
                 return f"{name} holds classes outside [0, {self.num_classes})"
+        if self.label_sets is not None:
+            return self.label_sets.problem(self.targets, self.num_classes)
         return None
 
 
@@ -87,6 +135,8 @@ def write_predictions(path: Path, predictions: HeadPredictions) -> Path:
         "targets": predictions.targets,
         **{HEAD_PREFIX + head: p for head, p in predictions.predicted.items()},
     }
+    if predictions.label_sets is not None:
+        tensors |= {OFFSETS: predictions.label_sets.offsets, VALUES: predictions.label_sets.values}
     metadata = {
         "format": FORMAT,
         "num_classes": str(predictions.num_classes),
@@ -102,11 +152,15 @@ def read_predictions(path: Path) -> HeadPredictions:
         with safe_open(path, framework="numpy") as file:
             metadata = file.metadata() or {}
             heads = json.loads(metadata["heads"])
+            sets = None
+            if OFFSETS in set(file.keys()):  # several right answers per image (ReaL)
+                sets = LabelSets(file.get_tensor(OFFSETS), file.get_tensor(VALUES))
             predictions = HeadPredictions(
                 file.get_tensor("image_index"),
                 file.get_tensor("targets"),
                 {head: file.get_tensor(HEAD_PREFIX + head) for head in heads},
                 int(metadata["num_classes"]),
+                sets,
             )
     except (SafetensorError, ValueError, KeyError, TypeError) as error:
         raise DamagedFile(

@@ -1,0 +1,153 @@
+"""Robustness and re-labelled test sets in the report: what ``task=evaluate`` wrote into a
+probe run's ``evaluate/<set>/metrics.json``, beside the run's own test accuracy.
+
+The heads are the main table's, chosen per seed on held-out and never chosen again on these
+sets (that would select on the numbers being reported); each set's cell is their accuracy on
+it, mean ± std over seeds, shown only where every seed's chosen run was scored on that set, so
+a set's column and the test column average the same runs. Results are read as evaluate wrote
+them, never recomputed, and refused when they may not be this run's: written for another
+checkpoint than the run's current ``checkpoints/last.ckpt`` (evaluate records its SHA-256:
+the run was trained again since, or the folder was copied from another run), for another
+set than their folder's, or holding a number that is no accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mim_agg.errors import UserError
+from mim_agg.report.runs import Job
+from mim_agg.report.table import Cell, column_label, natural
+from mim_agg.utils.files import read_json, sha256_of
+
+FOLDER = "evaluate"  # <probe run>/evaluate/<set>/
+CHECKPOINT = "checkpoints/last.ckpt"  # what evaluate scores, relative to the run
+CHECKPOINT_KEY = "checkpoint_sha256"  # in metrics.json: the SHA-256 of the file it scored
+METRICS = ("acc1", "acc5")
+
+
+def read_evaluations(run_dir: Path) -> dict[str, dict[str, dict]]:
+    """``set -> head -> {"acc1", "acc5"}`` (fractions, None where a head diverged or, on
+    ReaL, for top-5) of every ``evaluate/<set>/metrics.json`` of the run, each checked."""
+    files = sorted((run_dir / FOLDER).glob("*/metrics.json"))
+    if not files:
+        return {}
+    checkpoint = run_dir / CHECKPOINT
+    if not checkpoint.is_file():
+        raise UserError(
+            f"{run_dir / FOLDER} holds evaluate results, but {checkpoint} is gone: nothing "
+            "says which checkpoint they scored. Move that folder away, or restore the file."
+        )
+    digest = sha256_of(checkpoint)
+    return {path.parent.name: checked(path, digest) for path in files}
+
+
+def checked(path: Path, digest: str) -> dict[str, dict]:
+    """The heads' accuracies of one set's ``metrics.json``, if it is this checkpoint's."""
+    summary = read_json(path)
+    summary = summary if isinstance(summary, dict) else {}
+    again = (
+        f"score it again (python run.py task=evaluate evaluate.run={path.parent.parent.parent} "
+        f"dataset=<the set>) or move {path.parent} away"
+    )
+    recorded = summary.get(CHECKPOINT_KEY)
+    if recorded is None:
+        raise UserError(
+            f"{path} names no checkpoint (written before task=evaluate recorded the one it "
+            f"scored): it may not be the run's current {CHECKPOINT}; {again}."
+        )
+    if recorded != digest:
+        raise UserError(
+            f"{path} is stale: it scored a checkpoint {str(recorded)[:12]}, the run's "
+            f"{CHECKPOINT} is {digest[:12]} (trained again since, or the folder is another "
+            f"run's); {again}."
+        )
+    if not isinstance(summary.get("heads"), dict):
+        raise UserError(f"{path} holds no heads' results; {again}.")
+    if summary.get("dataset") != path.parent.name:
+        raise UserError(f"{path} holds results of {summary.get('dataset')!r}; {again}.")
+    heads = {}
+    for head, values in summary["heads"].items():
+        values = values if isinstance(values, dict) else {}
+        heads[head] = {metric: values.get(f"test/{metric}") for metric in METRICS}
+        if not all(v is None or is_accuracy(v) for v in heads[head].values()):
+            raise UserError(
+                f"{path}: head {head!r} has {values}, no accuracies in [0, 1]; {again}."
+            )
+    return heads
+
+
+def is_accuracy(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1
+
+
+def run_evaluations(jobs: list[Job]) -> dict[str, dict]:
+    """``run folder name -> read_evaluations`` of every finished job that has any."""
+    found = {job.path.name: read_evaluations(job.path) for job in jobs if job.path is not None}
+    return {run: sets for run, sets in found.items() if sets}
+
+
+def evaluation_rows(
+    rows: list[dict], keys: list[str], table: dict[tuple, Cell], found: dict
+) -> list[dict]:
+    """``results_evaluate.csv``: every head and seed of an evaluated run (as ``results.csv``),
+    whether the table chose it, its test accuracy and its accuracy on each set."""
+    chosen = {id(row) for cell in table.values() for row in cell.chosen}
+    sets = set_names(found)
+    named = (*keys, "seed", "subset_seed", "head_label", "run", "head")
+    out = []
+    for row in rows:
+        if row["run"] not in found:
+            continue
+        scored = found[row["run"]]
+        out.append(
+            {
+                **{key: row.get(key) for key in named},
+                "selected": id(row) in chosen,
+                "test/acc1": row["test/acc1"],
+                **{
+                    f"{name}/{metric}": scored.get(name, {}).get(row["head"], {}).get(metric)
+                    for name in sets
+                    for metric in METRICS
+                },
+            }
+        )
+    return out
+
+
+def set_names(found: dict) -> list[str]:
+    return sorted({name for sets in found.values() for name in sets})
+
+
+def set_cell(cell: Cell, found: dict, name: str) -> Cell | None:
+    """The chosen heads' accuracies on set ``name``; None unless every seed's run has one."""
+    values = [found.get(row["run"], {}).get(name, {}).get(row["head"], {}) for row in cell.chosen]
+    if any(value.get("acc1") is None for value in values):
+        return None
+    return Cell([value["acc1"] for value in values], cell.chosen)
+
+
+def evaluation_markdown(table: dict[tuple, Cell], keys: list[str], found: dict) -> list[str]:
+    """The report's section of the evaluated sets; none when no run was evaluated."""
+    sets = set_names(found)
+    lines = []
+    for key in sorted(table, key=natural):
+        cells = [set_cell(table[key], found, name) for name in sets]
+        if any(cells):
+            texts = [table[key].text(), *(c.text() if c else "-" for c in cells)]
+            lines.append(f"| {key[-1]} | {column_label(key[:-1], keys)} | {' | '.join(texts)} |")
+    if not lines:
+        return []
+    return [
+        "## Robustness and re-labelled test sets",
+        "",
+        "Top-1 (%) of the head chosen on held-out above (not chosen again on these sets), mean "
+        "± std (seeds), as task=evaluate scored it: ImageNet-R and -A among their 200 classes, "
+        "ReaL a prediction in the image's label set. -: not scored in every seed's run. Every "
+        "head and seed: results_evaluate.csv.",
+        "",
+        f"| head | column | test | {' | '.join(sets)} |",
+        "|---" * (len(sets) + 3) + "|",
+        *lines,
+    ]

@@ -33,15 +33,15 @@ RULES = {
         "in [0, probe.epochs={cfg.probe.epochs}] (for a short run add probe.warmup_epochs=0)",
     ),
     "probe.batch_size": (lambda v, c: v >= 1, "an integer >= 1"),
-    "probe.blr": (lambda v, c: v > 0, "> 0"),
+    "probe.blr": (lambda v, c: positive(v), "finite and > 0"),
     "probe.blrs": (
-        lambda v, c: v is None or (len(v) > 0 and all(x > 0 for x in v)),
-        "null or a non-empty list of rates > 0",
+        lambda v, c: v is None or (len(v) > 0 and all(positive(x) for x in v)),
+        "null or a non-empty list of finite rates > 0",
     ),
-    "probe.weight_decay": (lambda v, c: v >= 0, ">= 0"),
+    "probe.weight_decay": (lambda v, c: non_negative(v), "finite and >= 0"),
     "probe.wds": (
-        lambda v, c: v is None or (len(v) > 0 and all(x >= 0 for x in v)),
-        "null or a non-empty list of weight decays >= 0",
+        lambda v, c: v is None or (len(v) > 0 and all(non_negative(x) for x in v)),
+        "null or a non-empty list of finite weight decays >= 0",
     ),
     "probe.momentum": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
     "probe.effective_batch": (
@@ -101,21 +101,34 @@ RULES = {
     ),
     "knn.k": (lambda v, c: len(v) > 0 and all(k >= 1 for k in v), "a non-empty list of k >= 1"),
     "knn.temperatures": (
-        lambda v, c: len(v) > 0 and all(t > 0 for t in v),
-        "a non-empty list of T > 0",
+        lambda v, c: len(v) > 0 and all(positive(t) for t in v),
+        "a non-empty list of finite T > 0",
     ),
     "knn.batch_size": (lambda v, c: v >= 1, ">= 1"),
-    "logreg.c_min": (lambda v, c: v > 0, "> 0"),
-    "logreg.c_max": (lambda v, c: v >= c.logreg.c_min, ">= logreg.c_min={cfg.logreg.c_min}"),
+    "logreg.c_min": (lambda v, c: positive(v), "finite and > 0"),
+    "logreg.c_max": (
+        lambda v, c: positive(v) and v >= c.logreg.c_min,
+        "finite and >= logreg.c_min={cfg.logreg.c_min}",
+    ),
     "logreg.c_steps": (lambda v, c: v >= 1, ">= 1"),
     "logreg.max_iter": (lambda v, c: v >= 1, ">= 1"),
-    "logreg.tol": (lambda v, c: v >= 0, ">= 0"),
+    "logreg.tol": (lambda v, c: non_negative(v), "finite and >= 0"),
     "logreg.dtype": (lambda v, c: v in ("float64", "float32"), "float64 or float32"),
     "logreg.batch_size": (lambda v, c: v >= 1, ">= 1"),
     "analysis.num_images": (lambda v, c: v >= 1, ">= 1"),
     "analysis.batch_size": (lambda v, c: v >= 1, ">= 1"),
     "analysis.map_images": (lambda v, c: v >= 0, ">= 0"),
+    "evaluate.batch_size": (lambda v, c: v >= 1, ">= 1"),
 }
+
+
+def positive(value: float) -> bool:
+    """Finite and > 0 (NaN fails every comparison, so it is refused too)."""
+    return 0 < value < math.inf
+
+
+def non_negative(value: float) -> bool:
+    return 0 <= value < math.inf
 
 
 def is_part(value) -> bool:

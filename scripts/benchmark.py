@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import io
 import json
+import math
 import os
 import platform
 import resource
@@ -61,40 +62,65 @@ BENCH8 = "bench8"
 EP = "ep"  # efficient-probing's fourteen poolers at their leaderboard settings
 
 
+def count(text: str) -> int:
+    """An argument that counts something: argparse names the option and exits 2 otherwise."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is no integer >= 1")
+    return int(text)
+
+
+def count_or_zero(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is no integer >= 0")
+    return int(text)
+
+
+def duration(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is no finite number > 0")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--arch", default="vit_small_patch16_224", help="timm architecture")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--classes", type=int, default=4, help="70 synthetic images per class")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--head-seconds", type=float, default=1.0, help="timing per head")
+    parser.add_argument("--img-size", type=count, default=224)
+    parser.add_argument("--classes", type=count, default=4, help="70 synthetic images per class")
+    parser.add_argument("--batch-size", type=count, default=32)
+    parser.add_argument("--epochs", type=count, default=1)
+    parser.add_argument("--head-seconds", type=duration, default=1.0, help="timing per head")
     parser.add_argument(
-        "--repeats", type=int, default=2, help="runs per setting; the fastest counts"
+        "--repeats", type=count, default=2, help="runs per setting; the fastest counts"
     )
     parser.add_argument(
-        "--extract-images", type=int, default=96, help="images per extraction measurement"
+        "--extract-images", type=count, default=96, help="images per extraction measurement"
     )
     parser.add_argument(
-        "--read-images", type=int, default=3072, help="images in the cache-read measurement"
+        "--read-images", type=count, default=3072, help="images in the cache-read measurement"
     )
     parser.add_argument(
-        "--memory-batch", type=int, help="batch of the per-pooler step memory (--batch-size)"
+        "--memory-batch", type=count, help="batch of the per-pooler step memory (--batch-size)"
     )
     parser.add_argument(
         "--ep-arch", default="vit_base_patch16_224", help="heads=ep GPU memory: architecture"
     )
-    parser.add_argument("--ep-batch", type=int, default=512, help="heads=ep GPU memory: batch")
+    parser.add_argument("--ep-batch", type=count, default=512, help="heads=ep GPU memory: batch")
     parser.add_argument(
-        "--data-images", type=int, default=256, help="data path: 500 x 375 JPEGs measured"
+        "--data-images", type=count, default=256, help="data path: 500 x 375 JPEGs measured"
     )
-    parser.add_argument("--data-workers", type=int, default=2, help="data path: loader workers")
+    parser.add_argument(
+        "--data-workers", type=count_or_zero, default=2, help="data path: loader workers"
+    )
     parser.add_argument(
         "--data-path-only", action="store_true", help="measure the data path alone (data_path)"
     )
     parser.add_argument(
-        "--ep-accumulation", type=int, default=8, help="heads=ep GPU memory: batches per step"
+        "--ep-accumulation", type=count, default=8, help="heads=ep GPU memory: batches per step"
     )
     return parser.parse_args()
 

@@ -4,6 +4,7 @@ the fix, exit status 2, never a traceback."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hydra.errors import CompactHydraException
@@ -13,7 +14,7 @@ from PIL import Image
 from mim_agg.cli import composition_message
 from mim_agg.errors import ConfigError
 from mim_agg.runs.runner import run_task
-from mim_agg.validation import check_declared
+from mim_agg.validation import check_declared, check_ranges
 from tests.helpers import FAST, compose_config, run_cli
 
 
@@ -107,6 +108,20 @@ def test_a_key_added_with_a_plus_to_a_group_with_a_schema_is_refused(tmp_path):
         "+aggregator@heads.m=max",
     ]
     check_declared(compose_config([*FAST, *free], tmp_path))  # free-form dicts take any key
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "probe.blr=inf", "probe.blrs=[0.1,nan]", "probe.wds=[0,inf]", "probe.weight_decay=nan",
+        "logreg.c_max=inf", "logreg.c_min=nan", "logreg.tol=inf", "knn.temperatures=[inf]",
+        "evaluate.batch_size=0",
+    ],
+)  # fmt: skip
+def test_a_non_finite_rate_decay_or_tolerance_is_refused_before_anything_runs(override, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* is invalid: it must be "):
+        check_ranges(compose_config([*FAST, override], tmp_path))
 
 
 def test_an_effective_batch_that_is_no_multiple_of_the_batch_is_refused(tmp_path):

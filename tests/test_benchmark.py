@@ -136,3 +136,15 @@ def test_the_data_path_alone_reports_every_decoder_per_core(tmp_path, monkeypatc
             assert 0.9 < figures[other]["cls_cosine_min"] < 1, (images, other)
     assert len(data["load_average"]["before"]) == 3 and data["cpu_count"] >= 1
     assert "data path: images/s per CPU core" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argument", ["--classes=0", "--repeats=-1", "--head-seconds=inf"])
+def test_a_count_or_duration_out_of_range_is_refused_by_argparse(argument, monkeypatch, capsys):
+    import runpy
+
+    script = runpy.run_path(str(PROJECT_ROOT / "scripts" / "benchmark.py"))
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--out", "x.json", argument])
+    with pytest.raises(SystemExit) as refused:
+        script["parse_args"]()
+    assert refused.value.code == 2
+    assert f"argument {argument.split('=')[0]}: " in capsys.readouterr().err

@@ -102,6 +102,13 @@ def test_a_choice_of_c_needs_heldout_data(tmp_path, caplog):
     assert "Result of cls: test acc1" in caplog.text and "chosen on held-out" not in caplog.text
 
 
+def test_a_tolerance_that_ends_the_fit_before_its_first_step_is_refused(tmp_path):
+    """At zero weights every image gets one class: a chance score, never a result."""
+    overrides = [*FAST, "task=logreg", "logreg.c_steps=1", "logreg.tol=1e6"]
+    with pytest.raises(ConfigError, match=r"logreg.tol=1e\+06 ended the fit of head 'cls'"):
+        run_task(compose_config(overrides, tmp_path))
+
+
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_a_trained_probes_pooling_is_fitted_beside_the_grid(probe_ckpt, tmp_path):
     overrides = [*FAST, "task=logreg", "aggregator=cls", f"logreg.probe_ckpt={probe_ckpt}"]

@@ -130,6 +130,12 @@ def evaluate(cfg, name: str, features: dict, labels: dict, classes: int, watch=N
             [model.weight, model.bias],
             "logreg.dtype (float64 is the protocol's) and the features' scale",
         )
+        if model.iterations == 0:  # zero weights: every image gets one class, a chance score
+            raise ConfigError(
+                f"logreg.tol={settings.tol:g} ended the fit of head {name!r} (C={C:g}) before "
+                "its first step: the gradient at zero weights is already within it. Use a "
+                "smaller logreg.tol (the protocol's: 1e-12)."
+            )
         return model
 
     grid = c_grid(settings.c_min, settings.c_max, settings.c_steps)

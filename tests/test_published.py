@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from mim_agg.aggregators.base import AGGREGATORS
 from mim_agg.cli import CONFIG_DIR
@@ -108,6 +109,9 @@ def test_same_key_with_other_option_values_is_two_figures():
     assert [f.value for f in figures] == [75.5, 76.0]
 
 
+# MAE ViT-B as conf/backbone/mae_vitb.yaml sets it (debug=fast, which fake_job composes, runs
+# it at 32 px), and the AbMILP head of "Beyond [cls]" beside the sweep's [cls]
+PROTOCOL = ["backbone=mae_vitb", "backbone.img_size=224", "+aggregator@heads.abmilp=abmilp"]
 HEADS = [("cls_blr0p1", 0.1, 0.60, 0.68), ("mean_blr0p1", 0.1, 0.55, 0.60),
          ("abmilp_blr0p1", 0.1, 0.70, 0.72)]  # fmt: skip
 
@@ -116,8 +120,7 @@ def test_a_matching_head_shows_the_published_figure_and_the_difference(tmp_path)
     sweep_dir = fake_sweep(tmp_path, ["dataset=imagenet,digits"])
     for number, dataset in enumerate(["imagenet", "digits"]):
         name = f"probe-mae_vitb-cls-{dataset}-{number}abc"
-        overrides = ["backbone=mae_vitb", f"dataset={dataset}", "+aggregator@heads.abmilp=abmilp"]
-        fake_job(sweep_dir, number, overrides, heads=HEADS, run_name=name)
+        fake_job(sweep_dir, number, [*PROTOCOL, f"dataset={dataset}"], heads=HEADS, run_name=name)
     run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
     text = (sweep_dir / "results.md").read_text()
     assert "## Published figures beside ours" in text
@@ -129,6 +132,39 @@ def test_a_matching_head_shows_the_published_figure_and_the_difference(tmp_path)
     assert "dataset.name=digits" not in section  # digits has no published figure
     assert "chosen on held-out" in section  # our selection rule beside theirs
     assert (sweep_dir / "results_published.csv").read_text().count("\n") == 4  # header + 3
+
+
+@pytest.mark.parametrize(
+    "departures, said",
+    [
+        (  # the near-misses that once got 67.78 and a "difference"
+            ["dataset.shots=1", "backbone.block=3", "+trainer.limit_train_batches=3",
+             "backbone.weights=vit_base_patch16_224.augreg_in21k"],
+            ["dataset.shots=1 (conf/dataset/imagenet.yaml: None)",
+             "backbone.block=3 (conf/backbone/mae_vitb.yaml: -1)", "trainer.limit_train_batches=3",
+             "backbone.weights=vit_base_patch16_224.augreg_in21k (conf/backbone/mae_vitb.yaml: "
+             "vit_base_patch16_224.mae)"],
+        ),
+        (  # the representation the leaderboard read, a test subset, the resolution
+            ["backbone.linear_input=mean", "dataset.test_size=100", "backbone.img_size=32"],
+            ["backbone.linear_input=mean (conf/backbone/mae_vitb.yaml: cls)",
+             "dataset.test_size=100", "backbone.img_size=32 (conf/backbone/mae_vitb.yaml: 224)"],
+        ),
+    ],
+)  # fmt: skip
+def test_a_run_off_the_published_protocol_gets_no_published_figure(tmp_path, departures, said):
+    """The head, backbone and dataset of a figure, measured otherwise: no figure, no
+    difference, and the section says which head was left out and what its runs changed."""
+    sweep_dir = fake_sweep(tmp_path, ["seed=0"])
+    name = "probe-mae_vitb-cls-imagenet-abc"
+    fake_job(sweep_dir, 0, [*PROTOCOL, "dataset=imagenet", *departures], heads=HEADS, run_name=name)
+    run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
+    section = (sweep_dir / "results.md").read_text().split("## Published figures beside ours")[1]
+    assert "67.78 |" not in section and "| ours − published |" not in section
+    assert not (sweep_dir / "results_published.csv").exists()
+    (line,) = [line for line in section.splitlines() if line.startswith("- cls ")]
+    assert "not beside published 67.78" in line and all(each in line for each in said), line
+    assert sum(line.startswith("- ") for line in section.splitlines()) == 3  # cls, mean, abmilp
 
 
 def test_a_report_without_a_matching_head_has_no_published_section(tmp_path):
@@ -147,7 +183,9 @@ def leaderboard_job(task: str, backbone: str, tokens: str, heads: list[dict]) ->
               "backbone": {"arch": backbone},
               "heads": {"efficient_probe": ep} if task == "probe" else {}}  # fmt: skip
     path = Path(f"/runs/{task}-{backbone}-cls-imagenet-abc")
-    return Job(name=task, status="done", path=path, config=config, heads=heads)
+    overrides = [f"task={task}", f"backbone={backbone}", "dataset=imagenet"]
+    settings = OmegaConf.to_container(compose_config(overrides, Path("/runs")), resolve=True)
+    return Job(task, "done", path, config, heads, settings=settings)
 
 
 def test_the_leaderboard_row_has_published_knn_lp_ep_where_they_match():
@@ -163,6 +201,8 @@ def test_the_leaderboard_row_has_published_knn_lp_ep_where_they_match():
     assert mae["k-NN (published)"] == "35.6 (+0.4)"  # 36.0 - 35.57
     assert mae["LP (published)"] == "67.8 (+0.2)" and mae["EP (published)"] == "75.5 (-0.5)"
     assert tiny["k-NN (published)"] == tiny["LP (published)"] == tiny["EP (published)"] == "-"
+    jobs[1].settings["backbone"]["block"] = 3  # not the published protocol: no figure
+    assert leaderboard_rows(jobs)[0]["LP (published)"] == "-"
     # EP on [cls] and the patches is not the figure of EP on the patches: mae_vitb has none
     jobs[1] = leaderboard_job("probe", "mae_vitb", "all", probe_heads)
     assert leaderboard_rows(jobs)[0]["EP (published)"] == "-"

@@ -8,7 +8,9 @@ head a run trains) and the aggregator options the figure was measured with (``op
 of these agree, so EP on the patches never meets a figure of EP on ``[cls]`` and the patches.
 Each row says how its source selected the figure (``selection``): efficient-probing's
 leaderboard and "Beyond [cls]" pick the best epoch (k and T for k-NN) on ImageNet's val split,
-which is also the one they report; ours is chosen on held-out, carved from train.
+which is also the one they report; ours is chosen on held-out, carved from train. A figure
+is put beside a run only where the run follows its protocol (``protocol``): a run on a
+low-shot subset, another block or a few batches is listed with what it changed instead.
 
 Sources: efficient-probing's ``results.csv`` (billpsomas/efficient-probing; a row's notes give
 some figures of other variants), and "Beyond [cls]"'s headline (``../shared/PAPER.md``). Their
@@ -32,6 +34,7 @@ from importlib import resources
 import yaml
 
 from mim_agg.errors import UserError
+from mim_agg.report.protocol import departures
 from mim_agg.report.runs import Job, backbone_name
 from mim_agg.report.table import Cell, column_label, head_key, head_options, natural
 
@@ -137,29 +140,59 @@ def figure_for(
     return None
 
 
-def figure_of(job: Job, head: str) -> Figure | None:
-    """The published figure of head ``head`` (its name without learning rate) of a run."""
+def candidate(job: Job, head: str) -> Figure | None:
+    """The published figure keyed like head ``head`` (its name without learning rate) of a
+    run: same backbone and dataset config, protocol, aggregator and options."""
     dataset = (job.config.get("dataset") or {}).get("name")
     options = head_options(job.config, head)
     return figure_for(backbone_name(job), dataset, job.config.get("task"), head, options)
 
 
-def beside(table: dict[tuple, Cell], keys: list[str], jobs: list[Job]) -> list[dict]:
+def match(job: Job, head: str) -> tuple[Figure | None, list[str]]:
+    """``candidate``'s figure and how the run departs from its protocol (``protocol``)."""
+    figure = candidate(job, head)
+    if figure is None:
+        return None, []
+    return figure, departures(job, figure.backbone, figure.dataset)
+
+
+def figure_of(job: Job, head: str) -> Figure | None:
+    """The published figure of head ``head`` of a run that follows its protocol, or None."""
+    figure, departs = match(job, head)
+    return None if departs else figure
+
+
+@dataclass
+class Beside:
+    rows: list[dict]  # results_published.csv: a cell whose runs follow a figure's protocol
+    left_out: list[str]  # a cell keyed like a figure whose runs do not: why, in one line
+
+
+def beside(table: dict[tuple, Cell], keys: list[str], jobs: list[Job]) -> Beside:
     """One row per cell of the table whose head has a published figure (the same one in every
-    seed): ours, theirs, the difference and how each was chosen."""
+    seed) and whose runs follow its protocol: ours, theirs, the difference and how each was
+    chosen; and a line for each cell that has one but departs from its protocol."""
     runs = {job.path.name: job for job in jobs if job.path}
-    rows = []
+    result = Beside([], [])
     for key in sorted(table, key=natural):
         cell = table[key]
-        figures = {figure_of(runs[row["run"]], head_key(row)) for row in cell.chosen}
+        found = [match(runs[row["run"]], head_key(row)) for row in cell.chosen]
+        figures = {figure for figure, _ in found}
         if len(figures) != 1 or None in figures:
             continue
         (figure,) = figures
+        column = column_label(key[:-1], keys)
+        if departs := sorted({reason for _, reasons in found for reason in reasons}):
+            result.left_out.append(
+                f"{key[-1]} ({column}), not beside published {figure.value:.2f}: "
+                + "; ".join(departs)
+            )
+            continue
         ours = 100 * statistics.fmean(cell.values)
-        rows.append(
+        result.rows.append(
             {
                 "head": key[-1],
-                "column": column_label(key[:-1], keys),
+                "column": column,
                 "ours": round(ours, 2),
                 "published": figure.value,
                 "difference": round(ours - figure.value, 2),
@@ -168,27 +201,35 @@ def beside(table: dict[tuple, Cell], keys: list[str], jobs: list[Job]) -> list[d
                 "note": figure.note,
             }
         )
-    return rows
+    return result
 
 
-def beside_markdown(rows: list[dict]) -> list[str]:
-    """The table's section of published figures; none when no head has one."""
-    if not rows:
+def beside_markdown(found: Beside) -> list[str]:
+    """The table's section of published figures; none when no head is keyed like one."""
+    if not found.rows and not found.left_out:
         return []
-    lines = [
-        "## Published figures beside ours",
-        "",
-        f"Ours: the cell above, {OUR_SELECTION}. Published: as its source chose it (its "
-        "selection); a figure chosen on the test split reads higher than a held-out choice by "
-        "construction. Sources and figures: mim_agg/report/published.csv.",
-        "",
-        "| head | column | ours (held-out choice) | published | ours − published | "
-        "published: selected by | source |",
-        "|---" * 7 + "|",
-    ]
-    for row in rows:
+    lines = ["## Published figures beside ours", ""]
+    if found.rows:
+        lines += [
+            f"Ours: the cell above, {OUR_SELECTION}. Published: as its source chose it (its "
+            "selection); a figure chosen on the test split reads higher than a held-out choice "
+            "by construction. Sources and figures: mim_agg/report/published.csv.",
+            "",
+            "| head | column | ours (held-out choice) | published | ours − published | "
+            "published: selected by | source |",
+            "|---" * 7 + "|",
+        ]
+    for row in found.rows:
         cells = (row["head"], row["column"], f"{row['ours']:.2f}", f"{row['published']:.2f}",
                  f"{row['difference']:+.2f}", row["published_selection"],
                  "; ".join(filter(None, (row["source"], row["note"]))))  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    if found.left_out:
+        lines += [
+            "",
+            "Left out: heads of a published figure whose runs depart from its protocol (the "
+            "backbone and the whole dataset as conf/ sets them, no trainer.limit_*_batches):",
+            "",
+        ]
+        lines += [f"- {line}" for line in found.left_out]
     return lines

@@ -32,6 +32,7 @@ class Job:
     config: dict = field(default_factory=dict)  # result_config of the run
     heads: list[dict] = field(default_factory=list)  # heads.csv rows of a finished run
     error: str | None = None
+    settings: dict = field(default_factory=dict)  # its whole config.yaml, resolved as it ran
 
 
 def backbone_name(job: Job) -> str:
@@ -122,7 +123,8 @@ def read_job(path: Path, name=" ".join) -> Job:
     if status == "done" and (path / "heads.csv").is_file():  # an analysis trains no heads
         with open(path / "heads.csv") as handle:
             heads = list(csv.DictReader(handle))
-    return Job(name, status, path, config, heads, record.get("error"))
+    settings = OmegaConf.to_container(full)
+    return Job(name, status, path, config, heads, record.get("error"), settings)
 
 
 def _locked(path: Path) -> bool:

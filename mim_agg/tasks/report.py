@@ -127,8 +127,8 @@ def report(sweeps: list[Path], out: Path) -> dict:
     columns = [*keys, "seed", "subset_seed", "head_label", "run", *(rows[0] if rows else {})]
     write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
     write_atomic(out / "results.md", text)
-    if published:
-        write_csv(out / "results_published.csv", published, list(published[0]))
+    if published.rows:
+        write_csv(out / "results_published.csv", published.rows, list(published.rows[0]))
     if scored := evaluation_rows(rows, keys, table, evaluated):
         write_csv(out / "results_evaluate.csv", scored, list(scored[0]))
     if comparisons.rows:

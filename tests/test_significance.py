@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import numpy as np
 import pytest
@@ -243,6 +244,18 @@ def test_a_predictions_file_that_disagrees_with_its_heads_csv_is_refused(constru
     with pytest.raises(
         UserError, match="gives head 'worse' a test accuracy of 1.000000, its heads"
     ):
+        run_task(compose_config(["task=report", f"report.sweep_dir={constructed_sweep}"]))
+
+
+def test_a_predictions_file_of_other_heads_is_refused_by_name(constructed_sweep):
+    """Another run's file (other head names): refused, not read as 'no predictions' (which
+    silently dropped the cell's interval and its column's marks)."""
+    (run_dir,) = [p.resolve() for p in constructed_sweep.iterdir() if p.is_symlink()]
+    predictions = read_predictions(run_dir / FILE)
+    predictions.predicted = {"cls": predictions.predicted.pop("best"), **predictions.predicted}
+    write_predictions(run_dir / FILE, predictions)
+    message = f"{run_dir / FILE} holds no predictions of head 'best', which the run's heads.csv"
+    with pytest.raises(UserError, match=re.escape(message) + ".*resume=false.*remove the file"):
         run_task(compose_config(["task=report", f"report.sweep_dir={constructed_sweep}"]))
 
 

@@ -61,7 +61,8 @@ class RunPredictions:
 
     def of(self, row: dict) -> HeadPredictions | None:
         """The predictions of ``row``'s run holding ``row``'s head, checked against its
-        ``heads.csv`` accuracy (a file left from another run must not pass), or None."""
+        ``heads.csv`` (a file left from another run must not pass: a head it lacks, or
+        another accuracy, is refused), or None where the run wrote no file."""
         run = row["run"]
         if run not in self.loaded:
             path = self.paths[run] / FILE
@@ -69,8 +70,16 @@ class RunPredictions:
             if self.loaded[run] is None:
                 self.missing.append(self.paths[run])
         predictions = self.loaded[run]
-        if predictions is None or row["head"] not in predictions.predicted:
+        if predictions is None:
             return None
+        if row["head"] not in predictions.predicted:  # heads that diverged have no row here
+            raise UserError(
+                f"{self.paths[run] / FILE} holds no predictions of head {row['head']!r}, which "
+                f"the run's heads.csv scores (the file's heads: "
+                f"{', '.join(sorted(predictions.predicted)) or 'none'}): the file is another "
+                "run's. Train that run again (its command with resume=false), or remove the "
+                "file (the report then leaves this run unmarked)."
+            )
         stored, recorded = predictions.accuracy(row["head"]), float(row["test/acc1"])
         if abs(stored - recorded) * len(predictions.targets) > 0.5:  # more than half an image
             raise UserError(

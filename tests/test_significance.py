@@ -259,6 +259,25 @@ def test_a_predictions_file_of_other_heads_is_refused_by_name(constructed_sweep)
         run_task(compose_config(["task=report", f"report.sweep_dir={constructed_sweep}"]))
 
 
+def test_a_report_rerun_leaves_no_file_of_the_previous_one(constructed_sweep):
+    """Rerun without predictions: the previous report's significance.csv (and any other file
+    this one does not write) goes; files that are not the report's stay."""
+    from mim_agg.tasks.report import OUTPUTS
+
+    report = compose_config(["task=report", f"report.sweep_dir={constructed_sweep}"])
+    run_task(report)
+    first = {path.name for path in constructed_sweep.iterdir() if not path.is_symlink()}
+    assert first - {"multirun.yaml"} <= set(OUTPUTS) and "significance.csv" in first
+    for name in ("results_published.csv", "results_evaluate.csv", "results_row.md", "mine.csv"):
+        (constructed_sweep / name).write_text("a previous report's\n")
+    (run_dir,) = [p.resolve() for p in constructed_sweep.iterdir() if p.is_symlink()]
+    (run_dir / FILE).unlink()
+    run_task(report)
+    second = {path.name for path in constructed_sweep.iterdir() if not path.is_symlink()}
+    assert second == first - {"significance.csv"} | {"mine.csv"}
+    assert "No per-image predictions" in (constructed_sweep / "results.md").read_text()
+
+
 def test_over_seeds_a_head_differs_only_when_it_does_in_every_seed(tmp_path):
     """Two seeds: ``worse`` is 60 images behind in both, ``sometimes`` in seed 0 alone."""
     sweep_dir = fake_sweep(tmp_path, ["seed=0,1"])

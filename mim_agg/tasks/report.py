@@ -14,6 +14,7 @@ has a figure in ``mim_agg/report/published.csv``: it beside ours, as ``results.m
 GFLOPs, with the Pareto front) into ``report.out_dir`` (default: the first sweep);
 for sweeps of ``experiment=ep_row`` also ``results_row.{md,csv}``, efficient-probing's
 leaderboard layout (``mim_agg.report.row``): one row per backbone, its k-NN, LP and EP.
+A file this report has nothing for is not written, and a previous report's removed.
 """
 
 from __future__ import annotations
@@ -101,6 +102,21 @@ def report_title(jobs: list[Job]) -> str:
     return "\n".join(["test top-1 (%) of the held-out-selected head", ", ".join(parts)]).strip()
 
 
+# Every file a report writes. A report writes those it has content for (no published figure,
+# no predictions, no leaderboard, ...: not those), so it first removes the previous report's.
+OUTPUTS = ("results.csv", "results.md", "results_published.csv", "results_evaluate.csv",
+           "significance.csv", "results_row.csv", "results_row.md", "results.png",
+           "results_cost.png", "results_blocks.png")  # fmt: skip
+
+
+def remove_previous(out: Path) -> None:
+    """Remove a previous report's files from ``out``: its ``significance.csv`` left beside this
+    report's ``results.md`` would speak of other runs. Only the names of ``OUTPUTS``: nothing
+    else in the folder is the report's."""
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+
+
 def report(sweeps: list[Path], out: Path) -> dict:
     """Read the sweeps, print the table, write results.{csv,md,png} into ``out``."""
     jobs = read_sweeps(sweeps)
@@ -124,6 +140,7 @@ def report(sweeps: list[Path], out: Path) -> dict:
         table, keys, jobs, title.replace("\n", "; "), comparisons, [s for s in sections if s]
     )
     print(text)
+    remove_previous(out)
     columns = [*keys, "seed", "subset_seed", "head_label", "run", *(rows[0] if rows else {})]
     write_csv(out / "results.csv", rows, list(dict.fromkeys(columns)))
     write_atomic(out / "results.md", text)

@@ -127,6 +127,23 @@ def test_several_sweeps_make_one_table(tmp_path):
     assert "| cls | 40.00 (1) |" in text and "| mean | 45.00 (1) |" in text
 
 
+@pytest.mark.parametrize("key", ["sweep_dir", "out_dir"])
+def test_no_sweep_and_an_out_dir_that_cannot_be_made_are_refused_by_name(tmp_path, key):
+    from mim_agg.errors import ConfigError
+
+    sweep_dir = fake_sweep(tmp_path, ["seed=0"])
+    fake_job(sweep_dir, 0, ["seed=0"], heads=[("cls", 0.1, 0.5, 0.5)])
+    (tmp_path / "a_file").write_text("")
+    if key == "sweep_dir":  # was: IndexError
+        overrides, error, message = ["report.sweep_dir=[]"], ConfigError, "report.sweep_dir=\\[\\]"
+    else:  # was: FileNotFoundError (or NotADirectoryError) from mkdir
+        out = tmp_path / "a_file" / "report"
+        overrides = [f"report.sweep_dir={sweep_dir}", f"report.out_dir={out}"]
+        error, message = UserError, f"report's folder '{out}' cannot be made .*report.out_dir"
+    with pytest.raises(error, match=message):
+        run_task(compose_config(["task=report", *overrides]))
+
+
 def test_a_folder_without_a_sweep_is_refused(tmp_path):
     from mim_agg.errors import UserError
 

@@ -20,6 +20,7 @@ A file this report has nothing for is not written, and a previous report's remov
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig
 
 from mim_agg.analysis.figures import save_figure
-from mim_agg.errors import UserError
+from mim_agg.errors import ConfigError, UserError
 from mim_agg.report import how_jobs_ended
 from mim_agg.report.comparisons import compare
 from mim_agg.report.cost import cost_figure, table_points
@@ -59,6 +60,11 @@ def sweep_dirs(cfg: DictConfig) -> list[Path]:
     if value is None:
         raise UserError("task=report needs report.sweep_dir=<an outputs/multirun/<time> folder>.")
     values = value if isinstance(value, ListConfig | list) else [value]
+    if not values:
+        raise ConfigError(
+            "report.sweep_dir=[] names no sweep: give one folder or a list of them, "
+            "report.sweep_dir=outputs/multirun/<time> or '[<a sweep>,<another>]'."
+        )
     return [under_root(cfg.paths.root_dir, v) for v in values]
 
 
@@ -117,6 +123,23 @@ def remove_previous(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def report_folder(out: Path) -> None:
+    """Make ``out`` (``report.out_dir``), refusing by name a folder that cannot be made or
+    written before anything is computed into it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        problem = error.strerror or str(error)
+    else:
+        problem = None if os.access(out, os.W_OK) else "not writable"
+    if problem:
+        raise UserError(
+            f"The report's folder {str(out)!r} cannot be made or written ({problem}): set "
+            "report.out_dir to a folder that can be, or leave it unset to write into the "
+            "first sweep folder."
+        )
+
+
 def report(sweeps: list[Path], out: Path) -> dict:
     """Read the sweeps, print the table, write results.{csv,md,png} into ``out``."""
     jobs = read_sweeps(sweeps)
@@ -127,7 +150,7 @@ def report(sweeps: list[Path], out: Path) -> dict:
             "): there is no accuracy to tabulate. Overlay their attention statistics with "
             "python scripts/compare_attention.py <sweep folder>."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    report_folder(out)
     keys = varying_keys(finished)  # the table shows finished jobs; the others are listed
     title = report_title(finished)
     rows = head_rows(finished, keys)

@@ -17,17 +17,25 @@ from PIL import Image
 
 from mim_agg.backbones.loading import read_run_checkpoint
 from mim_agg.builders import build_datamodule, build_probe
-from mim_agg.data.imagenet_variants import imagenet_wnids
+from mim_agg.data.imagenet_variants import (
+    imagenet_a,
+    imagenet_r,
+    imagenet_real,
+    imagenet_wnids,
+    official_wnids,
+)
 from mim_agg.data.sources import DataError
 from mim_agg.errors import UserError
 from mim_agg.runs.runner import run_task
+from mim_agg.tasks.probe import CLASSES
+from mim_agg.utils.files import DamagedFile
 from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import read_predictions
 from tests.helpers import CONFIG_DIR, FAST, compose_config
 from tests.test_report import fake_sweep
 
-INDICES = [1, 7, 300, 999]  # the probe's 4 classes, by ImageNet-1k index
-WNIDS = [imagenet_wnids()[i] for i in INDICES]
+INDICES = [6, 7, 11, 999]  # the probe's 4 classes, by ImageNet-1k index: 6 and 11 are
+WNIDS = [imagenet_wnids()[i] for i in INDICES]  # classes of ImageNet-R and -A, 7 and 999 not
 OTHER = 5  # an ImageNet class the probe lacks: its images are left out
 
 
@@ -63,17 +71,45 @@ def probe_run(tmp_path_factory):
     return root
 
 
-def evaluate(probe_run, dataset: str, *overrides: str, wnids: str = "wnids.txt") -> dict:
+def official_copy(folder, name: str, images: dict[str, list[tuple[str, int, int]]]) -> None:
+    """``name``'s (``imagenet_r``, ``imagenet_a``) 200 class folders as its archive has them,
+    each with images: ``images[wnid]``'s ``(file name, colour label, index)``, one filler
+    image in the others (classes the probe lacks: left out, never decoded)."""
+    filler = folder.parent / f".{folder.name}-filler.jpg"
+    jpeg(filler, 0, 0)
+    for wnid in official_wnids(name):
+        if wnid in images:
+            for file, label, index in images[wnid]:
+                jpeg(folder / wnid / file, label, index)
+        else:
+            (folder / wnid).mkdir(parents=True)
+            shutil.copyfile(filler, folder / wnid / "filler.jpg")
+
+
+def evaluate(
+    probe_run, dataset: str, *overrides: str, wnids: str = "wnids.txt", run="run", again=True
+) -> dict:
+    """``task=evaluate`` of the fixture's run (or the run folder ``run`` under it); ``again``:
+    with resume=false, replacing what another test scored on the same set."""
     command = [
         *FAST,
         "task=evaluate",
-        f"evaluate.run={probe_run / 'run'}",
+        f"evaluate.run={probe_run / run}",
         f"dataset={dataset}",
         f"dataset.wnids={probe_run / wnids}",
         "dataset.num_workers=0",
+        *(["resume=false"] if again else []),
         *overrides,
     ]
     return run_task(compose_config(command, probe_run / "evaluating"))
+
+
+def sketches(folder, shift: int = 0):
+    """An ImageNet-Sketch copy of the probe's 4 classes, 2 images each."""
+    for label, wnid in enumerate(WNIDS):
+        for i in range(2):
+            jpeg(folder / wnid / f"{i}.JPEG", label, i + shift)
+    return folder
 
 
 def logits_of(probe_run, files) -> dict[str, np.ndarray]:
@@ -103,8 +139,9 @@ def check(result: dict, expected: dict[str, float]) -> None:
 @pytest.mark.slow  # trains a probe for seconds
 def test_v2_sketch_r_a_score_the_probe_s_classes_r_and_a_restricted(probe_run, tmp_path):
     v2 = tmp_path / "v2" / "imagenetv2-top-images-format-val"
-    sketch, rendition = tmp_path / "sketch", tmp_path / "imagenet-r"
-    files = {"v2": [], "sketch": [], "r": []}  # (file, probe label)
+    sketch = tmp_path / "sketch"
+    folders = {"r": tmp_path / "imagenet-r", "a": tmp_path / "imagenet-a"}
+    files = {"v2": [], "sketch": [], "r": [], "a": []}  # (file, probe label)
     for label, index in enumerate(INDICES):
         for i in range(2):
             path = v2 / str(index) / f"{i}.jpeg"
@@ -113,21 +150,22 @@ def test_v2_sketch_r_a_score_the_probe_s_classes_r_and_a_restricted(probe_run, t
             path = sketch / WNIDS[label] / f"{i}.JPEG"
             jpeg(path, (label + 1) % 4, i)  # sketches look like another class
             files["sketch"].append((path, label))
-            if label in (0, 2):  # ImageNet-R's subset: 2 of the probe's classes
-                path = rendition / WNIDS[label] / f"{i}.jpg"
-                jpeg(path, label + 1, i)
-                files["r"].append((path, label))
     jpeg(v2 / str(OTHER) / "x.jpeg", 0, 0)  # classes the probe lacks: left out
     jpeg(sketch / imagenet_wnids()[OTHER] / "x.JPEG", 0, 0)
-    jpeg(rendition / imagenet_wnids()[OTHER] / "x.jpg", 0, 0)
+    for key, shift in (("r", 1), ("a", 2)):  # 2 of the probe's classes are -R's and -A's
+        ours = {
+            WNIDS[label]: [(f"{i}.jpg", label + shift, i) for i in range(2)] for label in (0, 2)
+        }
+        official_copy(folders[key], f"imagenet_{key}", ours)
+        files[key] = [(folders[key] / WNIDS[j] / f"{i}.jpg", j) for j in (0, 2) for i in range(2)]
 
     for key, dataset, overrides in (
         ("v2", "imagenet_v2", [f"dataset.root={tmp_path / 'v2'}", "dataset.variant=top-images"]),
         ("sketch", "imagenet_sketch", [f"dataset.root={sketch}"]),
-        ("r", "imagenet_r", [f"dataset.root={rendition}"]),
-        ("a", "imagenet_a", [f"dataset.root={rendition}"]),  # the same layout as -R
+        ("r", "imagenet_r", [f"dataset.root={folders['r']}"]),
+        ("a", "imagenet_a", [f"dataset.root={folders['a']}"]),
     ):
-        listed = files["r" if key == "a" else key]
+        listed = files[key]
         labels = np.array([label for _, label in listed])
         logits = logits_of(probe_run, [path for path, _ in listed])
         scored = [0, 2] if key in ("r", "a") else [0, 1, 2, 3]
@@ -184,10 +222,107 @@ def test_an_unfinished_run_or_other_classes_are_refused(probe_run, tmp_path):
             )
         )
     (tmp_path / "three.txt").write_text("\n".join(WNIDS[:3]))
-    jpeg(tmp_path / "r" / WNIDS[0] / "a.jpg", 0, 0)
-    with pytest.raises(DataError, match="class folders of"):
-        root = f"dataset.root={tmp_path / 'r'}"
-        evaluate(probe_run, "imagenet_r", root, wnids=str(tmp_path / "three.txt"))
+    root = f"dataset.root={sketches(tmp_path / 'sketch')}"
+    with pytest.raises(UserError, match="predicts 4 classes .* lists 3, not the same"):
+        evaluate(probe_run, "imagenet_sketch", root, wnids=str(tmp_path / "three.txt"))
+
+
+@pytest.mark.slow  # trains a probe for seconds
+def test_the_run_s_recorded_classes_decide_even_without_its_training_folders(probe_run, tmp_path):
+    """Reversed wnids would score every head wrongly (0.0 for 0.667): refused by the run's own
+    record of its classes, also once the folders it trained on are gone or when it trained on
+    a split file; a run older than the record is refused where its folders are gone."""
+    run_dir = shutil.copytree(probe_run / "run", tmp_path / "run")
+    assert json.loads((run_dir / CLASSES).read_text()) == {"classes": WNIDS}
+    (tmp_path / "reversed.txt").write_text("\n".join(reversed(WNIDS)))
+    (tmp_path / "wnids.txt").write_text("\n".join(WNIDS))
+    root = f"dataset.root={sketches(tmp_path / 'sketch')}"
+    with pytest.raises(UserError, match=f"0: {WNIDS[0]} vs {WNIDS[3]}"):
+        evaluate(tmp_path, "imagenet_sketch", root, wnids="reversed.txt")
+    config = OmegaConf.load(run_dir / "config.yaml")
+    config.dataset.root = str(tmp_path / "gone")  # the training folders are no more
+    OmegaConf.save(config, run_dir / "config.yaml")
+    with pytest.raises(UserError, match="not the same in the same order"):
+        evaluate(tmp_path, "imagenet_sketch", root, wnids="reversed.txt")
+    assert evaluate(tmp_path, "imagenet_sketch", root)["images"] == 8  # the right order scores
+
+    (run_dir / CLASSES).write_text('{"classes": null}')  # labels of a split file: no names
+    with pytest.raises(UserError, match="labels without class names .* set dataset.wnids"):
+        evaluate(tmp_path, "imagenet_sketch", root, "dataset.wnids=null")
+    (run_dir / CLASSES).unlink()  # a run from before the record, its folders gone
+    with pytest.raises(UserError, match=r"records no class names \(classes.json.* are gone"):
+        evaluate(tmp_path, "imagenet_sketch", root, wnids="reversed.txt")
+
+
+@pytest.mark.slow  # trains a probe for seconds
+def test_results_of_another_dataset_config_are_replaced_only_with_resume_false(probe_run, tmp_path):
+    """Another copy (root), decoder or class list scored into the same folder: refused unless
+    resume=false, and metrics.json records what was scored."""
+    first, second = sketches(tmp_path / "one"), sketches(tmp_path / "two", shift=4)
+    evaluate(probe_run, "imagenet_sketch", f"dataset.root={first}")
+    metrics = probe_run / "run" / "evaluate" / "imagenet_sketch" / "metrics.json"
+    recorded = json.loads(metrics.read_text())["dataset_config"]
+    assert recorded["root"] == str(first) and recorded["images"] == 8
+    assert recorded["decode"] == "pil" and recorded["wnids"] == str(probe_run / "wnids.txt")
+    for change in (f"dataset.root={second}", "dataset.decode=turbo"):
+        with pytest.raises(UserError, match=r"another dataset config \(differing: (root|decode)"):
+            evaluate(probe_run, "imagenet_sketch", f"dataset.root={first}", change, again=False)
+    assert json.loads(metrics.read_text())["dataset_config"] == recorded  # untouched
+    evaluate(probe_run, "imagenet_sketch", f"dataset.root={second}")  # resume=false
+    assert json.loads(metrics.read_text())["dataset_config"]["root"] == str(second)
+    evaluate(probe_run, "imagenet_sketch", f"dataset.root={second}", again=False)  # the same
+
+
+def test_imagenet_r_and_a_must_be_their_archive_s_200_class_folders(tmp_path):
+    """A copy with 1 of its 200 classes would score that class alone; ImageNet-R's folder
+    given as ImageNet-A would score the wrong classes: both refused, naming the folders."""
+    rendition = tmp_path / "imagenet-r"
+    official_copy(rendition, "imagenet_r", {})
+    assert len(official_wnids("imagenet_r")) == len(set(official_wnids("imagenet_a"))) == 200
+    images, wnids = imagenet_r(None, 0, root=str(rendition), wnids=None)[1], imagenet_wnids()
+    assert len(images) == 200
+    assert images.scored_classes == [wnids.index(w) for w in official_wnids("imagenet_r")]
+    a_only = sorted(set(official_wnids("imagenet_a")) - set(official_wnids("imagenet_r")))
+    with pytest.raises(DataError, match=f"missing: {a_only[0]}.*not of imagenet_a: n01443537"):
+        imagenet_a(None, 0, root=str(rendition), wnids=None)
+    partial = tmp_path / "partial"
+    jpeg(partial / official_wnids("imagenet_r")[0] / "a.jpg", 0, 0)
+    with pytest.raises(DataError, match=r"missing: n01484850, .* \(194 more\)"):
+        imagenet_r(None, 0, root=str(partial), wnids=None)
+    for image in (rendition / official_wnids("imagenet_r")[5]).iterdir():
+        image.unlink()  # an empty class folder: no archive has one
+    with pytest.raises(DataError, match=f"without images: {official_wnids('imagenet_r')[5]}"):
+        imagenet_r(None, 0, root=str(rendition), wnids=None)
+
+
+def test_a_real_json_of_another_format_is_named(tmp_path):
+    jpeg(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", 0, 0)
+    for content in ('{"a": 1}', "[[1, 2], [1000]]", '[["n01440764"]]'):
+        (tmp_path / "real.json").write_text(content)
+        with pytest.raises(DataError, match=f"{tmp_path / 'real.json'} is no ReaL label file"):
+            imagenet_real(None, 0, root=str(tmp_path))
+
+
+def test_another_task_s_run_is_named_before_its_status(tmp_path):
+    OmegaConf.save(OmegaConf.create({"task": "logreg"}), tmp_path / "config.yaml")
+    (tmp_path / "run.json").write_text('{"status": "done"}')
+    command = [*FAST, "task=evaluate", f"evaluate.run={tmp_path}", "dataset=imagenet_r"]
+    with pytest.raises(UserError, match="is a task=logreg run; task=evaluate scores .* probe"):
+        run_task(compose_config(command, tmp_path / "x"))
+
+
+def test_a_damaged_predictions_file_says_which_command_writes_it_again(tmp_path):
+    """A run's own file is written by training that run again; evaluate's by scoring again."""
+    run_dir, scored = tmp_path / "run", tmp_path / "run" / "evaluate" / "imagenet_r"
+    scored.mkdir(parents=True)
+    (run_dir / "run.json").write_text('{"status": "done"}')
+    for folder, fix in (
+        (run_dir, "train that run again .*resume=false"),
+        (scored, "score the set again .*task=evaluate"),
+    ):
+        (folder / PREDICTIONS).write_bytes(b"<html>not found</html>")
+        with pytest.raises(DamagedFile, match=f"is damaged .* or {fix}"):
+            read_predictions(folder / PREDICTIONS)
 
 
 @pytest.mark.slow  # trains a probe for seconds
@@ -197,10 +332,7 @@ def test_the_report_shows_each_set_beside_the_test_split_and_refuses_stale_resul
     """A one-job sweep of the run: results.md's section and results_evaluate.csv give the
     held-out-chosen heads' accuracies as evaluate wrote them; a run trained again since (its
     last.ckpt changed) or a number that is no accuracy is refused."""
-    sketch = tmp_path / "sketch"
-    for label, wnid in enumerate(WNIDS):
-        for i in range(2):
-            jpeg(sketch / wnid / f"{i}.JPEG", label, i + 3)
+    sketch = sketches(tmp_path / "sketch", shift=3)
     scored = evaluate(probe_run, "imagenet_sketch", f"dataset.root={sketch}")["heads"]
     run_dir = shutil.copytree(probe_run / "run", tmp_path / "runs" / "probe-vit_tiny-x")
     sweep = fake_sweep(tmp_path, [])
@@ -241,7 +373,7 @@ def test_the_report_shows_each_set_beside_the_test_split_and_refuses_stale_resul
 
 
 def test_a_probe_on_a_test_only_set_is_pointed_to_task_evaluate(tmp_path):
-    jpeg(tmp_path / "r" / WNIDS[0] / "a.jpg", 0, 0)
+    official_copy(tmp_path / "r", "imagenet_r", {})
     overrides = [*FAST, "dataset=imagenet_r", f"dataset.root={tmp_path / 'r'}"]
     with pytest.raises(DataError, match="test set only .* task=evaluate evaluate.run="):
         run_task(compose_config([*overrides, "dataset.num_workers=0"], tmp_path))

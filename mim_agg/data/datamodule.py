@@ -250,6 +250,9 @@ class ProbeDataModule(SplitLoaders):
         self.train_transform = build_transform(augment, img_size, mean, std, decode=decode)
         self.eval_transform = build_transform(False, img_size, mean, std, decode=decode)
         self.splits: dict[str, TransformedSubset] = {}
+        # The source's names of labels 0..N-1 (class folders, torchvision's ``classes``); None
+        # where its labels are bare integers (``dataset.split_file``, arrays). Set by ``setup``.
+        self.class_names: list[str] | None = None
 
     @classmethod
     def from_config(cls, dataset: Mapping[str, Any], **inputs) -> ProbeDataModule:
@@ -265,6 +268,8 @@ class ProbeDataModule(SplitLoaders):
         if self.splits:
             return
         train, test = self.source.load(self.num_classes, self.seed)
+        names = getattr(train, "classes", None)
+        self.class_names = None if names is None else [str(name) for name in names]
         if isinstance(test, EvaluationImages):  # ImageNet-V2, -R, ...: nothing to train on
             raise DataError(
                 f"dataset={self.name} is a test set only (no train split): train the probe on "

@@ -12,7 +12,9 @@ ImageNet-1k indices) are mapped into that list; images of classes the probe lack
 - ImageNet-Sketch (``imagenet_sketch``): ``root/<wnid>/*`` (the archive's ``sketch/``).
 - ImageNet-R and ImageNet-A (``imagenet_r``, ``imagenet_a``): ``root/<wnid>/*``, 200 classes
   each. Only those classes are scored: a prediction is the argmax of the probe's logits
-  restricted to them, as the DINOv2 and CLIP evaluations do.
+  restricted to them, as the DINOv2 and CLIP evaluations do. The folder must hold exactly the
+  archive's 200 class folders (``imagenet_r_wnids.txt``, ``imagenet_a_wnids.txt``), each with
+  images: a copy cut short, or the other set, would otherwise be scored as if whole.
 - ImageNet-ReaL (``imagenet_real``): ImageNet's validation images (``root/val/**/
   ILSVRC2012_val_<n>.*``, in class folders or flat) with ``real.json``'s label sets (entry
   ``n - 1`` for image ``n``); a prediction is right if it is in the image's set, and images
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from importlib import resources
 from pathlib import Path
 
 from timm.data import ImageNetInfo
@@ -135,14 +138,39 @@ def imagenet_sketch(num_classes, seed, *, root: str, wnids: str | None = None):
 
 @source("imagenet_r")
 def imagenet_r(num_classes, seed, *, root: str, wnids: str | None = None):
-    folder = folder_of(root)
+    folder = official_classes(folder_of(root), "imagenet_r")
     return class_folder_set(folder, "imagenet_r", probe_classes(wnids), str, restrict=True)
 
 
 @source("imagenet_a")
 def imagenet_a(num_classes, seed, *, root: str, wnids: str | None = None):
-    folder = folder_of(root)
+    folder = official_classes(folder_of(root), "imagenet_a")
     return class_folder_set(folder, "imagenet_a", probe_classes(wnids), str, restrict=True)
+
+
+def official_wnids(name: str) -> list[str]:
+    """The 200 wnids of ``name``'s archive (``imagenet_r`` or ``imagenet_a``): our package
+    data, from the authors' lists (their sources in the files' comments)."""
+    text = resources.files("mim_agg.data").joinpath(f"{name}_wnids.txt").read_text()
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def official_classes(folder: Path, name: str) -> Path:
+    """``folder``, if its class folders are exactly ``name``'s 200 and each holds images (as
+    in the archive, where every class has some): a partial copy would score a few classes as
+    if they were the set, another set's folder the wrong classes."""
+    expected = set(official_wnids(name))
+    present = {p.name for p in folder.iterdir() if p.is_dir()}
+    empty_classes = sorted(w for w in expected & present if not images_in(folder / w))
+    missing, foreign = sorted(expected - present), sorted(present - expected)
+    if missing or foreign or empty_classes:
+        raise DataError(
+            f"dataset={name}: {folder} is not the archive's {len(expected)} class folders, each "
+            f"with images (missing: {listed(missing, 5)}; not of {name}: {listed(foreign, 5)}; "
+            f"without images: {listed(empty_classes, 5)}); set dataset.root to the whole "
+            "extracted archive."
+        )
+    return folder
 
 
 @source("imagenet_real")
@@ -163,6 +191,12 @@ def imagenet_real(
         real = json.loads(labels_file.read_text())
     except (OSError, ValueError) as error:
         raise DataError(f"dataset.real_labels: cannot read {labels_file} ({error}).") from None
+    if not is_real_labels(real):
+        raise DataError(
+            f"dataset.real_labels: {labels_file} is no ReaL label file: expected a JSON list "
+            "holding, per validation image in order, a list of ImageNet-1k class indices "
+            "(0-999), as github.com/google-research/reassessed-imagenet's real.json."
+        )
     classes, wnid = probe_classes(wnids), imagenet_wnids()
     samples, label_sets = [], []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -180,4 +214,13 @@ def imagenet_real(
         raise DataError(f"No image under {folder} has a ReaL label of the probe's classes.")
     return empty(folder), EvaluationImages(
         folder, samples, "imagenet_real", classes, label_sets=label_sets
+    )
+
+
+def is_real_labels(real) -> bool:
+    """A list of lists of ImageNet-1k indices (``real.json``'s format)."""
+    return isinstance(real, list) and all(
+        isinstance(labels, list)
+        and all(type(index) is int and 0 <= index < 1000 for index in labels)
+        for labels in real
     )

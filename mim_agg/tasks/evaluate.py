@@ -10,13 +10,18 @@ Results go beside the run's own, in ``<run>/evaluate/<set>/`` (``metrics.json``,
 ``predictions.safetensors``, on ReaL with each image's label set), written whole, never over
 the run's own files. ``metrics.json`` records the SHA-256 of the ``last.ckpt`` it scored, so a
 report refuses results the run has outgrown (trained again since: ``mim_agg.report.evaluated``,
-which shows them beside the run's test accuracy).
+which shows them beside the run's test accuracy), and the dataset config it scored (paths,
+decoder, class list, image count): results of another are replaced only with ``resume=false``.
+The set's labels index ``dataset.wnids`` (default ImageNet-1k's), which must be the probe's
+classes in order as the run recorded them (its ``classes.json``), else nothing is scored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +44,12 @@ from mim_agg.builders import (
 from mim_agg.data.datamodule import TransformedSubset
 from mim_agg.data.decode import encoded
 from mim_agg.data.imagenet_variants import EvaluationImages
-from mim_agg.data.sources import DataError
+from mim_agg.data.sources import DataError, source_options
 from mim_agg.errors import UserError
 from mim_agg.report.evaluated import CHECKPOINT, CHECKPOINT_KEY, FOLDER
 from mim_agg.runs.folder import RECORD
-from mim_agg.utils.files import sha256_of, write_json
+from mim_agg.tasks.probe import CLASSES
+from mim_agg.utils.files import read_json, sha256_of, write_json
 from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import HeadPredictions, write_predictions
 from mim_agg.utils.results import write_csv
@@ -55,6 +61,7 @@ SUMMARY = (
 )
 USES_RUN_FOLDER = False  # results go into the probe run's folder, under evaluate/<set>/
 SETTINGS_GROUP = "evaluate"
+DATASET_KEY = "dataset_config"  # in metrics.json: what was scored (scored_dataset)
 COLUMNS = ("head", "aggregator", "test/acc1", "test/acc5", "images")
 
 
@@ -86,32 +93,43 @@ def run(cfg: DictConfig, watch=None) -> dict:
     }
     num_classes = next(iter(heads.values())).classifier.out_features
     test, images = test_images(cfg, trained, run_dir, num_classes)
-    check_same_classes(trained, test, num_classes)
+    check_same_classes(run_dir, trained, test, num_classes, cfg.dataset.get("wnids"))
+    folder, scored_set = run_dir / FOLDER / test.title, scored_dataset(cfg, test)
+    check_replaceable(folder, scored_set, cfg.resume)
     batches = DataLoader(
         images, batch_size=cfg.evaluate.batch_size, num_workers=cfg.dataset.num_workers
     )
     predicted, top5 = score(trained, heads, layout, batches, test)
-    summary = {**results(trained, run_dir, test, predicted, top5, grid), CHECKPOINT_KEY: digest}
-    write_results(run_dir / FOLDER / test.title, test, summary, predicted, num_classes)
+    summary = {
+        **results(trained, run_dir, test, predicted, top5, grid),
+        CHECKPOINT_KEY: digest,
+        DATASET_KEY: scored_set,
+    }
+    write_results(folder, test, summary, predicted, num_classes)
     for name, values in summary["heads"].items():
         log.info("%s on %s: test acc1 %s", name, test.title, values["test/acc1"])
     return summary
 
 
 def finished_probe_run(run_dir: Path) -> DictConfig:
-    """The run's config, if it is a probe run that finished (its results and checkpoint)."""
+    """The run's config, if it is a probe run (asked first: another task's run is named as
+    such, finished or not) that finished (its results and checkpoint)."""
+    config = run_dir / "config.yaml"
+    trained = OmegaConf.load(config) if config.is_file() else None
+    if trained is not None and trained.get("task") != "probe":
+        raise UserError(
+            f"evaluate.run={str(run_dir)!r} is a task={trained.get('task')} run; task=evaluate "
+            "scores the heads of a probe run (task=probe)."
+        )
     record = run_dir / RECORD
     status = json.loads(record.read_text()).get("status") if record.is_file() else None
-    needed = [run_dir / f for f in ("config.yaml", "metrics.json", CHECKPOINT)]
+    needed = [config, run_dir / "metrics.json", run_dir / CHECKPOINT]
     if status != "done" or not all(path.is_file() for path in needed):
         raise UserError(
             f"evaluate.run={str(run_dir)!r} is no finished run (its {RECORD} says status "
             f"{status!r}; it needs config.yaml, metrics.json and {CHECKPOINT}); "
             "finish that probe run first (the same command continues it)."
         )
-    trained = OmegaConf.load(run_dir / "config.yaml")
-    if trained.task != "probe":
-        raise UserError(f"evaluate.run={str(run_dir)!r} is a task={trained.task} run, no probe.")
     return trained
 
 
@@ -133,25 +151,90 @@ def test_images(cfg: DictConfig, trained: DictConfig, run_dir: Path, num_classes
     return test, TransformedSubset(decoded, np.arange(len(test)), datamodule.eval_transform)
 
 
-def check_same_classes(trained: DictConfig, test: EvaluationImages, num_classes: int) -> None:
+def check_same_classes(
+    run_dir: Path, trained: DictConfig, test: EvaluationImages, num_classes: int, wnids
+) -> None:
     """The probe's classes are the set's ``class_names`` (``dataset.wnids``, default
-    ImageNet-1k's): as many, and, where the run trained on class folders still on disk
-    (``root/train/<wnid>``), the same names in the same order; mixed-up labels would score
-    every head wrongly without a sign."""
-    root = trained.dataset.get("root")
-    train = Path(root).expanduser() / "train" if root else None
-    if train is not None and train.is_dir() and trained.dataset.get("split_file") is None:
-        folders = sorted(p.name for p in train.iterdir() if p.is_dir())
-        if folders != test.class_names:
-            raise DataError(
-                f"The probe was trained on the {len(folders)} class folders of {train}, which "
-                f"are not the {len(test.class_names)} of dataset.wnids (default: ImageNet-1k's); "
-                "set dataset.wnids to a file listing those folders' names, in order."
-            )
+    ImageNet-1k's): the same names in the same order, as the run recorded them
+    (``classes.json``); mixed-up labels would score every head wrongly without a sign. A run
+    whose labels have no names (``dataset.split_file``) is taken at ``dataset.wnids``' word,
+    which must then be given."""
+    names = trained_classes(run_dir, trained)
+    if names is None and wnids is None:
+        raise UserError(
+            f"The probe run {run_dir} trained on labels without class names (the integers of "
+            "a dataset.split_file): set dataset.wnids to a file listing the wnid of each of its "
+            "labels, in label order."
+        )
+    if names is not None and names != test.class_names:
+        pairs = enumerate(zip(names, test.class_names, strict=False))
+        wrong = [i for i, (ours, theirs) in pairs if ours != theirs]
+        shown = ", ".join(f"{i}: {names[i]} vs {test.class_names[i]}" for i in wrong[:3])
+        raise UserError(
+            f"The probe run {run_dir} predicts {len(names)} classes ({CLASSES}), dataset.wnids "
+            f"{wnids or '(default: ImageNet-1k)'} lists {len(test.class_names)}, not the same in "
+            f"the same order ({shown or 'label: run vs wnids'}); set dataset.wnids to a file "
+            f"listing the names in {run_dir / CLASSES}, one per line, in order."
+        )
     if len(test.class_names) != num_classes:
         raise DataError(
             f"The probe predicts {num_classes} classes, dataset.wnids lists "
             f"{len(test.class_names)}; list the probe's training classes, in label order."
+        )
+
+
+def trained_classes(run_dir: Path, trained: DictConfig) -> list[str] | None:
+    """The names of the run's labels 0..N-1 as it recorded them (None: bare integer labels);
+    for a run older than that record, its training class folders if they are still on disk."""
+    record = read_json(run_dir / CLASSES)
+    if record is not None:
+        names = record.get("classes", ()) if isinstance(record, dict) else ()
+        if names is not None and not (
+            isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+        ):
+            raise UserError(
+                f'{run_dir / CLASSES} holds no class names ({{"classes": [names] or null}}); '
+                "train that run again (resume=false)."
+            )
+        return names
+    if trained.dataset.get("split_file") is not None:
+        return None
+    root = trained.dataset.get("root")
+    train = Path(root).expanduser() / "train" if root else None
+    if train is None or not train.is_dir():
+        raise UserError(
+            f"The probe run {run_dir} records no class names ({CLASSES}, written by runs since "
+            f"it was added) and the folders it trained on ({train}) are gone: nothing says "
+            f"which class each label is. Restore {train}, or train that run again (resume=false)."
+        )
+    return sorted(p.name for p in train.iterdir() if p.is_dir())
+
+
+def scored_dataset(cfg: DictConfig, test: EvaluationImages) -> dict:
+    """What decides the numbers of a set's results: the source's options (``root``,
+    ``wnids``, ``variant``, ...; paths absolute), ``decode``, the SHA-256 of the class list
+    the labels index and the image count."""
+    options = {key: cfg.dataset.get(key) for key in source_options(cfg.dataset.name)}
+    for key in ("root", "wnids"):
+        if options.get(key) is not None:
+            options[key] = os.path.abspath(Path(options[key]).expanduser())
+    classes = hashlib.sha256("\n".join(test.class_names).encode()).hexdigest()
+    return {**options, "decode": cfg.dataset.decode, "classes_sha256": classes, "images": len(test)}
+
+
+def check_replaceable(folder: Path, scored_set: dict, resume: bool) -> None:
+    """Results of another dataset config (another copy, decoder or class list) are not
+    replaced silently: ``resume=false`` says to score again and replace them."""
+    previous = read_json(folder / "metrics.json")
+    if previous is None or not resume:
+        return
+    recorded = previous.get(DATASET_KEY) if isinstance(previous, dict) else None
+    if recorded != scored_set:
+        keys = sorted(k for k in scored_set if (recorded or {}).get(k) != scored_set[k])
+        what = f"differing: {', '.join(keys)}" if recorded else "no dataset config recorded"
+        raise UserError(
+            f"{folder} holds results of another dataset config ({what}); pass resume=false to "
+            "score this one and replace them, or move that folder away."
         )
 
 

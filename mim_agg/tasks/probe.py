@@ -25,7 +25,7 @@ from mim_agg.probe.flops import added_gflops
 from mim_agg.probe.progress import ProbeProgressBar
 from mim_agg.report.cost import cost_figure, run_points
 from mim_agg.runs.preemption import SignalWatch, StopOnSignal
-from mim_agg.utils.files import write_atomic
+from mim_agg.utils.files import write_atomic, write_json
 from mim_agg.utils.loggers import build_loggers, finish_loggers
 from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import write_predictions
@@ -38,6 +38,8 @@ SUMMARY = "train linear heads on the frozen tokens, select on held-out, test onc
 USES_RUN_FOLDER = True
 Settings = None  # its options are the probe group's: one recipe per file in conf/probe/
 IGNORED = ()  # keys inside the read groups that never change a probe's numbers
+# {"classes": the names of labels 0..N-1, or null}: what task=evaluate maps other sets onto
+CLASSES = "classes.json"
 
 
 def reads(cfg: DictConfig) -> tuple[str, ...]:
@@ -59,6 +61,7 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
 
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")  # bad data fails before any weights are fetched
+    class_names = datamodule.class_names
     if datamodule.low_shot:
         write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
     heads = build_heads(cfg, backbone_layout(cfg), datamodule.num_classes)
@@ -93,6 +96,7 @@ def run(cfg: DictConfig, watch: SignalWatch | None = None) -> dict:
         write_csv(output_dir / "heads.csv", head_rows)
         title = f"{output_dir.name}\ntest top-1 (%) of each aggregator, held-out-selected rate"
         save_figure(cost_figure(run_points(head_rows), title), output_dir / "cost.png")
+        write_json(output_dir / CLASSES, {"classes": class_names})
         write_metrics(output_dir / "metrics.json", summary)
     return summary
 

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from mim_agg.errors import UserError
+from mim_agg.runs.folder import RECORD
 from mim_agg.utils.files import DamagedFile, write_atomic
 
 FILE = "predictions.safetensors"
@@ -165,10 +166,17 @@ def read_predictions(path: Path) -> HeadPredictions:
     except (SafetensorError, ValueError, KeyError, TypeError) as error:
         raise DamagedFile(
             f"{path} is damaged or no predictions file ({type(error).__name__}: {error}); "
-            "move it away (the report then leaves that run's heads unmarked) or rerun the "
-            "evaluation in a new folder."
+            f"move it away (the report then leaves that run's heads unmarked) or {remedy(path)}."
         ) from None
     problem = predictions.problem()
     if problem:
-        raise UserError(f"{path} cannot be used: {problem}. Move it away or rerun the evaluation.")
+        raise UserError(f"{path} cannot be used: {problem}. Move it away or {remedy(path)}.")
     return predictions
+
+
+def remedy(path: Path) -> str:
+    """How to write ``path`` anew: a run's own file (beside its ``run.json``) by training that
+    run again, ``task=evaluate``'s (``<run>/evaluate/<set>/``) by scoring the set again."""
+    if (path.parent / RECORD).is_file():
+        return f"train that run again (its command with resume=false, run folder {path.parent})"
+    return "score the set again (python run.py task=evaluate ... resume=false)"

@@ -31,7 +31,7 @@ from mim_agg.tasks.probe import CLASSES
 from mim_agg.utils.files import DamagedFile
 from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import read_predictions
-from tests.helpers import CONFIG_DIR, FAST, compose_config
+from tests.helpers import CONFIG_DIR, FAST, compose_config, run_cli
 from tests.test_report import fake_sweep
 
 INDICES = [6, 7, 11, 999]  # the probe's 4 classes, by ImageNet-1k index: 6 and 11 are
@@ -377,6 +377,28 @@ def test_a_probe_on_a_test_only_set_is_pointed_to_task_evaluate(tmp_path):
     overrides = [*FAST, "dataset=imagenet_r", f"dataset.root={tmp_path / 'r'}"]
     with pytest.raises(DataError, match="test set only .* task=evaluate evaluate.run="):
         run_task(compose_config([*overrides, "dataset.num_workers=0"], tmp_path))
+
+
+@pytest.mark.slow  # a subprocess
+def test_python_run_py_task_evaluate_scores_a_set_end_to_end(probe_run, tmp_path):
+    """The exact command a user types (its crash went unnoticed by the in-process tests)."""
+    sketch = sketches(tmp_path / "sketch", shift=5)
+    result = run_cli(
+        "task=evaluate",
+        f"evaluate.run={probe_run / 'run'}",
+        "dataset=imagenet_sketch",
+        f"dataset.root={sketch}",
+        f"dataset.wnids={probe_run / 'wnids.txt'}",
+        "dataset.num_workers=0",
+        "resume=false",
+        root=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = probe_run / "run" / "evaluate" / "imagenet_sketch" / "metrics.json"
+    summary = json.loads(metrics.read_text())
+    assert summary["dataset_config"]["root"] == str(sketch) and summary["images"] == 8
+    assert set(summary["heads"]) == {"mean", "abmilp"}
+    assert not (tmp_path / "outputs").exists()  # nothing but the probe run's evaluate/ folder
 
 
 def test_the_command_line_makes_no_folder_for_an_evaluation(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import os
 import statistics
 
 import pytest
@@ -142,6 +143,34 @@ def test_no_sweep_and_an_out_dir_that_cannot_be_made_are_refused_by_name(tmp_pat
         error, message = UserError, f"report's folder '{out}' cannot be made .*report.out_dir"
     with pytest.raises(error, match=message):
         run_task(compose_config(["task=report", *overrides]))
+
+
+def test_a_copy_of_a_sweep_without_its_runs_is_refused_by_its_dangling_link(tmp_path):
+    """``cp -a`` of a sweep folder elsewhere: its relative job links point nowhere (was: a
+    FileNotFoundError of .../config.yaml)."""
+    import shutil
+
+    from mim_agg.report.runs import read_sweeps
+
+    sweep_dir = fake_sweep(tmp_path / "here", ["seed=0"])
+    run_dir = fake_job(sweep_dir, 0, ["seed=0"], heads=[("cls", 0.1, 0.5, 0.5)])
+    (link,) = [path for path in sweep_dir.iterdir() if path.is_symlink()]
+    link.unlink()
+    link.symlink_to(os.path.relpath(run_dir, sweep_dir))  # as runs.folder links a job
+    copy = tmp_path / "elsewhere" / "deeper" / "sweep"
+    shutil.copytree(sweep_dir, copy, symlinks=True)
+    (link,) = [path for path in copy.iterdir() if path.is_symlink()]
+    report = ["task=report", f"report.sweep_dir=[{sweep_dir},{copy}]"]
+    with pytest.raises(UserError, match=f"{link} .* points to ../runs/job0-sweep, .* no folder"):
+        run_task(compose_config([*report, f"report.out_dir={tmp_path / 'out'}"]))
+    # a job linked whose attempt has not yet written its run.json and config.yaml: running
+    # while it holds the folder's lock, else killed; a finished one without its config: failed
+    (run_dir / "config.yaml").unlink()
+    (job,) = read_sweeps([sweep_dir])
+    assert (job.status, job.error) == ("failed", f"{run_dir / 'config.yaml'} is missing")
+    (run_dir / "run.json").unlink()
+    (job,) = read_sweeps([sweep_dir])
+    assert (job.status, job.path) == ("killed", run_dir)
 
 
 def test_a_folder_without_a_sweep_is_refused(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,13 +61,29 @@ def read_sweep(sweep_dir: Path) -> list[Job]:
     """The sweep's jobs, named by the overrides that tell them apart."""
     expected = launched_overrides(sweep_dir)
     name = job_label(expected)
-    started = {}
+    links = {}
     for link in sweep_dir.iterdir():
         number, _, _ = link.name.partition("-")
         if link.is_symlink() and number.isdigit():
-            started[int(number)] = read_job(link.resolve(), name)
+            links[int(number)] = link
+    started = {n: read_job(linked_run(link, len(links)), name) for n, link in links.items()}
     jobs = [started.get(n) or refused(sweep_dir, n, name(o)) for n, o in enumerate(expected)]
     return jobs + [job for n, job in sorted(started.items()) if n >= len(expected)]
+
+
+def linked_run(link: Path, links: int) -> Path:
+    """The run folder a sweep's job link points to, refused by name where it is not one: a
+    sweep folder copied or moved without its runs keeps relative links to nowhere."""
+    path = link.resolve()
+    if not path.is_dir():
+        raise UserError(
+            f"{link} (one of the sweep's {links} job links) points to {os.readlink(link)}, "
+            f"that is {path}, which is no folder. The links are relative to "
+            "the sweep folder: one copied or moved without outputs/runs beside it points "
+            "nowhere. Report the sweep folder where the sweep wrote it, or copy it together "
+            "with the run folders its links name."
+        )
+    return path
 
 
 def refused(sweep_dir: Path, number: int, name: str) -> Job:
@@ -115,6 +132,10 @@ def read_job(path: Path, name=" ".join) -> Job:
     if status == "running" and not _locked(path):
         status = "killed"  # its process is gone without a word
     name = name(record.get("overrides", [])) or path.name
+    if not (path / "config.yaml").is_file():  # linked, its attempt not yet begun (or killed)
+        if status in ("running", "killed"):
+            return Job(name, status, path)
+        return Job(name, "failed", path, error=f"{path / 'config.yaml'} is missing")
     full = OmegaConf.load(path / "config.yaml")
     config = result_config(full)
     if "backbone" in config:  # a label, not part of the run's identity: columns group by it

@@ -201,6 +201,8 @@ def test_the_leaderboard_row_has_published_knn_lp_ep_where_they_match():
     assert mae["k-NN (published)"] == "35.6 (+0.4)"  # 36.0 - 35.57
     assert mae["LP (published)"] == "67.8 (+0.2)" and mae["EP (published)"] == "75.5 (-0.5)"
     assert tiny["k-NN (published)"] == tiny["LP (published)"] == tiny["EP (published)"] == "-"
+    del jobs[1].settings["backbone"]["ep_tokens"]  # a run from before the key: not held to it
+    assert leaderboard_rows(jobs)[0]["LP (published)"] == "67.8 (+0.2)"
     jobs[1].settings["backbone"]["block"] = 3  # not the published protocol: no figure
     assert leaderboard_rows(jobs)[0]["LP (published)"] == "-"
     # EP on [cls] and the patches is not the figure of EP on the patches: mae_vitb has none

@@ -58,15 +58,16 @@ def as_configured(group: str, name: str, settings: dict) -> dict | None:
 
 def group_departures(group: str, name: str, settings: dict) -> list[str]:
     """``backbone.block=3 (conf/backbone/mae_vitb.yaml: -1)``, for each key the run sets
-    otherwise than the file."""
+    otherwise than the file. A key the run's config lacks did not exist when it ran: the run
+    did as before the key, and is not held to it."""
     expected = as_configured(group, name, settings)
     if expected is None:
         return [f"no conf/{group}/{name}.yaml to compare the run's {group} with"]
     ours = settings.get(group) or {}
     return [
-        f"{group}.{key}={ours.get(key)} (conf/{group}/{name}.yaml: {value})"
+        f"{group}.{key}={ours[key]} (conf/{group}/{name}.yaml: {value})"
         for key, value in expected.items()
-        if key not in NOT_PROTOCOL[group] and ours.get(key) != value
+        if key not in NOT_PROTOCOL[group] and key in ours and ours[key] != value
     ]
 
 

@@ -28,6 +28,9 @@ from mim_agg.backbones.tokens import require_finite
 from mim_agg.data import ProbeDataModule
 from mim_agg.errors import ConfigError, UserError
 from mim_agg.probe import LinearProbe, ProbeHead
+from mim_agg.probe.module import RUN_HASH
+from mim_agg.runs.folder import RECORD
+from mim_agg.runs.identity import config_hash, result_config
 from mim_agg.validation import backbone_arguments, check_representation
 
 log = logging.getLogger(__name__)
@@ -234,6 +237,7 @@ def build_probe(
         optimizer=cfg.probe.optimizer,
         momentum=cfg.probe.momentum,
         warmup_epochs=cfg.probe.warmup_epochs,
+        run_hash=config_hash(result_config(cfg)),
     )
 
 
@@ -270,8 +274,17 @@ def selected_head(
 ) -> ProbeHead:
     """Head ``name`` of a probe run (its ``config.yaml``: ``run_cfg``) with the weights
     held-out selected for it in checkpoint ``state`` (its last ones when nothing was held out,
-    as the probe's test does); refused where they are not finite or do not fit the head the
-    run's config builds (another aggregator or backbone width)."""
+    as the probe's test does); refused where they were written by another run (a copied
+    file), are not finite or do not fit the head the run's config builds (another aggregator or
+    backbone width)."""
+    written_by, record = state.get(RUN_HASH), checkpoint_path.parent.parent / RECORD
+    recorded = json.loads(record.read_text()).get("config_hash") if record.is_file() else None
+    if written_by and recorded and written_by != recorded:  # older files record none
+        raise UserError(
+            f"{str(checkpoint_path)!r} was written by another run (config hash {written_by}; "
+            f"{str(record)!r} says {recorded}): it was copied there. Pass the "
+            "last.ckpt of the run that wrote it, or train this run again (resume=false)."
+        )
     selected = state["head_selection"][name]["state"]
     if selected is None:  # nothing was held out: the last epoch's weights are the selected ones
         prefix = f"heads.{name}."

@@ -115,6 +115,25 @@ def test_a_probe_of_another_seeds_random_backbone_is_refused(probe_ckpt, tmp_pat
         run_task(compose_config([*with_probe(probe_ckpt), "seed=1"], tmp_path))
 
 
+def test_a_checkpoint_copied_into_another_runs_folder_is_refused(probe_ckpt, tmp_path):
+    """Checkpoints carry their run's config hash: a last.ckpt moved into another run's folder
+    is not read as that run's, neither by k-NN (or logreg, analysis, evaluate) nor on resume."""
+    import json
+
+    from mim_agg.builders import build_probe
+
+    run_dir = Path(shutil.copytree(probe_ckpt.parent.parent, tmp_path / "probe"))
+    record = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**record, "config_hash": "0123456789"}))
+    copied = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=r"last.ckpt' was written by another run \(config hash"):
+        run_task(compose_config(with_probe(copied), tmp_path / "knn"))
+    state = torch.load(probe_ckpt, map_location="cpu", weights_only=True)
+    other_run = build_probe(compose_config([*FAST, "aggregator=abmilp", "seed=1"]), 4)
+    with pytest.raises(UserError, match=r"^The run's checkpoints/last.ckpt was written by another"):
+        other_run.on_load_checkpoint(state)
+
+
 def test_a_probe_of_another_dataset_is_used_with_a_note(probe_ckpt, tmp_path, caplog):
     """A pooling trained on one dataset and applied to another is a transfer: allowed, said."""
     digits = ["dataset=digits", "dataset.shots=3", "dataset.test_fraction=0.05"]  # 30 + 90

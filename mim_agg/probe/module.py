@@ -36,6 +36,9 @@ from mim_agg.utils.predictions import HeadPredictions
 log = logging.getLogger(__name__)
 
 FROZEN = ("source.",)  # frozen models: rebuilt from config, never checkpointed
+# The writing run's config hash (run.json's config_hash): a last.ckpt copied into another run's
+# folder is recognised, on resume and wherever a finished run's heads are read.
+RUN_HASH = "run_config_hash"
 OPTIMIZERS = {
     "lars": lambda groups, momentum: LARS(groups, momentum=momentum),
     "sgd": lambda groups, momentum: torch.optim.SGD(groups, momentum=momentum),
@@ -65,8 +68,10 @@ class LinearProbe(L.LightningModule):
         optimizer: str = "lars",
         momentum: float = 0.9,
         warmup_epochs: float = 10,
+        run_hash: str | None = None,
     ) -> None:
         super().__init__()
+        self.run_hash = run_hash  # the run's identity, in its checkpoints (RUN_HASH)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"probe.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}.")
         self.source = source
@@ -371,6 +376,7 @@ class LinearProbe(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)
         }
+        checkpoint[RUN_HASH] = self.run_hash
         checkpoint["head_selection"] = self.selection
         checkpoint["test_by_epoch"] = self.test_by_epoch
         checkpoint["diverged_heads"] = self.diverged
@@ -381,6 +387,13 @@ class LinearProbe(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        written_by = checkpoint.get(RUN_HASH)
+        if written_by and self.run_hash and written_by != self.run_hash:
+            raise UserError(
+                f"The run's checkpoints/last.ckpt was written by another run (config hash "
+                f"{written_by}, this run's: {self.run_hash}): it was copied here. Remove it, or "
+                "start this run over with resume=false."
+            )
         frozen_state = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN)}
         checkpoint["state_dict"].update(frozen_state)
         self.selection = checkpoint["head_selection"]

@@ -128,7 +128,7 @@ def test_result_files_are_strict_and_atomic(tmp_path, monkeypatch):
             "probe.warmup_epochs=5.0 is invalid: it must be in [0, probe.epochs=2]",
         ),
         ("probe.batch_size=0", "probe.batch_size=0 is invalid"),
-        ("probe.blr=-0.1", "probe.blr=-0.1 is invalid: it must be > 0"),
+        ("probe.blr=-0.1", "probe.blr=-0.1 is invalid: it must be finite and > 0"),
         ("probe.blrs=[0.1,0]", "probe.blrs=[0.1, 0.0] is invalid"),
         ("probe.momentum=1.5", "probe.momentum=1.5 is invalid: it must be in [0, 1)"),
         ("dataset.heldout_fraction=1.0", "dataset.heldout_fraction=1.0 is invalid"),

@@ -28,7 +28,7 @@ from mim_agg.report.significance import (
     mean_interval,
 )
 from mim_agg.report.table import Cell, heldout_accuracy
-from mim_agg.utils.predictions import FILE, HeadPredictions, read_predictions
+from mim_agg.utils.predictions import FILE, HeadPredictions, read_predictions, remedy
 
 
 @dataclass
@@ -85,7 +85,7 @@ class RunPredictions:
             raise UserError(
                 f"{self.paths[run] / FILE} gives head {row['head']!r} a test accuracy of "
                 f"{stored:.6f}, its heads.csv {recorded:.6f}: the file is not this run's. Move "
-                "it away (the report then leaves this run unmarked) or rerun the evaluation."
+                f"it away (the report then leaves this run unmarked) or {remedy(self.path(row))}."
             )
         return predictions
 
@@ -200,5 +200,6 @@ def same_images(first: HeadPredictions, second: HeadPredictions, a: Path, b: Pat
             f"{a} and {b} hold different test images or labels ({len(first.targets)} and "
             f"{len(second.targets)} images), yet their runs fall in one column of the report: "
             "a config value that changes the test split is not among the report's keys, or a "
-            "file is stale. Report them separately, or rerun the evaluation of the stale one."
+            "file is stale. Report them separately, or write the stale one anew: "
+            f"{remedy(a)} or {remedy(b)}."
         )

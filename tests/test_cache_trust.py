@@ -141,3 +141,29 @@ def test_a_cache_to_extract_on_a_read_only_mount_is_refused_naming_the_fix(tmp_p
     folder = re.escape(f"The token cache {tmp_path / 'cache'}/") + r"\S+ must be extracted"
     with pytest.raises(CacheError, match=rf"{folder}.*Set paths.cache_dir= to a writable folder"):
         cache_for(SMALL, tmp_path)
+
+
+def test_the_rebuild_command_carries_only_what_an_extraction_reads():
+    """A refused logreg run's command names task=extract with the run's backbone and data,
+    never its logreg.* settings or resume=false, plus the centre crop and one view it reads."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from mim_agg.cache.build import rebuild_command
+    from mim_agg.cli import CONFIG_DIR
+
+    given = ["task=logreg", "resume=false", "logreg.c_steps=3", "knn.k=[5]", "dataset=digits"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[*given, "+aggregator@heads.m=mean"], return_hydra_config=True
+        )
+    hydra = HydraConfig.instance()
+    hydra.set_config(cfg)
+    try:
+        command = rebuild_command(cfg)
+    finally:
+        hydra.cfg = None  # the process's Hydra state as the other tests expect it
+    assert command == (
+        "python run.py task=extract dataset=digits +aggregator@heads.m=mean "
+        "dataset.augment=false cache.views=1"
+    )

@@ -11,6 +11,7 @@ own shards (``mim_agg.cache.parts``).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -307,10 +308,16 @@ def warn_single_view(plans: dict, augment: bool) -> None:
 
 
 def rebuild_command(cfg: DictConfig) -> str:
-    """``python run.py task=extract <this run's overrides>`` (k-NN's fixed choices added)."""
+    """``python run.py task=extract <this run's overrides>``: less the task, ``resume`` and
+    the other tasks' own settings (``logreg.*``), which an extraction does not read; k-NN's
+    and logistic regression's fixed choices added (the centre crop, one view)."""
+    from mim_agg.tasks import TASKS  # the tasks build caches: imported when one is refused
+
+    not_read = {"task", "resume"} | {getattr(t, "SETTINGS_GROUP", "task") for t in TASKS.values()}
     overrides = []
     if HydraConfig.initialized():
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("task=")]
-    if cfg.task == "knn":
+        given = HydraConfig.get().overrides.task
+        overrides = [o for o in given if re.split(r"[.=@]", o.lstrip("+~"))[0] not in not_read]
+    if cfg.task in ("knn", "logreg"):
         overrides += ["dataset.augment=false", "cache.views=1"]
     return " ".join(["python run.py task=extract", *overrides])

@@ -351,7 +351,7 @@ class ProbeDataModule(SplitLoaders):
             raise DataError(
                 f"Cannot hold out dataset.heldout_fraction={self.heldout_fraction} of "
                 f"{len(indices)} training images stratified by class ({error}). Use a larger "
-                "heldout_fraction, or heldout_fraction=0 (a single head, its last epoch)."
+                "heldout_fraction, or heldout_fraction=0 (then nothing is chosen on held-out data)."
             ) from None
 
     def _hold_out_per_class(self, targets: np.ndarray, indices: np.ndarray):
@@ -364,7 +364,8 @@ class ProbeDataModule(SplitLoaders):
                 raise DataError(
                     f"Holding out dataset.heldout_fraction={self.heldout_fraction} of class "
                     f"{label}'s {len(members)} low-shot images leaves none to train on; use "
-                    "more shots, or dataset.heldout_fraction=0 (a single head, its last epoch)."
+                    "more shots, or dataset.heldout_fraction=0 (then nothing is chosen on "
+                    "held-out data)."
                 )
             held.append(members[:count])
             kept.append(members[count:])

@@ -124,12 +124,13 @@ def show(summary: dict) -> None:
     """The results table on the console, the winner's numbers in the text log."""
     print_table(summary["heads"], summary["winner"])
     heldout = summary["val/acc1_best"]
+    chosen = (
+        "no held-out split: its last epoch"
+        if heldout is None
+        else f"held-out acc1 {100 * heldout:.2f}% at epoch {summary['best_epoch']}"
+    )
     log.info(
-        "Winner %s: test acc1 %.2f%% (held-out acc1 %s at epoch %s)",  # as the table shows
-        summary["winner"],
-        100 * summary["test/acc1"],
-        "-" if heldout is None else f"{100 * heldout:.2f}%",
-        summary["best_epoch"],
+        "Winner %s: test acc1 %.2f%% (%s)", summary["winner"], 100 * summary["test/acc1"], chosen
     )
 
 

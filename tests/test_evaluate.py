@@ -26,6 +26,7 @@ from mim_agg.data.imagenet_variants import (
 )
 from mim_agg.data.sources import DataError
 from mim_agg.errors import UserError
+from mim_agg.report.significance import bootstrap_interval
 from mim_agg.runs.runner import run_task
 from mim_agg.tasks.probe import CLASSES
 from mim_agg.utils.files import DamagedFile
@@ -330,8 +331,10 @@ def test_the_report_shows_each_set_beside_the_test_split_and_refuses_stale_resul
     probe_run, tmp_path
 ):
     """A one-job sweep of the run: results.md's section and results_evaluate.csv give the
-    held-out-chosen heads' accuracies as evaluate wrote them; a run trained again since (its
-    last.ckpt changed) or a number that is no accuracy is refused."""
+    held-out-chosen heads' accuracies as evaluate wrote them, one seed's with the bootstrap
+    interval over the images of the predictions file beside them (none without that file); a
+    run trained again since (its last.ckpt changed) or a number that is no accuracy is
+    refused."""
     sketch = sketches(tmp_path / "sketch", shift=3)
     scored = evaluate(probe_run, "imagenet_sketch", f"dataset.root={sketch}")["heads"]
     run_dir = shutil.copytree(probe_run / "run", tmp_path / "runs" / "probe-vit_tiny-x")
@@ -340,23 +343,30 @@ def test_the_report_shows_each_set_beside_the_test_split_and_refuses_stale_resul
     report = compose_config(["task=report", f"report.sweep_dir={sweep}"])
     run_task(report)
 
-    text = (sweep / "results.md").read_text().split("## Robustness and re-labelled test sets")[1]
-    table = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ")]
-    table = [[cell.strip() for cell in row] for row in table]
-    columns, rows = table[0], {row[0]: row for row in table[1:]}
+    columns, rows = evaluated_section(sweep)
     assert columns[:3] == ["head", "column", "test"] and "imagenet_sketch" in columns
     with open(run_dir / "heads.csv") as handle:
         test = {row["head"]: float(row["test/acc1"]) for row in csv.DictReader(handle)}
+    own = read_predictions(run_dir / PREDICTIONS)
+    sketch_file = run_dir / "evaluate" / "imagenet_sketch" / PREDICTIONS
+    on_sketch = read_predictions(sketch_file)
     for head in ("mean", "abmilp"):  # one learning rate, one seed: each head is its row's
         row = dict(zip(columns, rows[head], strict=True))
-        assert row["test"] == f"{100 * test[head]:.2f} (1)"
-        assert row["imagenet_sketch"] == f"{100 * scored[head]['test/acc1']:.2f} (1)"
+        assert row["test"] == f"{100 * test[head]:.2f} {bracket(own.correct(head))} (1)"
+        sketch = f"{100 * scored[head]['test/acc1']:.2f}"
+        assert row["imagenet_sketch"] == f"{sketch} {bracket(on_sketch.correct(head))} (1)"
     with open(sweep / "results_evaluate.csv") as handle:
         rows = {row["head"]: row for row in csv.DictReader(handle)}
     assert {h: float(r["imagenet_sketch/acc1"]) for h, r in rows.items()} == {
         h: pytest.approx(v["test/acc1"]) for h, v in scored.items()
     }
     assert all(row["selected"] == "True" for row in rows.values())
+
+    sketch_file.unlink()  # scored before evaluate wrote predictions: no bracket, no error
+    run_task(report)
+    columns, rows = evaluated_section(sweep)
+    unbracketed = f"{100 * scored['mean']['test/acc1']:.2f} (1)"
+    assert dict(zip(columns, rows["mean"], strict=True))["imagenet_sketch"] == unbracketed
 
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     original = checkpoint.read_bytes()
@@ -370,6 +380,20 @@ def test_the_report_shows_each_set_beside_the_test_split_and_refuses_stale_resul
     metrics.write_text(json.dumps(summary))
     with pytest.raises(UserError, match="head 'abmilp' has .* no accuracies in"):
         run_task(report)
+
+
+def evaluated_section(sweep) -> tuple[list[str], dict[str, list[str]]]:
+    """The header and the rows (by head) of results.md's section of the evaluated sets."""
+    text = (sweep / "results.md").read_text().split("## Robustness and re-labelled test sets")[1]
+    table = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    table = [[cell.strip() for cell in row] for row in table]
+    return table[0], {row[0]: row for row in table[1:]}
+
+
+def bracket(correct) -> str:
+    """The 95% bootstrap interval of one seed's accuracy, as a report cell writes it."""
+    low, high = bootstrap_interval(correct)
+    return f"[{100 * low:.2f}, {100 * high:.2f}]"
 
 
 def test_a_probe_on_a_test_only_set_is_pointed_to_task_evaluate(tmp_path):

@@ -4,8 +4,12 @@ probe run's ``evaluate/<set>/metrics.json``, beside the run's own test accuracy.
 The heads are the main table's, chosen per seed on held-out and never chosen again on these
 sets (that would select on the numbers being reported); each set's cell is their accuracy on
 it, mean ± std over seeds, shown only where every seed's chosen run was scored on that set, so
-a set's column and the test column average the same runs. Results are read as evaluate wrote
-them, never recomputed, and refused when they may not be this run's: written for another
+a set's column and the test column average the same runs. Each cell carries the main table's
+95% interval, computed as there (``comparisons.interval``): over seeds for several, over the
+set's images for one, from the per-image predictions evaluate wrote beside its metrics (checked
+as a run's own: the file must give each head the accuracy its metrics.json records); a set
+scored before that file existed has no bracket. Results are read as evaluate wrote them,
+never recomputed, and refused when they may not be this run's: written for another
 checkpoint than the run's current ``checkpoints/last.ckpt`` (evaluate records its SHA-256:
 the run was trained again since, or the folder was copied from another run), for another
 set than their folder's, or holding a number that is no accuracy.
@@ -14,9 +18,11 @@ set than their folder's, or holding a number that is no accuracy.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from mim_agg.errors import UserError
+from mim_agg.report.comparisons import CellStats, RunPredictions, interval
 from mim_agg.report.runs import Job
 from mim_agg.report.table import Cell, column_label, natural
 from mim_agg.utils.files import read_json, sha256_of
@@ -82,14 +88,30 @@ def is_accuracy(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1
 
 
-def run_evaluations(jobs: list[Job]) -> dict[str, dict]:
-    """``run folder name -> read_evaluations`` of every finished job that has any."""
+@dataclass
+class Evaluations:
+    sets: dict[str, dict]  # run folder name -> read_evaluations, for runs that have any
+    jobs: list[Job]  # where those runs lie: their predictions files, for the intervals
+
+
+class SetPredictions(RunPredictions):
+    """The per-image predictions ``task=evaluate`` wrote for set ``name``, run by run, read and
+    checked as the runs' own (a row's ``test/acc1`` then being its accuracy on the set)."""
+
+    def __init__(self, jobs: list[Job], name: str) -> None:
+        super().__init__(jobs)
+        self.paths = {run: path / FOLDER / name for run, path in self.paths.items()}
+
+
+def run_evaluations(jobs: list[Job]) -> Evaluations:
+    """Every finished job's evaluations, where it has any."""
     found = {job.path.name: read_evaluations(job.path) for job in jobs if job.path is not None}
-    return {run: sets for run, sets in found.items() if sets}
+    sets = {run: scored for run, scored in found.items() if scored}
+    return Evaluations(sets, [job for job in jobs if job.path and job.path.name in sets])
 
 
 def evaluation_rows(
-    rows: list[dict], keys: list[str], table: dict[tuple, Cell], found: dict
+    rows: list[dict], keys: list[str], table: dict[tuple, Cell], found: Evaluations
 ) -> list[dict]:
     """``results_evaluate.csv``: every head and seed of an evaluated run (as ``results.csv``),
     whether the table chose it, its test accuracy and its accuracy on each set."""
@@ -98,9 +120,9 @@ def evaluation_rows(
     named = (*keys, "seed", "subset_seed", "head_label", "run", "head")
     out = []
     for row in rows:
-        if row["run"] not in found:
+        if row["run"] not in found.sets:
             continue
-        scored = found[row["run"]]
+        scored = found.sets[row["run"]]
         out.append(
             {
                 **{key: row.get(key) for key in named},
@@ -116,26 +138,41 @@ def evaluation_rows(
     return out
 
 
-def set_names(found: dict) -> list[str]:
-    return sorted({name for sets in found.values() for name in sets})
+def set_names(found: Evaluations) -> list[str]:
+    return sorted({name for sets in found.sets.values() for name in sets})
 
 
-def set_cell(cell: Cell, found: dict, name: str) -> Cell | None:
-    """The chosen heads' accuracies on set ``name``; None unless every seed's run has one."""
-    values = [found.get(row["run"], {}).get(name, {}).get(row["head"], {}) for row in cell.chosen]
-    if any(value.get("acc1") is None for value in values):
+def set_cell(cell: Cell, found: Evaluations, name: str) -> Cell | None:
+    """The chosen heads' accuracies on set ``name`` (each chosen row's ``test/acc1`` that
+    accuracy); None unless every seed's run has one."""
+    values = [
+        found.sets.get(row["run"], {}).get(name, {}).get(row["head"], {}).get("acc1")
+        for row in cell.chosen
+    ]
+    if any(value is None for value in values):
         return None
-    return Cell([value["acc1"] for value in values], cell.chosen)
+    rows = [{**row, "test/acc1": value} for row, value in zip(cell.chosen, values, strict=True)]
+    return Cell(values, rows)
 
 
-def evaluation_markdown(table: dict[tuple, Cell], keys: list[str], found: dict) -> list[str]:
+def with_interval(cell: Cell, predictions: RunPredictions) -> str:
+    """The cell as the main table writes it, with its 95% interval and no mark."""
+    return cell.text(CellStats(*interval(cell, predictions)))
+
+
+def evaluation_markdown(table: dict[tuple, Cell], keys: list[str], found: Evaluations) -> list[str]:
     """The report's section of the evaluated sets; none when no run was evaluated."""
     sets = set_names(found)
+    own = RunPredictions(found.jobs)
+    scored = {name: SetPredictions(found.jobs, name) for name in sets}
     lines = []
     for key in sorted(table, key=natural):
-        cells = [set_cell(table[key], found, name) for name in sets]
-        if any(cells):
-            texts = [table[key].text(), *(c.text() if c else "-" for c in cells)]
+        cells = {name: set_cell(table[key], found, name) for name in sets}
+        if any(cells.values()):
+            texts = [
+                with_interval(table[key], own),
+                *(with_interval(c, scored[n]) if c else "-" for n, c in cells.items()),
+            ]
             lines.append(f"| {key[-1]} | {column_label(key[:-1], keys)} | {' | '.join(texts)} |")
     if not lines:
         return []
@@ -143,9 +180,10 @@ def evaluation_markdown(table: dict[tuple, Cell], keys: list[str], found: dict) 
         "## Robustness and re-labelled test sets",
         "",
         "Top-1 (%) of the head chosen on held-out above (not chosen again on these sets), mean "
-        "± std (seeds), as task=evaluate scored it: ImageNet-R and -A among their 200 classes, "
-        "ReaL a prediction in the image's label set. -: not scored in every seed's run. Every "
-        "head and seed: results_evaluate.csv.",
+        "± std [95% interval, as above] (seeds), as task=evaluate scored it: ImageNet-R and -A "
+        "among their 200 classes, ReaL a prediction in the image's label set. No bracket: one "
+        "seed whose run (or set) has no predictions.safetensors. -: not scored in every seed's "
+        "run. Every head and seed: results_evaluate.csv.",
         "",
         f"| head | column | test | {' | '.join(sets)} |",
         "|---" * (len(sets) + 3) + "|",

@@ -255,7 +255,7 @@ def test_a_predictions_file_of_other_heads_is_refused_by_name(constructed_sweep)
     predictions.predicted = {"cls": predictions.predicted.pop("best"), **predictions.predicted}
     write_predictions(run_dir / FILE, predictions)
     message = f"{run_dir / FILE} holds no predictions of head 'best', which the run's heads.csv"
-    with pytest.raises(UserError, match=re.escape(message) + ".*resume=false.*remove the file"):
+    with pytest.raises(UserError, match=re.escape(message) + ".*resume=false.*remove it"):
         run_task(compose_config(["task=report", f"report.sweep_dir={constructed_sweep}"]))
 
 

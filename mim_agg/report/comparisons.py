@@ -77,8 +77,8 @@ class RunPredictions:
                 f"{self.paths[run] / FILE} holds no predictions of head {row['head']!r}, which "
                 f"the run's heads.csv scores (the file's heads: "
                 f"{', '.join(sorted(predictions.predicted)) or 'none'}): the file is another "
-                "run's. Train that run again (its command with resume=false), or remove the "
-                "file (the report then leaves this run unmarked)."
+                f"run's. Write it anew ({remedy(self.path(row))}), or remove it (the report "
+                "then leaves this run unmarked)."
             )
         stored, recorded = predictions.accuracy(row["head"]), float(row["test/acc1"])
         if abs(stored - recorded) * len(predictions.targets) > 0.5:  # more than half an image

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
+from scipy.stats import binomtest
 
 from mim_agg.backbones.loading import read_run_checkpoint
 from mim_agg.builders import build_datamodule, build_probe
@@ -350,11 +352,18 @@ def test_the_report_shows_each_set_beside_the_test_split_and_refuses_stale_resul
     own = read_predictions(run_dir / PREDICTIONS)
     sketch_file = run_dir / "evaluate" / "imagenet_sketch" / PREDICTIONS
     on_sketch = read_predictions(sketch_file)
+    marks = winner_and_same(sweep / "results.md", "test")
+    assert marks == winner_and_same(sweep / "results.md", "imagenet_sketch", on_sketch)
     for head in ("mean", "abmilp"):  # one learning rate, one seed: each head is its row's
         row = dict(zip(columns, rows[head], strict=True))
-        assert row["test"] == f"{100 * test[head]:.2f} {bracket(own.correct(head))} (1)"
+        mark = marks[head]
+        assert row["test"] == f"{100 * test[head]:.2f} {bracket(own.correct(head))} (1){mark}"
         sketch = f"{100 * scored[head]['test/acc1']:.2f}"
-        assert row["imagenet_sketch"] == f"{sketch} {bracket(on_sketch.correct(head))} (1)"
+        on_set = f"{sketch} {bracket(on_sketch.correct(head))} (1){mark}"
+        assert row["imagenet_sketch"] == on_set
+    with open(sweep / "significance_evaluate.csv") as handle:
+        (tested,) = csv.DictReader(handle)
+    assert tested["set"] == "imagenet_sketch" and tested["winner"] == winner_of(run_dir)
     with open(sweep / "results_evaluate.csv") as handle:
         rows = {row["head"]: row for row in csv.DictReader(handle)}
     assert {h: float(r["imagenet_sketch/acc1"]) for h, r in rows.items()} == {
@@ -388,6 +397,29 @@ def evaluated_section(sweep) -> tuple[list[str], dict[str, list[str]]]:
     table = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ")]
     table = [[cell.strip() for cell in row] for row in table]
     return table[0], {row[0]: row for row in table[1:]}
+
+
+def winner_of(run_dir) -> str:
+    """The head with the best held-out accuracy (heads.csv), the one the report marks."""
+    with open(run_dir / "heads.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return max(rows, key=lambda row: float(row["val/acc1_best"]))["head"]
+
+
+def winner_and_same(results, column: str, predictions=None) -> dict[str, str]:
+    """The mark each head's cell must end with: " ★" for the held-out winner; for the other
+    head (two heads, so Holm leaves its p as is) " ≈" where McNemar's exact test, computed
+    here with scipy on ``predictions``, keeps p >= 0.05 (the main table's marks for the test
+    column, read from results.md's main table)."""
+    run_dir = next(Path(results).parent.glob("0-*")).resolve()
+    winner = winner_of(run_dir)
+    other = ({"mean", "abmilp"} - {winner}).pop()
+    if predictions is None:
+        predictions = read_predictions(run_dir / PREDICTIONS)
+    first, second = predictions.correct(winner), predictions.correct(other)
+    discordant = int((first & ~second).sum()), int((~first & second).sum())
+    same = sum(discordant) == 0 or binomtest(discordant[0], sum(discordant)).pvalue >= 0.05
+    return {winner: " ★", other: " ≈" if same else ""}
 
 
 def bracket(correct) -> str:
@@ -432,3 +464,25 @@ def test_the_command_line_makes_no_folder_for_an_evaluation(tmp_path):
         overrides = ["task=evaluate", f"paths.root_dir={tmp_path}"]
         cfg = compose("config", overrides, return_hydra_config=True)
     assert OmegaConf.select(cfg, "hydra.run.dir") == str(tmp_path)
+
+
+def test_a_column_whose_winner_was_not_scored_on_a_set_gets_no_marks_there():
+    """Two heads of one column in two runs; only the loser's run was scored on the set: the
+    set's column keeps that head's accuracy but compares nothing (the winner is chosen on
+    held-out, never again among the heads a set happens to have)."""
+    from mim_agg.report.evaluated import Evaluations, set_table
+    from mim_agg.report.table import Cell
+
+    def cell(run, head, heldout, test):
+        row = {"run": run, "head": head, "seed": 0, "val/acc1_best": heldout, "test/acc1": test}
+        return Cell([test], [row])
+
+    table = {("mean",): cell("a", "mean", 0.9, 0.8), ("abmilp",): cell("b", "abmilp", 0.7, 0.6)}
+    scored = {"b": {"imagenet_r": {"abmilp": {"acc1": 0.3, "acc5": 0.5}}}}
+    assert set_table(table, Evaluations(scored, []), "imagenet_r") == {}
+    scored["a"] = {"imagenet_r": {"mean": {"acc1": 0.4, "acc5": 0.6}}}
+    kept = set_table(table, Evaluations(scored, []), "imagenet_r")
+    assert {key: cell.values for key, cell in kept.items()} == {
+        ("mean",): [0.4],
+        ("abmilp",): [0.3],
+    }

@@ -203,14 +203,14 @@ def test_the_report_marks_heads_not_significantly_different_from_the_winner(cons
 def test_the_figure_hatches_heads_not_significantly_different_and_stars_the_winner(
     constructed_sweep,
 ):
-    from mim_agg.report.comparisons import compare
+    from mim_agg.report.comparisons import RunPredictions, compare
     from mim_agg.report.figure import results_figure
     from mim_agg.report.runs import read_sweeps
     from mim_agg.report.table import cells, head_rows
 
     jobs = read_sweeps([constructed_sweep])
     table = cells(head_rows(jobs, []), [])
-    fig = results_figure(table, [], "title", compare(table, [], jobs))
+    fig = results_figure(table, [], "title", compare(table, [], RunPredictions(jobs)))
     (ax,) = fig.axes
     heads = [tick.get_text() for tick in ax.get_xticklabels()]
     hatched = {

@@ -93,9 +93,8 @@ class RunPredictions:
         return self.paths[row["run"]] / FILE
 
 
-def compare(table: dict[tuple, Cell], keys: list[str], jobs: list[Job]) -> Comparisons:
-    """Every cell's interval and, where its runs wrote predictions, its paired tests."""
-    predictions = RunPredictions(jobs)
+def compare(table: dict[tuple, Cell], keys: list[str], predictions: RunPredictions) -> Comparisons:
+    """Every cell's interval and, where its runs wrote ``predictions``, its paired tests."""
     result = Comparisons({}, [])
     for column in dict.fromkeys(key[:-1] for key in table):
         cells = {key[-1]: table[key] for key in table if key[:-1] == column}

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mim_agg.errors import UserError
-from mim_agg.report.comparisons import CellStats, RunPredictions, interval
+from mim_agg.report.comparisons import Comparisons, RunPredictions, column_winner, compare
 from mim_agg.report.runs import Job
-from mim_agg.report.table import Cell, column_label, natural
+from mim_agg.report.table import SAME_MARK, WINNER_MARK, Cell, column_label, natural
 from mim_agg.utils.files import read_json, sha256_of
 
 FOLDER = "evaluate"  # <probe run>/evaluate/<set>/
@@ -155,23 +155,49 @@ def set_cell(cell: Cell, found: Evaluations, name: str) -> Cell | None:
     return Cell(values, rows)
 
 
-def with_interval(cell: Cell, predictions: RunPredictions) -> str:
-    """The cell as the main table writes it, with its 95% interval and no mark."""
-    return cell.text(CellStats(*interval(cell, predictions)))
+def set_table(table: dict[tuple, Cell], found: Evaluations, name: str) -> dict[tuple, Cell]:
+    """The main table's cells as scored on set ``name``, in the columns whose winner (chosen on
+    held-out, as above) was scored on it: a column compared with another head as its winner
+    would choose its winner again, on fewer heads."""
+    scored = {key: set_cell(cell, found, name) for key, cell in table.items()}
+    kept = {}
+    for column in dict.fromkeys(key[:-1] for key in table):
+        cells = {key[-1]: table[key] for key in table if key[:-1] == column}
+        if scored[(*column, column_winner(cells))] is not None:
+            kept |= {(*column, h): scored[(*column, h)] for h in cells if scored[(*column, h)]}
+    return kept
 
 
-def evaluation_markdown(table: dict[tuple, Cell], keys: list[str], found: Evaluations) -> list[str]:
-    """The report's section of the evaluated sets; none when no run was evaluated."""
-    sets = set_names(found)
-    own = RunPredictions(found.jobs)
-    scored = {name: SetPredictions(found.jobs, name) for name in sets}
+def set_comparisons(
+    table: dict[tuple, Cell], keys: list[str], found: Evaluations, name: str
+) -> Comparisons:
+    """Set ``name``'s cells, intervals and marks, computed as the main table's (``compare``) on
+    the per-image predictions evaluate wrote for the set; cells outside ``set_table`` have
+    neither marks nor intervals but are still shown (``set_cell``)."""
+    return compare(set_table(table, found, name), keys, SetPredictions(found.jobs, name))
+
+
+def significance_rows(sets: dict[str, Comparisons]) -> list[dict]:
+    """``significance_evaluate.csv``: every paired test on every set, as ``significance.csv``."""
+    return [{"set": name, **row} for name, stats in sets.items() for row in stats.rows]
+
+
+def evaluation_markdown(
+    table: dict[tuple, Cell],
+    keys: list[str],
+    found: Evaluations,
+    main: Comparisons,
+    sets: dict[str, Comparisons],
+) -> list[str]:
+    """The report's section of the evaluated sets; none when no run was evaluated. ``main``:
+    the main table's statistics (its test column), ``sets``: ``set_comparisons`` by set."""
     lines = []
     for key in sorted(table, key=natural):
         cells = {name: set_cell(table[key], found, name) for name in sets}
         if any(cells.values()):
             texts = [
-                with_interval(table[key], own),
-                *(with_interval(c, scored[n]) if c else "-" for n, c in cells.items()),
+                table[key].text(main.cells.get(key)),
+                *(c.text(sets[n].cells.get(key)) if c else "-" for n, c in cells.items()),
             ]
             lines.append(f"| {key[-1]} | {column_label(key[:-1], keys)} | {' | '.join(texts)} |")
     if not lines:
@@ -181,9 +207,12 @@ def evaluation_markdown(table: dict[tuple, Cell], keys: list[str], found: Evalua
         "",
         "Top-1 (%) of the head chosen on held-out above (not chosen again on these sets), mean "
         "± std [95% interval, as above] (seeds), as task=evaluate scored it: ImageNet-R and -A "
-        "among their 200 classes, ReaL a prediction in the image's label set. No bracket: one "
-        "seed whose run (or set) has no predictions.safetensors. -: not scored in every seed's "
-        "run. Every head and seed: results_evaluate.csv.",
+        "among their 200 classes, ReaL a prediction in the image's label set. "
+        f"{WINNER_MARK} and {SAME_MARK} as above, on the set's own images: the winner stays the "
+        "head with the best held-out accuracy; each set's tests: significance_evaluate.csv. No "
+        "bracket or mark: one seed whose run (or set) has no predictions.safetensors, or a "
+        "column whose winner was not scored on the set. -: not scored in every seed's run. "
+        "Every head and seed: results_evaluate.csv.",
         "",
         f"| head | column | test | {' | '.join(sets)} |",
         "|---" * (len(sets) + 3) + "|",

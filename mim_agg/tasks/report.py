@@ -9,7 +9,8 @@ not significantly different from their column's winner, then the jobs that did n
 and why), ``significance.csv`` (each paired test), ``results_published.csv`` (where a head
 has a figure in ``mim_agg/report/published.csv``: it beside ours, as ``results.md`` shows it),
 ``results_evaluate.csv`` (where runs were scored by ``task=evaluate`` on ImageNet-V2, -Sketch,
--R, -A or -ReaL: each head's accuracy on each set, ``results.md`` showing the chosen heads'),
+-R, -A or -ReaL: each head's accuracy on each set, ``results.md`` showing the chosen heads',
+marked as the main table; ``significance_evaluate.csv``, those sets' paired tests),
 ``results.png`` and ``results_cost.png`` (accuracy against trainable parameters and added
 GFLOPs, with the Pareto front) into ``report.out_dir`` (default: the first sweep);
 for sweeps of ``experiment=ep_row`` also ``results_row.{md,csv}``, efficient-probing's
@@ -30,9 +31,16 @@ from omegaconf import MISSING, DictConfig, ListConfig
 from mim_agg.analysis.figures import save_figure
 from mim_agg.errors import ConfigError, UserError
 from mim_agg.report import how_jobs_ended
-from mim_agg.report.comparisons import compare
+from mim_agg.report.comparisons import RunPredictions, compare
 from mim_agg.report.cost import cost_figure, table_points
-from mim_agg.report.evaluated import evaluation_markdown, evaluation_rows, run_evaluations
+from mim_agg.report.evaluated import (
+    evaluation_markdown,
+    evaluation_rows,
+    run_evaluations,
+    set_comparisons,
+    set_names,
+    significance_rows,
+)
 from mim_agg.report.figure import BLOCK, blocks_figure, results_figure
 from mim_agg.report.published import beside, beside_markdown
 from mim_agg.report.row import is_leaderboard, leaderboard_markdown, leaderboard_rows
@@ -111,8 +119,8 @@ def report_title(jobs: list[Job]) -> str:
 # Every file a report writes. A report writes those it has content for (no published figure,
 # no predictions, no leaderboard, ...: not those), so it first removes the previous report's.
 OUTPUTS = ("results.csv", "results.md", "results_published.csv", "results_evaluate.csv",
-           "significance.csv", "results_row.csv", "results_row.md", "results.png",
-           "results_cost.png", "results_blocks.png")  # fmt: skip
+           "significance.csv", "significance_evaluate.csv", "results_row.csv", "results_row.md",
+           "results.png", "results_cost.png", "results_blocks.png")  # fmt: skip
 
 
 def remove_previous(out: Path) -> None:
@@ -155,10 +163,14 @@ def report(sweeps: list[Path], out: Path) -> dict:
     title = report_title(finished)
     rows = head_rows(finished, keys)
     table = cells(rows, keys)
-    comparisons = compare(table, keys, finished)
+    comparisons = compare(table, keys, RunPredictions(finished))
     published = beside(table, keys, finished)
     evaluated = run_evaluations(finished)
-    sections = (beside_markdown(published), evaluation_markdown(table, keys, evaluated))
+    on_sets = {name: set_comparisons(table, keys, evaluated, name) for name in set_names(evaluated)}
+    sections = (
+        beside_markdown(published),
+        evaluation_markdown(table, keys, evaluated, comparisons, on_sets),
+    )
     text = markdown(
         table, keys, jobs, title.replace("\n", "; "), comparisons, [s for s in sections if s]
     )
@@ -173,6 +185,8 @@ def report(sweeps: list[Path], out: Path) -> dict:
         write_csv(out / "results_evaluate.csv", scored, list(scored[0]))
     if comparisons.rows:
         write_csv(out / "significance.csv", comparisons.rows, list(comparisons.rows[0]))
+    if tested := significance_rows(on_sets):
+        write_csv(out / "significance_evaluate.csv", tested, list(tested[0]))
     if is_leaderboard(finished):  # experiment=ep_row: also the leaderboard's row layout
         board = leaderboard_rows(finished)
         print(leaderboard_markdown(board))

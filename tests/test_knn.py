@@ -18,7 +18,8 @@ from mim_agg.knn import NearestNeighbours, weighted_vote
 from mim_agg.runs.runner import run_task
 from mim_agg.utils.predictions import FILE as PREDICTIONS
 from mim_agg.utils.predictions import read_predictions
-from tests.helpers import FAST, cached_features, compose_config
+from tests.helpers import FAST, cached_features, compose_config, run_cli
+from tests.test_cache_parts import cache_files
 
 
 def independent_predictions(bank, bank_labels, queries, k, temperature, num_classes):
@@ -164,3 +165,30 @@ def test_knn_without_heldout_needs_a_single_k_and_t(tmp_path, caplog):
     summary = run_task(compose_config([*overrides, "knn.k=[5]"], tmp_path / "one"))
     assert summary["heads"]["cls"]["val/acc1_best"] is None and summary["heads"]["cls"]["k"] == 5
     assert "Result of cls: test acc1" in caplog.text and "chosen on held-out" not in caplog.text
+
+
+@pytest.mark.slow  # two processes
+def test_under_ddp_every_rank_extracts_and_rank_zero_alone_scores_what_one_process_does(
+    tmp_path,
+):
+    """``task=knn trainer=ddp_sim``: both ranks extract their parts of every split, the cache
+    is the one a single process writes, and rank zero's k-NN (the one run folder) scores as
+    the same task on one process does, on the same cache."""
+    overrides = [*FAST, "task=knn", "knn.k=[3,10]", "dataset.train_size=48"]
+    overrides += ["dataset.test_size=16", "cache.shard_size=8", "cache.batch_size=8"]
+    (tmp_path / "ddp").mkdir()
+    result = run_cli(*overrides, "trainer=ddp_sim", root=tmp_path / "ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in result.stdout + result.stderr
+    (distributed,) = (tmp_path / "ddp" / "outputs" / "runs").iterdir()
+
+    run_task(
+        compose_config([*overrides, "task=extract", "dataset.augment=false"], tmp_path / "one")
+    )
+    (ddp_cache,) = (tmp_path / "ddp" / "cache").iterdir()
+    (one_cache,) = (tmp_path / "one" / "cache").iterdir()
+    assert cache_files(ddp_cache) == cache_files(one_cache)
+
+    run_task(compose_config(overrides, tmp_path / "one"))  # reads the one-process cache
+    single = tmp_path / "one" / "run"
+    assert (distributed / "heads.csv").read_text() == (single / "heads.csv").read_text()

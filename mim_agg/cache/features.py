@@ -21,6 +21,7 @@ from mim_agg.builders import backbone_layout, build_aggregators, load_probe_head
 from mim_agg.cache.build import open_cache
 from mim_agg.cache.data import CachedSplit, CachedTokens
 from mim_agg.errors import ConfigError
+from mim_agg.runs.folder import global_rank
 
 Features = dict[str, torch.Tensor]  # aggregator's config key -> [N, out_dim]
 
@@ -53,13 +54,27 @@ def frozen_aggregators(cfg: DictConfig, group: str, protocol: str) -> dict[str, 
     return aggregators
 
 
-class PooledFeatures:
-    """The features of ``aggregators`` on the cached splits, computed on ``device`` (the GPU
-    when there is one). Every batch is checked finite: a NaN feature would make any protocol
-    chance-level without failing."""
+def pooled_features(
+    cfg, datamodule, aggregators: dict, *, group: str, watch=None
+) -> PooledFeatures | None:
+    """The features of the run's cache, extracted first where missing. A multi-process
+    trainer's ranks (``trainer=ddp``) extract together, each its part of every split, as
+    ``task=extract`` does; the features are then rank zero's work alone (k-NN and logistic
+    regression take seconds to minutes once the tokens exist): None on the other ranks, whose
+    work ends with their part."""
+    cache = open_cache(cfg, datamodule, list(aggregators.values()), watch, distributed=True)
+    if global_rank() != 0:
+        return None
+    return PooledFeatures(cfg, cache, aggregators, group=group, watch=watch)
 
-    def __init__(self, cfg, datamodule, aggregators: dict, *, group: str, watch=None) -> None:
-        self.cache = open_cache(cfg, datamodule, list(aggregators.values()), watch)
+
+class PooledFeatures:
+    """The features of ``aggregators`` on the splits of ``cache``, computed on ``device`` (the
+    GPU when there is one). Every batch is checked finite: a NaN feature would make any
+    protocol chance-level without failing."""
+
+    def __init__(self, cfg, cache, aggregators: dict, *, group: str, watch=None) -> None:
+        self.cache = cache
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.source = CachedTokens.of(self.cache).to(self.device)
         self.aggregators = {n: a.to(self.device).eval() for n, a in aggregators.items()}

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import MISSING, DictConfig
 
 from mim_agg.builders import build_datamodule
-from mim_agg.cache.features import PooledFeatures, evaluation_config, frozen_aggregators
+from mim_agg.cache.features import evaluation_config, frozen_aggregators, pooled_features
 from mim_agg.errors import ConfigError
 from mim_agg.knn import NearestNeighbours, weighted_vote
 from mim_agg.knn.vote import accuracy
@@ -56,11 +56,13 @@ def run(cfg: DictConfig, watch=None) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
-    if datamodule.low_shot:
-        write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
     aggregators = frozen_aggregators(cfg, SETTINGS_GROUP, "k-NN")
     check_grid(cfg, datamodule, len(aggregators))
-    pooled = PooledFeatures(cfg, datamodule, aggregators, group=SETTINGS_GROUP, watch=watch)
+    pooled = pooled_features(cfg, datamodule, aggregators, group=SETTINGS_GROUP, watch=watch)
+    if pooled is None:  # trainer=ddp: this rank extracted its part; rank zero evaluates
+        return {}
+    if datamodule.low_shot:
+        write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
     features = {s: pooled.whole(s, "k-NN") for s in QUERY_SPLITS}
     k = max(cfg.knn.k)
     found = {

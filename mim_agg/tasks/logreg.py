@@ -23,7 +23,7 @@ from omegaconf import MISSING, DictConfig
 
 from mim_agg.backbones.tokens import require_finite
 from mim_agg.builders import build_datamodule
-from mim_agg.cache.features import PooledFeatures, evaluation_config, frozen_aggregators
+from mim_agg.cache.features import evaluation_config, frozen_aggregators, pooled_features
 from mim_agg.errors import ConfigError
 from mim_agg.knn.vote import accuracy
 from mim_agg.logreg import c_grid, fit_logistic_regression
@@ -68,11 +68,13 @@ def run(cfg: DictConfig, watch=None) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
-    if datamodule.low_shot:
-        write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
     aggregators = frozen_aggregators(cfg, SETTINGS_GROUP, "logistic regression")
     check_grid(cfg, datamodule, len(aggregators))
-    pooled = PooledFeatures(cfg, datamodule, aggregators, group=SETTINGS_GROUP, watch=watch)
+    pooled = pooled_features(cfg, datamodule, aggregators, group=SETTINGS_GROUP, watch=watch)
+    if pooled is None:  # trainer=ddp: this rank extracted its part; rank zero evaluates
+        return {}
+    if datamodule.low_shot:
+        write_atomic(output_dir / "subset.txt", datamodule.subset_listing())
     splits = {s: pooled.whole(s, "logreg") for s in SPLITS}
     labels = {s: splits[s][1] for s in SPLITS}
     results, predicted = {}, {}

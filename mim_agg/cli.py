@@ -7,6 +7,7 @@ import difflib
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from mim_agg.config import register_configs
-from mim_agg.errors import UserError, one_line
+from mim_agg.errors import ConfigError, UserError, one_line
 from mim_agg.report.runs import job_label, launched_overrides
 from mim_agg.runs.folder import RECORD, RunContext
 from mim_agg.runs.runner import run_task
@@ -111,6 +112,7 @@ def run_configured_task(cfg: DictConfig) -> float | None:
     os.environ[FULL_ERROR] = os.environ.get(USERS_FULL_ERROR, "")  # composed: Hydra's way again
     context = launcher_context()
     try:
+        check_root_keys(cfg, HydraConfig.get().runtime.choices)
         summary = run_task(cfg, context)
     except UserError as error:
         remove_empty_run_folder(cfg)
@@ -128,6 +130,22 @@ def run_configured_task(cfg: DictConfig) -> float | None:
         record_failure(context, cfg, error)
         return None
     return summary.get("val/acc1_best")
+
+
+def check_root_keys(cfg: DictConfig, choices_made: DictConfig) -> None:
+    """Refuse a key that ``+`` added at the top of the config (``+sed=1`` meaning ``seed=1``):
+    nothing reads it, and the run would go on as if it had been set. The top holds the keys of
+    ``conf/config.yaml`` and the groups Hydra composed (``choices_made``, Hydra's record of
+    them: those a plugin adds included)."""
+    known = set(OmegaConf.load(CONFIG_DIR / "config.yaml")) - {"defaults"}
+    for choice in choices_made:  # group, group@package, hydra/launcher
+        known.add(re.split(r"[./]", choice.partition("@")[2] or choice)[0])
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(
+                f"{key} is no option: a '+' on the command line added it at the top of the "
+                f"config, and nothing reads it. {choices(str(key), sorted(known), '', '')}"
+            )
 
 
 def remove_empty_run_folder(cfg: DictConfig) -> None:

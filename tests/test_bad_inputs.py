@@ -7,15 +7,16 @@ import json
 import re
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from mim_agg.cli import composition_message
+from mim_agg.cli import check_root_keys, composition_message
 from mim_agg.errors import ConfigError
 from mim_agg.runs.runner import run_task
 from mim_agg.validation import check_declared, check_ranges
-from tests.helpers import FAST, compose_config, run_cli
+from tests.helpers import CONFIG_DIR, FAST, compose_config, run_cli
 
 
 def jpeg_folder(root, per_class: int = 4):
@@ -129,3 +130,19 @@ def test_an_effective_batch_that_is_no_multiple_of_the_batch_is_refused(tmp_path
     with pytest.raises(ConfigError, match=r"probe.effective_batch=24 is invalid: .*multiple of"):
         run_task(cfg)
     assert not (tmp_path / "run").exists()  # refused before the run folder
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [f"{group}={path.stem}" for group in ("experiment", "debug")
+     for path in sorted((CONFIG_DIR / group).glob("*.yaml"))],
+)  # fmt: skip
+def test_a_key_added_with_a_plus_at_the_top_is_refused_and_no_preset_adds_one(preset):
+    """``+sed=1`` (for ``seed=1``) is refused naming ``seed``; what the shipped presets and a
+    ``+group@package`` head put at the top of the config is known there."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", [preset, "+aggregator@heads.x=cls"], return_hydra_config=True)
+        typo = compose("config", [preset, "+sed=1"], return_hydra_config=True)
+    check_root_keys(cfg, cfg.hydra.runtime.choices)
+    with pytest.raises(ConfigError, match="sed is no option: a '\\+' .* Did you mean seed\\?"):
+        check_root_keys(typo, typo.hydra.runtime.choices)

@@ -63,11 +63,13 @@ class ViTReader(Reader):
         self.model.prune_intermediate_layers([block], prune_norm=not final_norm)
 
     def tokens(self, images: torch.Tensor, indices: list[int], norm: bool) -> list[torch.Tensor]:
-        """``[B, P + N, D]`` of each block in ``indices``, from one pass."""
+        """``[B, P + N, D]`` of each block in ``indices``, from one pass. Prefix tokens are
+        asked for only where there are some: timm's ``Eva`` (PE-Core G, without [cls]) fails
+        when asked for none."""
         outputs = self.model.forward_intermediates(
             images,
             indices=indices,
-            return_prefix_tokens=True,
+            return_prefix_tokens=self.model.num_prefix_tokens > 0,
             norm=norm,
             stop_early=True,
             output_fmt="NLC",

@@ -5,10 +5,12 @@ own forward and against the stages run by hand."""
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone, TokenRequest
+from mim_agg.backbones.formats import recognise
 from mim_agg.errors import ConfigError, UserError
 from tests.helpers import FAST, compose_config
 
@@ -181,3 +183,126 @@ def test_a_convnext_file_loads_strictly_and_another_ones_keys_say_why_not(tmp_pa
         FrozenBackbone(
             ARCH, weights=str(tmp_path / "wider.safetensors"), img_size=SIZE, arch_kwargs=TINY
         )
+
+
+DEPTHS = (1, 1, 2, 1)
+AUTHORS = {"depths": DEPTHS, "dims": TINY["dims"]}
+
+
+def authors_state(seed: int = 0, dims: tuple = TINY["dims"]) -> dict[str, torch.Tensor]:
+    """A published ``dinov3_convnext_*_pretrain_lvd1689m-*.pth``: ``ConvNeXt.state_dict()`` of
+    ``dinov3/models/convnext.py``: ``downsample_layers`` (the stem conv 4 x 4 and its
+    channels-first LayerNorm, then LayerNorm and conv 2 x 2 before stages 1-3), blocks of
+    ``dwconv``, ``norm``, ``pwconv1``, ``pwconv2``, ``gamma``; the final ``norm``, saved again
+    as ``norms.3`` (one module, registered twice)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.1):
+        return torch.randn(*shape, generator=generator) * scale
+
+    state = {
+        "downsample_layers.0.0.weight": rand(dims[0], 3, 4, 4, scale=0.2),
+        "downsample_layers.0.0.bias": rand(dims[0]),
+        "downsample_layers.0.1.weight": 1 + rand(dims[0]),
+        "downsample_layers.0.1.bias": rand(dims[0]),
+    }
+    for i in range(1, 4):
+        state |= {
+            f"downsample_layers.{i}.0.weight": 1 + rand(dims[i - 1]),
+            f"downsample_layers.{i}.0.bias": rand(dims[i - 1]),
+            f"downsample_layers.{i}.1.weight": rand(dims[i], dims[i - 1], 2, 2, scale=0.2),
+            f"downsample_layers.{i}.1.bias": rand(dims[i]),
+        }
+    for i, (depth, dim) in enumerate(zip(DEPTHS, dims, strict=True)):
+        for j in range(depth):
+            block = {
+                "dwconv.weight": rand(dim, 1, 7, 7, scale=0.2),
+                "dwconv.bias": rand(dim),
+                "norm.weight": 1 + rand(dim),
+                "norm.bias": rand(dim),
+                "pwconv1.weight": rand(4 * dim, dim, scale=0.3),
+                "pwconv1.bias": rand(4 * dim),
+                "pwconv2.weight": rand(dim, 4 * dim, scale=0.3),
+                "pwconv2.bias": rand(dim),
+                "gamma": 0.5 + rand(dim),
+            }
+            state |= {f"stages.{i}.{j}.{k}": v for k, v in block.items()}
+    state |= {"norm.weight": 1 + rand(dims[-1]), "norm.bias": rand(dims[-1])}
+    return state | {"norms.3.weight": state["norm.weight"], "norms.3.bias": state["norm.bias"]}
+
+
+def channels_first_norm(x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """The authors' ``LayerNorm(data_format="channels_first")``: over the channels of each
+    position, eps 1e-6, written out."""
+    mean = x.mean(1, keepdim=True)
+    variance = (x - mean).pow(2).mean(1, keepdim=True)
+    return weight[:, None, None] * (x - mean) / torch.sqrt(variance + 1e-6) + bias[:, None, None]
+
+
+def reference_stages(state: dict, pixels: torch.Tensor, stages: int = 4) -> torch.Tensor:
+    """``ConvNeXt.forward_features`` up to stage ``stages - 1``, its map as row-major tokens:
+    downsampling, then blocks ``x + gamma * pwconv2(gelu(pwconv1(LN(dwconv(x)))))`` with the
+    LayerNorm over channels last."""
+    w = state
+    x = F.conv2d(pixels, w["downsample_layers.0.0.weight"], w["downsample_layers.0.0.bias"], 4)
+    x = channels_first_norm(x, w["downsample_layers.0.1.weight"], w["downsample_layers.0.1.bias"])
+    for i in range(stages):
+        if i:
+            down = f"downsample_layers.{i}."
+            x = channels_first_norm(x, w[down + "0.weight"], w[down + "0.bias"])
+            x = F.conv2d(x, w[down + "1.weight"], w[down + "1.bias"], stride=2)
+        for j in range(DEPTHS[i]):
+            b = {
+                k.split(f"stages.{i}.{j}.", 1)[1]: v
+                for k, v in w.items()
+                if f"stages.{i}.{j}." in k
+            }
+            h = F.conv2d(x, b["dwconv.weight"], b["dwconv.bias"], padding=3, groups=x.shape[1])
+            h = h.permute(0, 2, 3, 1)
+            h = F.layer_norm(h, h.shape[-1:], b["norm.weight"], b["norm.bias"], eps=1e-6)
+            h = F.gelu(h @ b["pwconv1.weight"].T + b["pwconv1.bias"])
+            h = b["gamma"] * (h @ b["pwconv2.weight"].T + b["pwconv2.bias"])
+            x = x + h.permute(0, 3, 1, 2)
+    return x.flatten(2).transpose(1, 2)
+
+
+def load_authors(state, tmp_path, **options) -> FrozenBackbone:
+    path = tmp_path / "dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth"
+    torch.save(state, path)
+    return FrozenBackbone(ARCH, str(path), img_size=SIZE, arch_kwargs=AUTHORS, **options)
+
+
+@pytest.mark.parametrize("block", [-1, 1])
+def test_the_authors_file_gives_the_reference_tokens(tmp_path, block):
+    """The last stage's 2 x 2 grid (7 x 7 at 224 px) and the second stage's 8 x 8, each the
+    reference forward's map, token for token."""
+    state = authors_state()
+    backbone = load_authors(state, tmp_path, block=block)
+    expected = reference_stages(state, images(), stages=block % 4 + 1)
+    torch.testing.assert_close(backbone(images()).all, expected, rtol=1e-5, atol=1e-5)
+    assert recognise(state).name == "convnext_fb"
+
+
+def test_the_original_convnexts_wrapped_file_with_its_classifier_loads_too(tmp_path):
+    state = authors_state()
+    state = {k: v for k, v in state.items() if not k.startswith("norms.")}
+    wrapped = {"model": state | {"head.weight": torch.zeros(5, 64), "head.bias": torch.zeros(5)}}
+    expected = reference_stages(state, images())
+    torch.testing.assert_close(load_authors(wrapped, tmp_path)(images()).all, expected)
+
+
+def test_the_authors_layout_is_loaded_strictly(tmp_path):
+    """Other widths: the key comparison; a key no ConvNeXt has is named, never dropped; a
+    ``norms.3`` that is not the final norm again (timm's filter drops ``norms.*``) is refused."""
+    with pytest.raises(
+        ConfigError, match=r"(?s)\(convnext_fb format\) does not fit.*misshaped keys: stages\.0"
+    ):
+        load_authors(authors_state(dims=(16, 32, 64, 128)), tmp_path)
+    state = authors_state()
+    state["stages.1.0.grn.gamma"] = torch.ones(16)
+    with pytest.raises(ConfigError, match=r"unexpected keys: stages\.1\.blocks\.0\.mlp\.grn"):
+        load_authors(state, tmp_path)
+    state = authors_state()
+    state["norms.3.weight"] = state["norms.3.weight"] + 1
+    with pytest.raises(ConfigError, match=r"norms\.3\.weight is not the final norm again"):
+        load_authors(state, tmp_path)

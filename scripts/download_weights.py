@@ -28,6 +28,7 @@ from mim_agg.cli import CONFIG_DIR, composition_message
 from mim_agg.errors import UserError
 from mim_agg.utils.download import download
 from mim_agg.utils.files import sha256_of
+from mim_agg.validation import backbone_arguments
 
 
 def main(overrides: list[str]) -> int:
@@ -56,8 +57,7 @@ def main(overrides: list[str]) -> int:
 
     def check(path) -> None:
         held.append(describe_checkpoint(path, fix))
-        arch_kwargs = backbone.arch_kwargs or {}
-        create_model(backbone.arch, str(path), backbone.img_size, dtype, **arch_kwargs)  # fits
+        create_model(backbone.arch, str(path), backbone.img_size, dtype, **arch_kwargs(backbone))
 
     try:
         path = download(backbone.url, backbone.weights, backbone.sha256, check=check)
@@ -71,15 +71,25 @@ def main(overrides: list[str]) -> int:
 
 
 def dinov3_sources(name: str) -> str:
-    """Where DINOv3's file ``name`` is given out: Meta's form, or the same weights in
-    transformers' names on Hugging Face (also read, see ``formats/dinov3.py``)."""
+    """Where DINOv3's file ``name`` is given out: Meta's form, or the same weights converted,
+    transformers' names on Hugging Face for a ViT (also read, see ``formats/dinov3.py``), timm's
+    tag for a ConvNeXt (its configs' default; transformers' ConvNeXt names are not read)."""
     repo = "facebook/" + name.split("-")[0].replace("_", "-")
-    return (
+    meta = (
         "DINOv3's weights are licence-gated. Either\n"
         "  - request them at https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/:"
         " Meta e-mails a signed URL for each file, valid for a few days; download it here, "
         f"resumed and checked, with 'backbone.url=<the URL of {name}>' added to this command, or "
         f"fetch it yourself and pass backbone.weights=/path/to/{name};\n"
+    )
+    if "_convnext_" in name:
+        tag = name.split("_pretrain_")[0].removeprefix("dinov3_") + ".dinov3_lvd1689m"
+        return meta + (
+            f"  - or keep the config's timm tag, backbone.weights={tag}: the same weights, "
+            f"converted by timm (transformers' conversion at https://huggingface.co/{repo} is not "
+            "read here)."
+        )
+    return meta + (
         f"  - or accept the licence at https://huggingface.co/{repo}, fetch its model.safetensors"
         f" (huggingface-cli download {repo} model.safetensors) and pass "
         "backbone.weights=/path/to/model.safetensors: transformers' conversion, whose RoPE "
@@ -105,12 +115,18 @@ def gated(backbone) -> str | None:
     )
 
 
+def arch_kwargs(backbone) -> dict:
+    """``backbone.arch_kwargs`` as plain values: timm takes lists (ConvNeXt's ``dims``), never
+    a ``ListConfig``."""
+    return backbone_arguments(backbone)["arch_kwargs"] or {}
+
+
 def prefetch_tag(backbone, dtype) -> int:
     """A timm tag into the Hugging Face cache, as a run would load it: compute nodes are often
     offline, and a run there finds the tag in a cache (``HF_HOME``) it shares with this node."""
     try:
         model = create_model(
-            backbone.arch, backbone.weights, backbone.img_size, dtype, **backbone.arch_kwargs
+            backbone.arch, backbone.weights, backbone.img_size, dtype, **arch_kwargs(backbone)
         )
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)

@@ -2,6 +2,8 @@
 stage's feature map as a grid of tokens, no prefix tokens, no attention, checked against timm's
 own forward and against the stages run by hand."""
 
+import runpy
+
 import pytest
 import timm
 import torch
@@ -12,7 +14,7 @@ from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone, TokenRequest
 from mim_agg.backbones.formats import recognise
 from mim_agg.errors import ConfigError, UserError
-from tests.helpers import FAST, compose_config
+from tests.helpers import FAST, PROJECT_ROOT, compose_config
 
 ARCH = "convnext_tiny"
 TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}  # 4 stages, strides 4, 8, 16, 32
@@ -306,3 +308,28 @@ def test_the_authors_layout_is_loaded_strictly(tmp_path):
     state["norms.3.weight"] = state["norms.3.weight"] + 1
     with pytest.raises(ConfigError, match=r"norms\.3\.weight is not the final norm again"):
         load_authors(state, tmp_path)
+
+
+def test_the_download_script_says_where_to_request_the_authors_file(tmp_path, capsys):
+    """The command the configs print: no signed URL, no file: Meta's form, how to pass its URL
+    or the file, and the config's own timm tag (not transformers' ConvNeXt, which is not read);
+    the file in place: checked as a run reads it."""
+    script = runpy.run_path(str(PROJECT_ROOT / "scripts" / "download_weights.py"))
+    name = "dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth"
+    overrides = [
+        "backbone=dinov3_convnext_tiny",
+        f"backbone.url=https://dinov3.llamameta.net/dinov3_convnext_tiny/{name}",
+        "backbone.weights=${paths.weights_dir}/" + name,
+        f"paths.root_dir={tmp_path}",
+    ]
+    assert script["main"](overrides) == 2
+    err = capsys.readouterr().err
+    assert "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/" in err
+    assert f"'backbone.url=<the URL of {name}>'" in err
+    assert "backbone.weights=convnext_tiny.dinov3_lvd1689m: the same weights" in err
+    assert "model.safetensors" not in err
+    (tmp_path / "weights").mkdir()
+    torch.save(authors_state(), tmp_path / "weights" / name)
+    tiny = [f"+backbone.arch_kwargs.{k}=[{','.join(map(str, v))}]" for k, v in AUTHORS.items()]
+    assert script["main"]([*overrides, *tiny, f"backbone.img_size={SIZE}"]) == 0
+    assert "is ready (convnext_fb format" in capsys.readouterr().out

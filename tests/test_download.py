@@ -309,3 +309,16 @@ def test_a_url_that_is_not_found_says_to_check_it_not_to_rerun(tmp_path):
     finally:
         httpd.shutdown()
     assert "Rerun" not in str(refused.value) and not (tmp_path / "weights.pth").exists()
+
+
+def test_a_hugging_face_file_that_cannot_be_fetched_says_what_to_check(tmp_path):
+    """A repository file's address goes to Hugging Face's client (offline here, as in every
+    test): its error is named with the URL, the licence page and the login a gated one needs."""
+    url = "https://huggingface.co/facebook/PE-Core-B16-224/resolve/main/PE-Core-B16-224.pt"
+    with pytest.raises(
+        UserError,
+        match=r"PE-Core-B16-224\.pt could not be fetched \(\w+Error: .*\)\. Check backbone\.url; "
+        r"a repository .* at https://huggingface\.co/facebook/PE-Core-B16-224, and logged in",
+    ):
+        download(url, tmp_path / "PE-Core-B16-224.pt")
+    assert not (tmp_path / "PE-Core-B16-224.pt").exists()

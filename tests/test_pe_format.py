@@ -11,7 +11,10 @@ unturned), ``ln_post`` as the final norm, and the attention pooling."""
 
 from __future__ import annotations
 
+import io
 import math
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -22,7 +25,10 @@ from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone
 from mim_agg.backbones.formats import recognise
 from mim_agg.backbones.loading import load_checkpoint_into
+from mim_agg.builders import build_backbone
 from mim_agg.errors import ConfigError
+from tests.helpers import PROJECT_ROOT, cli_environment, compose_config
+from tests.test_download import HubServer
 
 DIM, HEADS, DEPTH, POOL_HEADS, OUT = 32, 2, 2, 8, 24
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
@@ -282,3 +288,39 @@ def test_only_the_authors_layout_is_recognised():
     openai_clip = {k: v for k, v in state.items() if "attn_pool" not in k}
     timm_names = {"cls_token": 0, "blocks.0.attn.qkv.weight": 0, "attn_pool.latent": 0}
     assert recognise(openai_clip) is None and recognise(timm_names) is None
+
+
+@pytest.mark.slow
+def test_the_script_fetches_the_authors_file_from_its_hugging_face_repository(tmp_path):
+    """The command the PE configs print: ``backbone.url`` a Hugging Face file's address
+    (here under a fake ``HF_ENDPOINT`` on 127.0.0.1), fetched by Hugging Face's client into
+    ``paths.weights_dir``, checked as a run reads it; the config then reads it with the authors'
+    normalisation, not ImageNet's, and gives the reference tokens."""
+    arch, name = "vit_pe_core_base_patch16_224", "PE-Core-B16-224.pt"
+    state, buffer = authors_state(arch), io.BytesIO()
+    torch.save(state, buffer)
+    hub = HubServer(name, buffer.getvalue())
+    overrides = [
+        "backbone=pe_core_vitb16",
+        "backbone.weights=${paths.weights_dir}/" + name,
+        *[f"+backbone.arch_kwargs.{key}={value}" for key, value in TINY.items()],
+        f"paths.root_dir={tmp_path}",
+    ]
+    script = [sys.executable, str(PROJECT_ROOT / "scripts" / "download_weights.py"), *overrides]
+    try:
+        fetched = subprocess.run(
+            [*script, f"backbone.url={hub.url}/facebook/PE-Core-B16-224/resolve/main/{name}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**cli_environment(tmp_path), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+        )
+    finally:
+        hub.close()
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert "is ready (pe format" in fetched.stdout
+    assert (tmp_path / "weights" / name).read_bytes() == buffer.getvalue()
+    backbone = build_backbone(compose_config(overrides, tmp_path))
+    assert backbone.mean == backbone.std == [0.5, 0.5, 0.5]
+    pixels = images(224)
+    torch.testing.assert_close(backbone(pixels).all, reference(state, arch, pixels), **TOLERANCE)

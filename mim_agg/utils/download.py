@@ -4,7 +4,9 @@ The bytes go to ``<file>.part`` and are renamed to ``<file>`` only when complete
 SHA-256 is known, verified): a reader never sees a half-downloaded checkpoint, and a rerun
 after an interruption asks the server for the rest (an HTTP ``Range`` request). A complete
 file is then opened as its reader will open it (``check``); one that does not open is moved
-aside, so that a rerun fetches it afresh.
+aside, so that a rerun fetches it afresh. A file of a Hugging Face repository (its
+``resolve`` URL) is fetched by Hugging Face's client instead, which resumes too and sends the
+user's token, so a repository whose licence must be accepted serves the user who accepted it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from tqdm import tqdm
 
 from mim_agg.errors import UserError
@@ -43,6 +48,8 @@ def download(
     target = Path(target)
     if target.is_file():
         log.info("%s is there already.", target)
+    elif (hub := hub_file(url)) is not None:
+        _download_from_hub(url, *hub, target, sha256)
     else:
         _download(url, target, sha256, timeout)
     if check is not None:
@@ -73,16 +80,49 @@ def _download(url: str, target: Path, sha256: str | None, timeout: float) -> Non
             f"Downloading {url} stopped ({type(error).__name__}: {error}); {progress}Rerun the "
             f"same command to continue, or fetch the file by other means to {target}."
         ) from None
-    digest = sha256_of(part)
+    _settle(part, target, url, sha256)
+
+
+def _settle(fetched: Path, target: Path, url: str, sha256: str | None) -> None:
+    """The complete ``fetched`` bytes checked against ``sha256`` and moved to ``target``."""
+    digest = sha256_of(fetched)
     if sha256 is not None and digest != sha256:
-        part.unlink()
+        fetched.unlink()
         raise UserError(
             f"{url} arrived with SHA-256 {digest}, not the configured {sha256}; the file was "
             "deleted. Check backbone.url / backbone.sha256 and download again."
         )
-    os.replace(part, target)
+    os.replace(fetched, target)
     write_atomic(_digest_file(target), f"{digest}  {target.name}\n")
     log.info("Downloaded %s (SHA-256 %s).", target, digest)
+
+
+def hub_file(url: str) -> tuple[str, str, str] | None:
+    """``(repository, revision, filename)`` of a Hugging Face file's address,
+    ``<endpoint>/<owner>/<name>/resolve/<revision>/<filename>`` (the endpoint is
+    ``HF_ENDPOINT``'s, huggingface.co by default); None for any other URL."""
+    prefix = constants.ENDPOINT.rstrip("/") + "/"
+    found = re.fullmatch(
+        r"([^/]+/[^/]+)/resolve/([^/]+)/(.+)", url.split("?")[0].removeprefix(prefix)
+    )
+    return found.groups() if url.startswith(prefix) and found else None
+
+
+def _download_from_hub(url: str, repo: str, revision: str, filename: str, target: Path, sha256):
+    """The file through Hugging Face's client, into ``target``'s folder (its bookkeeping in
+    ``.cache/huggingface`` there), then checked and named as ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fetched = hf_hub_download(repo, filename, revision=revision, local_dir=target.parent)
+    except (OSError, EntryNotFoundError) as error:  # the client's errors, gated repos' too
+        raise UserError(
+            f"{url} could not be fetched ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}). Check backbone.url; a repository whose licence "
+            f"must be accepted serves its files once you have, at {constants.ENDPOINT}/{repo}, "
+            f"and logged in here (hf auth login, or HF_TOKEN); or fetch the file by other means "
+            f"to {target}."
+        ) from None
+    _settle(Path(fetched), target, url, sha256)
 
 
 def _checked(target: Path, check: Callable[[Path], object]) -> None:

@@ -63,8 +63,9 @@ RULES = {
     "dataset.fraction": (lambda v, c: v is None or 0 < v <= 1, "null or in (0, 1]"),
     "dataset.decode": (
         lambda v, c: v in DECODERS,
-        "pil (Pillow, the reference), turbo (libjpeg-turbo, the same pixels) or turbo_dct "
-        "(libjpeg-turbo downscaling in the IDCT for the eval resize: other pixels; README, "
+        "pil (Pillow, the reference), turbo (libjpeg-turbo, the same pixels), turbo_dct "
+        "(libjpeg-turbo downscaling in the IDCT for the eval resize: other pixels) or gpu "
+        "(decoded and resized in batches on the backbone's device: other pixels; README, "
         "'Data path')",
     ),
     "backbone.img_size": (lambda v, c: v >= 1, ">= 1"),

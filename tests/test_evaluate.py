@@ -276,6 +276,23 @@ def test_results_of_another_dataset_config_are_replaced_only_with_resume_false(p
     evaluate(probe_run, "imagenet_sketch", f"dataset.root={second}", again=False)  # the same
 
 
+@pytest.mark.slow  # trains a probe for seconds
+def test_a_set_scored_under_gpu_decoding_predicts_as_under_pil(probe_run, tmp_path):
+    """task=evaluate finishes its batches on the device in its own loop (``finish_images``):
+    on these images every head predicts as under pil, and the decoder is recorded."""
+    root = f"dataset.root={sketches(tmp_path / 'sketch')}"
+    folder = probe_run / "run" / "evaluate" / "imagenet_sketch"
+    pil = evaluate(probe_run, "imagenet_sketch", root)
+    predicted = read_predictions(folder / PREDICTIONS)
+    gpu = evaluate(probe_run, "imagenet_sketch", root, "dataset.decode=gpu")
+    assert json.loads((folder / "metrics.json").read_text())["dataset_config"]["decode"] == "gpu"
+    assert gpu["heads"] == pil["heads"]
+    for name in pil["heads"]:
+        assert read_predictions(folder / PREDICTIONS).correct(name).tolist() == (
+            predicted.correct(name).tolist()
+        )
+
+
 def test_imagenet_r_and_a_must_be_their_archive_s_200_class_folders(tmp_path):
     """A copy with 1 of its 200 classes would score that class alone; ImageNet-R's folder
     given as ImageNet-A would score the wrong classes: both refused, naming the folders."""

@@ -25,6 +25,7 @@ from mim_agg.backbones import LiveTokens, TokenLayout, TokenRequest, Tokens
 from mim_agg.backbones.tokens import TENSOR_FIELDS, require_finite
 from mim_agg.cache.parts import Ranks, Share
 from mim_agg.cache.store import DTYPES, SplitPlan, TokenCache, quantize
+from mim_agg.data.device_decode import collate, finish_images, stack_views
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ def human(size: float) -> str:
 
 
 class Views(Dataset):
-    """Every view of image ``i`` of a split, stacked: ``[views, 3, H, W]``. A split with one
-    view and its eval transform is read plainly; training views key the augmentation by
-    ``(index, view)``, as online epochs do."""
+    """Every view of image ``i`` of a split, stacked: ``[views, 3, H, W]`` (under
+    ``dataset.decode=gpu``, the list of its pending images). A split with one view and its
+    eval transform is read plainly; training views key the augmentation by ``(index, view)``,
+    as online epochs do."""
 
     def __init__(self, split: Dataset, views: int, augmented: bool) -> None:
         self.split, self.views, self.augmented = split, views, augmented
@@ -80,9 +82,9 @@ class Views(Dataset):
     def __getitem__(self, index: int):
         if not self.augmented:
             image, target = self.split[index]
-            return image.unsqueeze(0), target
+            return stack_views([image]), target
         pairs = [self.split[(index, view)] for view in range(self.views)]
-        return torch.stack([image for image, _ in pairs]), pairs[0][1]
+        return stack_views([image for image, _ in pairs]), pairs[0][1]
 
 
 def stored_fields(
@@ -194,6 +196,7 @@ def extract(
     bf16 = precision.startswith("bf16")
 
     def compute(images, pending):
+        images = finish_images(images, ranks.device).flatten(0, 1)  # [images x views, 3, H, W]
         return extract_batch(source, images, pending, dtype, batch_size, bf16)
 
     for name, plan in plans.items():
@@ -213,7 +216,9 @@ def extract(
             )
             if missing:
                 subset = torch.utils.data.Subset(views, list(plan.shard_range(shard)))
-                loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+                loader = DataLoader(
+                    subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
+                )
                 write_shard(missing, name, shard, loader, plan.views, compute)
                 bar.update(len(subset))
             if ranks.stop_requested(watch):
@@ -224,11 +229,11 @@ def extract(
 
 def write_shard(targets: list[Target], split: str, shard: int, loader, views: int, compute):
     """One shard of every target from the batches of ``loader``; ``compute(images, targets)``
-    gives each target's stored fields of a batch (``extract_batch``)."""
+    gives each target's stored fields of a batch of images' views (``extract_batch``)."""
     parts: list[dict[str, list[torch.Tensor]]] = [{} for _ in targets]
     label_chunks = []
     for images, labels in loader:
-        fields = compute(images.flatten(0, 1), targets)  # [images x views, 3, H, W]
+        fields = compute(images, targets)
         for target_fields, target_parts in zip(fields, parts, strict=True):
             for field, tensor in target_fields.items():
                 target_parts.setdefault(field, []).append(tensor.unflatten(0, (len(labels), views)))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mim_agg.data.decode import DEFAULT_DECODE, encoded
+from mim_agg.data.device_decode import collate, finish_images
 from mim_agg.data.imagenet_variants import EvaluationImages
 from mim_agg.data.sampling import EpochLoader, EpochSampler, seeded_random
 from mim_agg.data.sources import (
@@ -196,6 +197,7 @@ class SplitLoaders(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate,
         )
 
 
@@ -246,13 +248,20 @@ class ProbeDataModule(SplitLoaders):
             )
         self.shots, self.fraction, self.subset_seed = shots, fraction, subset_seed
         self.augment = augment  # false: train on the eval transform (centre crop), as a cache can
-        self.decode = decode  # pil | turbo | turbo_dct: mim_agg/data/decode.py
+        self.decode = decode  # pil | turbo | turbo_dct | gpu: mim_agg/data/decode.py
         self.train_transform = build_transform(augment, img_size, mean, std, decode=decode)
         self.eval_transform = build_transform(False, img_size, mean, std, decode=decode)
         self.splits: dict[str, TransformedSubset] = {}
         # The source's names of labels 0..N-1 (class folders, torchvision's ``classes``); None
         # where its labels are bare integers (``dataset.split_file``, arrays). Set by ``setup``.
         self.class_names: list[str] | None = None
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning's hook where a batch has reached the device: under ``dataset.decode=gpu``
+        its images are decoded and transformed there (``finish_images``); other batches are
+        there already."""
+        images, targets = batch
+        return finish_images(images, self.trainer.strategy.root_device), targets
 
     @classmethod
     def from_config(cls, dataset: Mapping[str, Any], **inputs) -> ProbeDataModule:

@@ -13,10 +13,11 @@
   scale is not known before decoding).
 
 Under ``turbo*`` a file source's items stay encoded (``EncodedFiles``) and the transform's first
-step decodes them (``TurboDecode``), at the size that transform needs. A file whose RGB Pillow
+step decodes them (``TurboDecode``), at the size that transform needs (under ``gpu`` they stay
+encoded until the device decodes them: ``device_decode.py``). A file whose RGB Pillow
 computes its own way (a CMYK JPEG), that is no JPEG (a PNG under a .JPEG name) or that
 libjpeg-turbo refuses (damaged) goes to Pillow, which decodes it as under ``pil`` or names it as
-unreadable. Both values name runs and caches; ``pil``
+unreadable. Every value but ``pil`` names runs and caches; ``pil``
 names neither, so runs and caches made before this option keep their names.
 """
 
@@ -31,7 +32,7 @@ from torch.utils.data import Dataset
 from mim_agg.data.sources import load_image, targets_of
 from mim_agg.errors import ConfigError
 
-DECODERS = ("pil", "turbo", "turbo_dct")
+DECODERS = ("pil", "turbo", "turbo_dct", "gpu")  # gpu: device_decode.py
 DEFAULT_DECODE = "pil"
 # The JPEG colour spaces whose RGB libjpeg-turbo computes as Pillow does; CMYK and YCCK (Adobe
 # files, 22 of ImageNet's training images) Pillow converts its own way, so it decodes them.
@@ -66,7 +67,7 @@ class EncodedFiles(Dataset):
 
 def encoded(source: Dataset, decode: str, name: str) -> Dataset:
     """``source`` as ``decode`` needs it: itself under ``pil``, its files left encoded under
-    ``turbo*``; a source without files (in-memory pixels) is refused by name."""
+    ``turbo*`` and ``gpu``; a source without files (in-memory pixels) is refused by name."""
     if decode == "pil":
         return source
     if getattr(source, "samples", None) is None:

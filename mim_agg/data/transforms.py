@@ -3,7 +3,9 @@
 Train: RandomResizedCrop(img_size, bicubic) + horizontal flip, nothing else (no colour jitter).
 Eval: Resize(img_size / crop_pct) + CenterCrop(img_size), i.e. Resize(256) + CenterCrop(224).
 The first step makes 8-bit RGB of what the source gives: a PIL image (``dataset.decode=pil``)
-or a file that ``TurboDecode`` decodes (``turbo``, ``turbo_dct``: see ``decode.py``).
+or a file that ``TurboDecode`` decodes (``turbo``, ``turbo_dct``: see ``decode.py``). Under
+``gpu`` the worker reads the file and draws the random steps (``ReadForDevice``), and the
+device computes the same steps on tensors (``device_decode.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from timm.data import create_transform
 from torchvision import transforms as T
 
 from mim_agg.data.decode import DEFAULT_DECODE, TurboDecode
+from mim_agg.data.device_decode import ReadForDevice
 from mim_agg.data.sources import to_rgb
 
 
@@ -32,6 +35,8 @@ def build_transform(
     )
     if decode == DEFAULT_DECODE:
         return T.Compose([T.Lambda(_to_rgb), timm_transform])
+    if decode == "gpu":
+        return T.Compose([ReadForDevice(timm_transform)])
     dct_side = resize_side(timm_transform) if decode == "turbo_dct" else None
     return T.Compose([TurboDecode(dct_side), timm_transform])
 

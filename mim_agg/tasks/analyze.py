@@ -34,6 +34,7 @@ from mim_agg.backbones import FrozenBackbone, Tokens
 from mim_agg.backbones.frozen import skeleton
 from mim_agg.backbones.tokens import require_finite
 from mim_agg.builders import build_backbone, build_datamodule, load_probe_head
+from mim_agg.data.device_decode import collate, finish_images
 from mim_agg.runs.identity import result_config
 from mim_agg.utils.files import write_json
 from mim_agg.utils.loggers import build_loggers, finish_loggers, log_figures
@@ -85,7 +86,8 @@ def run(cfg: DictConfig, watch=None) -> dict:
         for images, targets in tqdm(loader, desc="attention statistics", unit="batch"):
             if watch is not None:
                 watch.check()
-            tokens = backbone(images.to(device))
+            images = finish_images(images, device)
+            tokens = backbone(images)
             require_finite("The backbone's tokens", tokens.tensors())
             collector.add(images, targets, tokens, records)
     result = {
@@ -117,7 +119,10 @@ def build_loader(cfg: DictConfig) -> DataLoader:
     order = np.random.default_rng(cfg.seed).permutation(len(dataset))
     sample = Subset(dataset, order[: cfg.analysis.num_images].tolist())
     return DataLoader(
-        sample, batch_size=cfg.analysis.batch_size, num_workers=cfg.dataset.num_workers
+        sample,
+        batch_size=cfg.analysis.batch_size,
+        num_workers=cfg.dataset.num_workers,
+        collate_fn=collate,
     )
 
 

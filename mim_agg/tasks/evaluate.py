@@ -43,6 +43,7 @@ from mim_agg.builders import (
 )
 from mim_agg.data.datamodule import TransformedSubset
 from mim_agg.data.decode import encoded
+from mim_agg.data.device_decode import collate, finish_images
 from mim_agg.data.imagenet_variants import EvaluationImages
 from mim_agg.data.sources import DataError, source_options
 from mim_agg.errors import UserError
@@ -97,7 +98,10 @@ def run(cfg: DictConfig, watch=None) -> dict:
     folder, scored_set = run_dir / FOLDER / test.title, scored_dataset(cfg, test)
     check_replaceable(folder, scored_set, cfg.resume)
     batches = DataLoader(
-        images, batch_size=cfg.evaluate.batch_size, num_workers=cfg.dataset.num_workers
+        images,
+        batch_size=cfg.evaluate.batch_size,
+        num_workers=cfg.dataset.num_workers,
+        collate_fn=collate,
     )
     predicted, top5 = score(trained, heads, layout, batches, test)
     summary = {
@@ -251,7 +255,7 @@ def score(trained, heads: dict, layout, batches: DataLoader, test: EvaluationIma
     predicted, top5 = {n: [] for n in heads}, {n: [] for n in heads}
     with torch.inference_mode():
         for inputs, targets in tqdm(batches, desc=test.title, unit="batch"):
-            tokens = source(inputs.to(device))
+            tokens = source(finish_images(inputs, device))
             require_finite("The tokens the probe reads", tokens.tensors())
             for name, head in heads.items():
                 logits = head(tokens).float()

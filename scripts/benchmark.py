@@ -53,6 +53,7 @@ from mim_agg.cli import CONFIG_DIR
 from mim_agg.data import ProbeDataModule
 from mim_agg.data.datamodule import TransformedSubset
 from mim_agg.data.decode import ImageFile, TurboDecode
+from mim_agg.data.device_decode import collate, finish_images
 from mim_agg.data.sampling import EpochSampler
 from mim_agg.data.sources import load_image
 from mim_agg.probe import ProbeHead
@@ -453,7 +454,8 @@ def _extraction(source, images: torch.Tensor, batch_size: int, dtype: str, preci
 # time: the figures hold on a machine that other work loads (its load average is recorded).
 IMAGENET_SIZE = (500, 375)  # ImageNet's most common size (width, height)
 LARGE_SIZE = (1000, 750)  # photographs kept larger than ImageNet's (own image folders)
-DECODES = ("pil", "turbo", "turbo_dct")  # dataset.decode; turbo* need simplejpeg (fastjpeg)
+DECODES = ("pil", "turbo", "turbo_dct", "gpu")  # dataset.decode; turbo* need simplejpeg
+TURBO = (("turbo", None), ("turbo_dct", 256))  # TurboDecode's min_side for each
 LOADERS = {  # the data module's own loaders, as a probing run iterates them
     "eval": lambda module: module.test_dataloader(),
     "train": lambda module: module.train_loader(),
@@ -511,13 +513,13 @@ def per_core(work, items: list, repeats: int = 2) -> float:
     return max(rates)
 
 
-def data_module(root: Path, decode: str, workers: int = 0) -> ProbeDataModule:
-    """The image-folder data module a probing run on ``root`` builds, at 224 px, batch 32."""
+def data_module(root: Path, decode: str, workers: int = 0, batch_size: int = 32):
+    """The image-folder data module a probing run on ``root`` builds, at 224 px."""
     dataset = {"name": "image_folder", "root": str(root), "num_classes": 2, "decode": decode}
     dataset.update(heldout_fraction=0.0, num_workers=workers)
     module = ProbeDataModule.from_config(
         dataset, img_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        batch_size=32,
+        batch_size=batch_size,
     )  # fmt: skip
     module.setup()
     return module
@@ -527,9 +529,13 @@ def data_path(args: argparse.Namespace) -> dict:
     """Images per second per CPU core of the eval (Resize 256 + CenterCrop 224) and training
     (RandomResizedCrop 224 + flip) transforms under each ``dataset.decode``, on
     ``--data-images`` ImageNet-like JPEGs (and a quarter as many of 1000 x 750); and what
-    ``turbo`` and ``turbo_dct`` change in the eval tensors and features, on those and on
-    scikit-learn's two sample photographs (real JPEGs, 640 x 427)."""
-    decodes = DECODES if importlib.util.find_spec("simplejpeg") else DECODES[:1]
+    ``turbo``, ``turbo_dct`` and ``gpu`` (on the CPU device here: torchvision's libjpeg-turbo
+    decoding and the tensor resize; nvJPEG's own difference is ``gpu_check.py``'s) change in
+    the eval tensors and features, on those and on scikit-learn's two sample photographs (real
+    JPEGs, 640 x 427). Under ``gpu`` the per-core figures are the loader workers' share (file
+    read, header, random draws); ``gpu_finish_on_cpu`` is the device's share done on a CPU core."""
+    turbo = importlib.util.find_spec("simplejpeg") is not None
+    decodes = tuple(d for d in DECODES if turbo or not d.startswith("turbo"))
     rng = np.random.default_rng(0)
     photos = [photo_jpeg(rng, IMAGENET_SIZE) for _ in range(args.data_images)]
     large = [photo_jpeg(rng, LARGE_SIZE) for _ in range(max(2, args.data_images // 4))]
@@ -562,7 +568,7 @@ def data_path(args: argparse.Namespace) -> dict:
         "joined children), one torch thread",
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "cpu_count": os.cpu_count(),
-        **({} if len(decodes) > 1 else {"note": "simplejpeg is not installed: pil alone"}),
+        **({} if turbo else {"note": "simplejpeg is not installed: no turbo figures"}),
     }
 
 
@@ -577,6 +583,7 @@ def data_rates(folders: dict, decodes: tuple[str, ...], workers: int) -> dict:
         "eval_per_core": split_rates(modules, "test"),
         "train_per_core": split_rates(modules, "train"),
         "eval_large_per_core": split_rates(large, "test"),
+        **({"gpu_finish_on_cpu": finish_rates(modules["gpu"])} if "gpu" in modules else {}),
         "loader": {
             "workers": workers,
             "batch_size": 32,
@@ -595,7 +602,7 @@ def decode_rates(files: list[Path], decodes: tuple[str, ...]) -> dict:
     ``decode_jpeg`` on the CPU (libjpeg-turbo into a tensor; on a GPU it runs nvJPEG)."""
     paths = [str(path) for path in files]
     rates = {"pil": per_core(load_image, paths)}
-    for name, side in (("turbo", None), ("turbo_dct", 256))[: len(decodes) - 1]:
+    for name, side in (turbo for turbo in TURBO if turbo[0] in decodes):
         decode = TurboDecode(side)
         rates[name] = per_core(lambda path, decode=decode: decode(ImageFile(path)), paths)
     rates["torchvision"] = per_core(
@@ -612,6 +619,17 @@ def split_rates(modules: dict, split: str) -> dict:
         subset = module.splits[split]
         keys = [(i, 0) for i in range(len(subset))] if split == "train" else range(len(subset))
         rates[decode] = per_core(subset.__getitem__, list(keys))
+    return rates
+
+
+def finish_rates(module: ProbeDataModule) -> dict:
+    """Images per CPU-second of ``finish_images`` on the CPU device (batched ``decode_jpeg``,
+    the tensor transform, normalisation) for the test and training loaders' batches of 32:
+    what ``gpu`` asks of the device, here done by one CPU core."""
+    rates = {}
+    for split, loader in LOADERS.items():
+        pending = list(loader(module))
+        rates[split] = per_core(lambda batch: finish_images(batch[0], "cpu"), pending)
     return rates
 
 
@@ -645,7 +663,8 @@ def eval_differences(reference: TransformedSubset, others: dict) -> dict:
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 
     def tensors_and_cls(split: TransformedSubset) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([split[i][0] for i in range(len(split))])
+        loader = DataLoader(split, batch_size=32, collate_fn=collate)  # finished as runs do
+        images = torch.cat([finish_images(batch, "cpu") for batch, _ in loader])
         with torch.inference_mode():
             return images, model.forward_features(images)[:, 0]
 
@@ -818,9 +837,10 @@ def print_data_path(data: dict) -> None:
         table.add_column(column, justify="left" if column == "decode" else "right")
     for decode, rate in data["eval_per_core"].items():
         loaders = [data["loader"][f"{split}_{decode}"] for split in LOADERS]
+        alone = data["decode_per_core"].get(decode)  # none under gpu: the device decodes
         table.add_row(
-            decode,
-            f"{data['decode_per_core'][decode]:,.0f}",
+            decode + (" (workers)" if alone is None else ""),
+            "device" if alone is None else f"{alone:,.0f}",
             f"{rate:,.0f}",
             f"{data['train_per_core'][decode]:,.0f}",
             f"{data['eval_large_per_core'][decode]:,.0f}",
@@ -828,6 +848,12 @@ def print_data_path(data: dict) -> None:
         )
     console = Console()
     console.print(table)
+    if "gpu_finish_on_cpu" in data:
+        finish = data["gpu_finish_on_cpu"]
+        console.print(
+            f"gpu's device work on one CPU core (decode_jpeg, tensor transform): eval "
+            f"{finish['eval']:,.0f}, train {finish['train']:,.0f} images/s"
+        )
     for images, differences in data["difference"].items():
         for decode, difference in differences.items():
             console.print(

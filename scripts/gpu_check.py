@@ -6,7 +6,9 @@
 Measures ViT-B/16 all-token extraction images/s under bf16 autocast (synthetic input on the
 device, tokens copied into pinned host memory), the same with ``torch.compile``, cached-probing
 images/s of an AbMILP head on bf16 tokens, and peak GPU memory; batched JPEG decoding on the
-device (``jpeg_decode``: ImageNet-sized files, alone and with the eval transform); then the
+device (``jpeg_decode``: ImageNet-sized files decoded alone, then the ``dataset.decode=gpu``
+path through the data module's loaders against ``pil``'s, and nvJPEG's pixels against the
+CPU's); then the
 peak memory of ``heads=ep`` (the linear probe and efficient-probing's fourteen poolers) at
 ViT-B from cached tokens at batch 512 x 8 accumulated = 4096 (``ep_memory`` of
 scripts/benchmark.py, the README's figure). Then runs the quickstart and a ``heads=bench8``
@@ -18,6 +20,7 @@ extraction (``trainer=ddp``) must write the cache one GPU writes, byte for byte.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -30,15 +33,19 @@ import numpy as np
 import torch
 from benchmark import (  # scripts/benchmark.py: this script's folder is on sys.path
     IMAGENET_SIZE,
+    LOADERS,
+    data_module,
     ep_memory,
+    jpeg_folder,
     photo_jpeg,
 )
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_STD
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as F
 
 from mim_agg.aggregators import build_aggregator
 from mim_agg.backbones import FrozenBackbone, LiveTokens, TokenRequest, Tokens
+from mim_agg.data.device_decode import finish_images
 from mim_agg.probe import ProbeHead
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,40 +133,115 @@ def throughput(args: argparse.Namespace, device: str) -> dict:
 
 
 def jpeg_decode(args: argparse.Namespace, device: str) -> dict:
-    """Images/s of torchvision's batched ``decode_jpeg`` on the device (nvJPEG on a GPU) of
-    ImageNet-like JPEGs (500 x 375, quality 90: ``benchmark.photo_jpeg``), alone and with the
-    eval transform on the device (bicubic antialiased resize of the shorter side to 256,
-    centre crop 224, normalisation, image by image as sizes differ in real data): what a GPU
-    decoding path (``dataset.decode=gpu``, not implemented yet) would feed a backbone, the
-    loader only reading files. README, "Data path"."""
-    batch = 2 if args.smoke else 128
+    """``dataset.decode=gpu`` measured, to choose it or not (README, "Data path"), on
+    ImageNet-like JPEGs (500 x 375, quality 90: ``benchmark.photo_jpeg``):
+
+    - ``decode_images_per_s``: torchvision's batched ``decode_jpeg`` on the device alone
+      (nvJPEG on a GPU);
+    - ``loaders``: images/s of the data module's own eval and training loaders delivering
+      finished batches on the device (``finish_images``: under ``gpu`` decoded and transformed
+      there, under ``pil`` moved there), with the same loader workers; ``gpu_over_pil``;
+    - ``difference``: nvJPEG's RGB against the CPU's decoding of the same files, and the eval
+      tensors of ``gpu`` on the device against ``gpu`` on the CPU and against ``pil``, in
+      8-bit levels; ``kinds``: how other JPEG kinds fare on the device decoder."""
+    count, batch = (8, 4) if args.smoke else (1024, 256)
+    workers = 0 if args.smoke else min(8, os.cpu_count() or 1)
     rng = np.random.default_rng(0)
-    files = [
-        torch.frombuffer(bytearray(photo_jpeg(rng, IMAGENET_SIZE)), dtype=torch.uint8)
-        for _ in range(batch)
-    ]
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+    files = [photo_jpeg(rng, IMAGENET_SIZE) for _ in range(count)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def decode() -> list[torch.Tensor]:
-        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
-
-    def decode_and_transform() -> torch.Tensor:
-        crops = [
-            F.center_crop(F.resize(image, [256], F.InterpolationMode.BICUBIC), [224])
-            for image in decode()
-        ]
-        return (torch.stack(crops).float() / 255 - mean) / std
-
-    return {
-        "batch": batch,
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files[:batch]]
+    figures = {
         "device": device_name(device),
-        "decode_images_per_s": timed(decode, args.seconds, batch, sync),
-        "decode_eval_transform_images_per_s": timed(
-            decode_and_transform, args.seconds, batch, sync
+        "images": count,
+        "batch": batch,
+        "loader_workers": workers,
+        "decode_images_per_s": timed(
+            lambda: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device),
+            args.seconds,
+            batch,
+            sync,
         ),
     }
+    with tempfile.TemporaryDirectory() as folder:
+        jpeg_folder(Path(folder), files)
+        modules = {d: data_module(Path(folder), d, workers, batch) for d in ("pil", "gpu")}
+        loaders = {
+            f"{split}_{decode}": loader_images_per_s(make(module), device, args.seconds, sync)
+            for decode, module in modules.items()
+            for split, make in LOADERS.items()
+        }
+        figures["loaders"] = loaders
+        figures["gpu_over_pil"] = {s: loaders[f"{s}_gpu"] / loaders[f"{s}_pil"] for s in LOADERS}
+        figures["difference"] = pixel_differences(modules, encoded, device)
+    figures["kinds"] = jpeg_kinds(device)
+    return figures
+
+
+def loader_images_per_s(loader, device: str, seconds: float, sync) -> float:
+    """Finished batches on ``device`` per second, whole passes of ``loader`` (its workers
+    started by a first batch, not timed) until ``seconds`` have passed."""
+    next(iter(loader))
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done == 0:
+        for images, labels in loader:
+            finish_images(images, device)
+            done += len(labels)
+    sync()
+    return done / (time.perf_counter() - start)
+
+
+def pixel_differences(modules: dict, encoded: list[torch.Tensor], device: str) -> dict:
+    """In 8-bit levels, mean and max: the device's decoding against the CPU's (the same
+    libjpeg-turbo on a CPU device: 0), and ``gpu``'s eval tensors on the device against the
+    same on the CPU and against ``pil``'s."""
+    on_device = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    on_cpu = decode_jpeg(encoded, mode=ImageReadMode.RGB)
+    decoded = torch.cat(
+        [(a.cpu().int() - b.int()).abs().flatten() for a, b in zip(on_device, on_cpu, strict=True)]
+    )
+    pending, _ = next(iter(modules["gpu"].test_dataloader()))
+    pil, _ = next(iter(modules["pil"].test_dataloader()))
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)  # data_module's normalisation
+    ours = finish_images(pending, device).cpu()
+    return {
+        "decode_device_vs_cpu": levels(decoded.float()),
+        "eval_gpu_device_vs_cpu": levels((ours - finish_images(pending, "cpu")).abs() * std * 255),
+        "eval_gpu_device_vs_pil": levels((ours - pil).abs() * std * 255),
+    }
+
+
+def levels(differences: torch.Tensor) -> dict:
+    return {"mean": differences.mean().item(), "max": differences.max().item()}
+
+
+def jpeg_kinds(device: str) -> dict:
+    """Per kind of JPEG (Pillow-encoded, 97 x 61: partial blocks at both edges), whether the
+    device decoder takes it and its largest difference to the CPU's decoding, in levels
+    (``dataset.decode=gpu`` sends CMYK to Pillow before it reaches the device)."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (61, 97, 3), dtype=np.uint8)
+    kinds = {
+        "4:2:0": {}, "4:4:4": {"subsampling": 0}, "progressive": {"progressive": True},
+        "grayscale": {"mode": "L"}, "cmyk": {"mode": "CMYK"},
+    }  # fmt: skip
+    results = {}
+    for kind, options in kinds.items():
+        options = dict(options)
+        image = Image.fromarray(pixels).convert(options.pop("mode", "RGB"))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90, **options)
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        try:
+            ours = decode_jpeg(data, mode=ImageReadMode.RGB, device=device).cpu()
+        except RuntimeError as error:
+            results[kind] = {"decoded": False, "error": str(error)[:200]}
+            continue
+        cpu = decode_jpeg(data, mode=ImageReadMode.RGB)
+        difference = (
+            (ours.int() - cpu.int()).abs().max().item() if ours.shape == cpu.shape else None
+        )
+        results[kind] = {"decoded": True, "max_levels_vs_cpu": difference}
+    return results
 
 
 def run_py(root: Path, *overrides: str) -> None:

@@ -106,8 +106,9 @@ def load_script(name: str):
 @pytest.mark.slow  # decodes, loads through worker processes and runs a ViT for seconds
 def test_the_data_path_alone_reports_every_decoder_per_core(tmp_path, monkeypatch, capsys):
     """``--data-path-only``: per-core rates of every decoder for decoding alone, the eval and
-    training items and the loaders, on ImageNet-sized JPEGs of ImageNet's file size; turbo
-    changes no pixel, turbo_dct some (as bilinear resizing does: the yardstick)."""
+    training items and the loaders, on ImageNet-sized JPEGs of ImageNet's file size (under gpu
+    the workers' share, and the device's share on a CPU core); turbo changes no pixel,
+    turbo_dct some (as bilinear resizing does: the yardstick), gpu less than bilinear."""
     pytest.importorskip("simplejpeg")
     out = tmp_path / "data.json"
     arguments = ["--out", str(out), "--data-path-only", "--data-images", "4"]
@@ -124,11 +125,17 @@ def test_the_data_path_alone_reports_every_decoder_per_core(tmp_path, monkeypatc
     for figure in ("decode_per_core", "eval_per_core", "train_per_core", "eval_large_per_core"):
         assert decoders <= set(data[figure]), figure
         assert all(positive(rate) for rate in data[figure].values()), figure
+        assert ("gpu" in data[figure]) == (figure != "decode_per_core"), figure  # the device's
+    assert set(data["gpu_finish_on_cpu"]) == {"eval", "train"}
+    assert all(positive(rate) for rate in data["gpu_finish_on_cpu"].values())
     for split in ("eval", "train"):
-        for decode in decoders:
+        for decode in decoders | {"gpu"}:
             assert all(positive(v) for v in data["loader"][f"{split}_{decode}"].values())
     for images, figures in data["difference"].items():
-        assert set(figures) == {"turbo", "turbo_dct", "pil_bilinear"}, images
+        assert set(figures) == {"turbo", "turbo_dct", "gpu", "pil_bilinear"}, images
+        bilinear = figures["pil_bilinear"]["pixel_mean_abs_levels"]
+        assert 0 < figures["gpu"]["pixel_mean_abs_levels"] < bilinear, images
+        assert 0.99 < figures["gpu"]["cls_cosine_min"] <= 1, images
         same = figures["turbo"]
         assert same["pixel_max_abs_levels"] == 0 and same["cls_cosine_min"] == pytest.approx(1)
         for other in ("turbo_dct", "pil_bilinear"):

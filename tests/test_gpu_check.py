@@ -21,10 +21,16 @@ def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["throughput"]["extract_images_per_s"] > 0
     assert report["throughput"]["cached_probe_abmilp_images_per_s"] > 0
-    decoding = report["jpeg_decode"]  # torchvision's batched decode_jpeg, here on the CPU
-    assert (
-        decoding["decode_images_per_s"] > 0 and decoding["decode_eval_transform_images_per_s"] > 0
-    )
+    decoding = report["jpeg_decode"]  # batched decode_jpeg and dataset.decode=gpu, on the CPU
+    assert decoding["decode_images_per_s"] > 0
+    assert set(decoding["loaders"]) == {"eval_pil", "train_pil", "eval_gpu", "train_gpu"}
+    assert all(rate > 0 for rate in decoding["loaders"].values())
+    assert set(decoding["gpu_over_pil"]) == {"eval", "train"}
+    difference = decoding["difference"]  # on the CPU the device's decoding is libjpeg-turbo's
+    assert difference["decode_device_vs_cpu"]["max"] == 0
+    assert difference["eval_gpu_device_vs_cpu"]["max"] == 0
+    assert 0 < difference["eval_gpu_device_vs_pil"]["mean"] < 1
+    assert all(kind["decoded"] for kind in decoding["kinds"].values())
     # heads=ep from cached tokens through probe.effective_batch: linear probe + 14 poolers
     memory = report["ep_memory"]
     assert memory["heads"] == 15 and memory["effective_batch"] == 8 * 2

@@ -132,12 +132,13 @@ def test_a_folder_under_turbo_loads_the_batches_pillow_loads(tmp_path):
             assert torch.equal(a, b) and torch.equal(y, z)
 
 
-def test_a_source_without_files_refuses_turbo_by_name():
+@pytest.mark.parametrize("decode", ["turbo", "gpu"])
+def test_a_source_without_files_refuses_turbo_and_gpu_by_name(decode):
     module = ProbeDataModule.from_config(
-        {"name": "digits", "num_classes": 10, "num_workers": 0, "decode": "turbo"},
+        {"name": "digits", "num_classes": 10, "num_workers": 0, "decode": decode},
         img_size=32, mean=MEAN, std=STD, batch_size=4,
     )  # fmt: skip
-    with pytest.raises(ConfigError, match="dataset.decode=turbo decodes image files.*'digits'"):
+    with pytest.raises(ConfigError, match=f"dataset.decode={decode} decodes image files.*'digits'"):
         module.setup()
 
 

@@ -1,7 +1,8 @@
 """dataset.decode=gpu on the CPU device: loader workers read files and draw the random crops,
 ``finish_images`` decodes (``decode_jpeg``) and transforms whole batches where the backbone
 runs. Its eval batch is the documented computation, its training crops are pil's, files the
-device decoder cannot take go to Pillow or are named, and real runs record the decoder."""
+device decoder cannot take go to Pillow or are named, and real runs record the decoder (a
+source without files is refused by name: ``tests/test_decode.py``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from mim_agg.data.decode import ImageFile
 from mim_agg.data.device_decode import PendingBatch, collate, finish_images
 from mim_agg.data.sources import UnreadableImage, load_image
 from mim_agg.data.transforms import build_transform
-from mim_agg.errors import ConfigError
 from tests.helpers import FAST, compose_config
 from tests.test_decode import photo, save_jpeg
 
@@ -151,15 +151,6 @@ def test_files_the_device_decoder_cannot_take_go_to_pillow_or_are_named(tmp_path
     pending = collate([(read(ImageFile(path)), 0) for path in (good, str(truncated))])[0]
     with pytest.raises(UnreadableImage, match="truncated.jpg.*dataset.verify=true"):
         finish_images(pending, "cpu")
-
-
-def test_a_source_without_files_refuses_gpu_by_name():
-    data = ProbeDataModule.from_config(
-        {"name": "digits", "num_classes": 10, "num_workers": 0, "decode": "gpu"},
-        img_size=32, mean=MEAN, std=STD, batch_size=4,
-    )  # fmt: skip
-    with pytest.raises(ConfigError, match="dataset.decode=gpu decodes image files.*'digits'"):
-        data.setup()
 
 
 @pytest.mark.slow  # trains for seconds

@@ -629,7 +629,8 @@ def finish_rates(module: ProbeDataModule) -> dict:
     rates = {}
     for split, loader in LOADERS.items():
         pending = list(loader(module))
-        rates[split] = per_core(lambda batch: finish_images(batch[0], "cpu"), pending)
+        batches = per_core(lambda batch: finish_images(batch[0], "cpu"), pending)
+        rates[split] = batches * sum(len(labels) for _, labels in pending) / len(pending)
     return rates
 
 

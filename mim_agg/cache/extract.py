@@ -196,7 +196,11 @@ def extract(
     bf16 = precision.startswith("bf16")
 
     def compute(images, pending):
-        images = finish_images(images, ranks.device).flatten(0, 1)  # [images x views, 3, H, W]
+        if not isinstance(images, torch.Tensor):  # decode=gpu: decoded on the device at once
+            images = finish_images(images, ranks.device)
+        # Tensors decoded by the workers stay on the host: extract_batch moves one backbone
+        # batch at a time, not every view of the loader's batch (10 views: 10x the memory).
+        images = images.flatten(0, 1)  # [images x views, 3, H, W]
         return extract_batch(source, images, pending, dtype, batch_size, bf16)
 
     for name, plan in plans.items():

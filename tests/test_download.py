@@ -242,6 +242,25 @@ class HubServer:
         self.httpd.shutdown()
 
 
+def fetch_from_hub(url: str, payload: bytes, overrides: list[str], tmp_path):
+    """``download_weights.py`` with ``overrides`` and ``backbone.url=url`` (a Hugging Face
+    file's address), that file being ``payload``, served under a fake ``HF_ENDPOINT`` on
+    127.0.0.1 (the address's host becomes it); the finished script."""
+    hub = HubServer(url.rsplit("/", 1)[1], payload)
+    served = hub.url + "/" + url.split("://", 1)[1].split("/", 1)[1]
+    script = [sys.executable, str(PROJECT_ROOT / "scripts" / "download_weights.py"), *overrides]
+    try:
+        return subprocess.run(
+            [*script, f"backbone.url={served}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**cli_environment(tmp_path), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+        )
+    finally:
+        hub.close()
+
+
 @pytest.mark.slow
 def test_the_script_prefetches_a_timm_tag_that_then_loads_offline(tmp_path):
     from safetensors.torch import save

@@ -49,8 +49,8 @@ LEADERBOARD = [
     ("Hybrid", "DINOv2", "ViT-B/14", "dinov2_vitb", "cls", "ep"),
     ("Hybrid", "DINOv2", "ViT-L/14", "dinov2_vitl", "cls", "ep_all"),
     ("Hybrid", "Franca", "ViT-L/14", "franca_vitl14", "cls", "ep_all"),
-    ("Hybrid", "RADIO", "ViT-B/16", "radio_vitb16", "cls", "ep"),  # C-RADIOv3 for their v2.5
-    ("Hybrid", "RADIO", "ViT-L/16", "radio_vitl16", "cls", "ep"),
+    ("Hybrid", "RADIO", "ViT-B/16", "radiov25_vitb16", "cls", "ep"),  # [cls]: their first summary
+    ("Hybrid", "RADIO", "ViT-L/16", "radiov25_vitl16", "cls", "ep"),
     ("VLM", "CLIP", "ViT-B/16", "clip_vitb16", "cls", "ep_all"),
     ("VLM", "CLIP", "ViT-L/14", "clip_vitl14", "cls", "ep"),
     ("VLM", "SigLIP", "ViT-L/16", "siglip_vitl16_256", "pos", "ep"),

@@ -222,7 +222,7 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
     stored, source_format = read_state_dict(path)
     state = normalize_keys(stored)
     carried = carried_buffers(state, source_format)  # before timm's filter, which drops them
-    state_dict = timm_filtered(model, state)
+    state_dict = timm_filtered(model, fitted(model, state, source_format))
     check_prefix_tokens(model, state_dict, f"{str(path)!r} ({source_format} format)")
     state_dict = without_zero_biases(model, state_dict)
     buffers = {k: v for k, v in model.named_buffers() if k in carried}
@@ -275,6 +275,14 @@ def carried_buffers(state: dict[str, torch.Tensor], source_format: str) -> dict[
     known = FORMATS.get(source_format)
     names = known.buffers if known is not None else ()
     return {name: state.pop(name) for name in names if name in state}
+
+
+def fitted(model: nn.Module, state: dict[str, torch.Tensor], source_format: str) -> dict:
+    """``state`` as its format computes it for ``model`` as built (``Format.fit``: RADIO's
+    position grid cropped to the model's), else as it is: timm's filter then finds the
+    tables at the model's size and leaves them."""
+    known = FORMATS.get(source_format)
+    return known.fit(state, model) if known is not None and known.fit is not None else state
 
 
 def prefix_tokens(has_cls: bool, registers: int) -> str:

@@ -7,7 +7,10 @@ to the generic unwrapping in ``mim_agg/backbones/loading.py`` (``{"model": ...}`
 ``encoder.`` / ``backbone.`` prefixes). What a converter cannot place it keeps under the
 checkpoint's own name, so the strict load reports it, naming the recognised format. A
 converter may also return values for buffers timm computes itself rather than loads (``buffers``:
-DINOv3's RoPE periods, which the published files store rounded): the load copies them in.
+DINOv3's RoPE periods, which the published files store rounded): the load copies them in. Where
+the authors' model computes a table for the input's size from a stored one (RADIO's position
+grid, cropped and resampled at every forward), the format's ``fit`` computes it once for the
+built model, before timm's own filter would resample it its way.
 
 Adding a format is one module here (its ``detect`` and its converter) and one test that loads a
 file in the authors' key layout and compares the tokens with an independent reference forward.
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 State = dict[str, torch.Tensor]
 
@@ -31,19 +35,26 @@ class Format:
     detect: Callable[[dict], bool]
     convert: Callable[[dict], State]
     buffers: tuple[str, ...] = ()  # timm's non-persistent buffers whose values the file fixes
+    fit: Callable[[State, nn.Module], State] | None = None  # the state for the built model
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def checkpoint_format(name: str, detect: Callable[[dict], bool], buffers: tuple[str, ...] = ()):
+def checkpoint_format(
+    name: str,
+    detect: Callable[[dict], bool],
+    buffers: tuple[str, ...] = (),
+    fit: Callable[[State, nn.Module], State] | None = None,
+):
     """Function decorator: the decorated converter serves checkpoints ``detect`` recognises;
-    the keys ``buffers`` of what it returns are values for buffers the model computes itself."""
+    the keys ``buffers`` of what it returns are values for buffers the model computes itself;
+    ``fit(state, model)`` turns what it returns into what ``model``, as built, computes with."""
 
     def add(convert: Callable[[dict], State]) -> Callable[[dict], State]:
         if name in FORMATS:
             raise ValueError(f"Checkpoint format {name!r} is registered twice.")
-        FORMATS[name] = Format(name, detect, convert, buffers)
+        FORMATS[name] = Format(name, detect, convert, buffers, fit)
         return convert
 
     return add

@@ -27,6 +27,7 @@ REPRESENTATION_KEYS = ("linear_input", "ep_tokens")  # config for the runs, not 
 
 RULES = {
     # key: (test(value, cfg), what is valid)
+    "seed": (lambda v, c: type(v) is int, "an integer"),  # the root has no schema to say so
     "probe.epochs": (lambda v, c: v >= 1, "an integer >= 1"),
     "probe.warmup_epochs": (
         lambda v, c: 0 <= v <= c.probe.epochs,
@@ -148,10 +149,11 @@ def cache_part(value: str | None) -> tuple[int, int]:
 def check_ranges(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first option outside its range."""
     for key, (valid, description) in RULES.items():
-        group, _, name = key.partition(".")
-        if group not in cfg or name not in cfg[group]:
+        group, _, name = key.rpartition(".")  # no group: a key at the top
+        parent = cfg.get(group) if group else cfg
+        if parent is None or name not in parent:
             continue
-        value = cfg[group][name]
+        value = parent[name]
         if not valid(value, cfg):
             valid_range = description.format(cfg=cfg)
             raise ConfigError(f"{key}={value} is invalid: it must be {valid_range}.")

@@ -146,3 +146,11 @@ def test_a_key_added_with_a_plus_at_the_top_is_refused_and_no_preset_adds_one(pr
     check_root_keys(cfg, cfg.hydra.runtime.choices)
     with pytest.raises(ConfigError, match="sed is no option: a '\\+' .* Did you mean seed\\?"):
         check_root_keys(typo, typo.hydra.runtime.choices)
+
+
+@pytest.mark.parametrize("seed", ["abc", "1.5"])
+def test_a_seed_that_is_no_integer_is_refused_by_name(seed, tmp_path):
+    """The root has no schema: without this, ``seed=abc`` surfaced as OmegaConf's traceback
+    wherever ``${seed}`` was first resolved (``dataset.subset_seed``), exit 1."""
+    with pytest.raises(ConfigError, match=f"seed={seed} is invalid: it must be an integer"):
+        run_task(compose_config([*FAST, f"seed={seed}"], tmp_path))

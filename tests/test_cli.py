@@ -34,7 +34,8 @@ def test_help_lists_tasks_every_group_and_option_and_the_scripts(tmp_path):
         if script.name != "gpu_check.py":  # run through gpu_check.sh
             assert f"scripts/{script.name}" in text, f"--help does not mention {script.name}"
     assert "schema" not in text.split("== Config ==")[0]  # the config schemas are no options
-    assert len(text.splitlines()) < 70  # what a newcomer needs; --cfg job prints the config
+    # What a newcomer needs (the backbone list wraps as the zoo grows); --cfg job prints the config.
+    assert len(text.splitlines()) < 75
 
 
 def test_cfg_job_shows_the_composed_config(tmp_path):

@@ -224,6 +224,12 @@ def test_an_unfinished_run_or_other_classes_are_refused(probe_run, tmp_path):
                 tmp_path / "x",
             )
         )
+    for folder, refusal in [("nope", "nope' does not exist"), ("sweep", "is a sweep folder")]:
+        (tmp_path / "sweep").mkdir(exist_ok=True)
+        (tmp_path / "sweep" / "multirun.yaml").touch()
+        with pytest.raises(UserError, match=refusal):
+            command = [*FAST, "task=evaluate", f"evaluate.run={tmp_path / folder}"]
+            run_task(compose_config([*command, "dataset=imagenet_r"], tmp_path / "x"))
     (tmp_path / "three.txt").write_text("\n".join(WNIDS[:3]))
     root = f"dataset.root={sketches(tmp_path / 'sketch')}"
     with pytest.raises(UserError, match="predicts 4 classes .* lists 3, not the same"):

@@ -178,6 +178,8 @@ def test_a_folder_without_a_sweep_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="no sweep folder"):
         run_task(compose_config(["task=report", f"report.sweep_dir={tmp_path}"]))
+    with pytest.raises(UserError, match="nope' does not exist; give the folder a sweep"):
+        run_task(compose_config(["task=report", f"report.sweep_dir={tmp_path / 'nope'}"]))
 
 
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)

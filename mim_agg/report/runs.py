@@ -48,10 +48,13 @@ def read_sweeps(sweep_dirs: list[Path]) -> list[Job]:
     for sweep_dir in sweep_dirs:
         sweep_dir = Path(sweep_dir)
         if not (sweep_dir / "multirun.yaml").is_file():
+            what = (
+                "is no sweep folder (no multirun.yaml)" if sweep_dir.is_dir() else "does not exist"
+            )
             raise UserError(
-                f"report.sweep_dir={str(sweep_dir)!r} is no sweep folder (no multirun.yaml); "
-                "give the folder a sweep printed as 'Sweep folder: ...' (outputs/multirun/<time>; "
-                "a relative path is taken from MIM_AGG_ROOT, else the current folder)."
+                f"report.sweep_dir={str(sweep_dir)!r} {what}; give the folder a sweep printed as "
+                "'Sweep folder: ...' (outputs/multirun/<time>; a relative path is taken from "
+                "paths.root_dir: MIM_AGG_ROOT, else the folder run.py is started in)."
             )
         jobs += read_sweep(sweep_dir)
     return jobs

@@ -118,6 +118,14 @@ def run(cfg: DictConfig, watch=None) -> dict:
 def finished_probe_run(run_dir: Path) -> DictConfig:
     """The run's config, if it is a probe run (asked first: another task's run is named as
     such, finished or not) that finished (its results and checkpoint)."""
+    if not run_dir.is_dir():
+        raise UserError(f"evaluate.run={str(run_dir)!r} does not exist; give a probe run's folder.")
+    if (run_dir / "multirun.yaml").is_file():
+        runs = ", ".join(sorted(p.name for p in run_dir.iterdir() if p.is_symlink())[:3])
+        raise UserError(
+            f"evaluate.run={str(run_dir)!r} is a sweep folder; evaluate.run takes one of its "
+            f"runs ({runs or 'none linked yet'}{', ...' if runs else ''}): score each run alone."
+        )
     config = run_dir / "config.yaml"
     trained = OmegaConf.load(config) if config.is_file() else None
     if trained is not None and trained.get("task") != "probe":

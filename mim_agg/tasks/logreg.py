@@ -171,5 +171,6 @@ def finished(output_dir: Path) -> dict:
 
 
 def show(summary: dict) -> None:
-    settings = {"C": lambda r: f"{r['C']:.4g}", "iterations": lambda r: str(r["iterations"])}
-    show_selection(summary, "logistic regression", "C", settings)
+    settings = {"C": lambda r: f"{r['C']:.4g}"}
+    outcomes = {"iterations": lambda r: str(r["iterations"])}
+    show_selection(summary, "logistic regression", "C", settings, outcomes)

@@ -88,15 +88,19 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def show_selection(summary: dict, protocol: str, chosen: str, settings: dict) -> None:
+def show_selection(
+    summary: dict, protocol: str, chosen: str, settings: dict, outcomes: dict | None = None
+) -> None:
     """The table and last log line of a protocol that chooses its settings per head on
     held-out (k-NN: k and T; logistic regression: C): every head's test and held-out
-    accuracy, the winner starred, and ``settings`` (column -> its text from a head's result)."""
+    accuracy, the winner starred, ``settings`` (column -> its text from a head's result) and
+    ``outcomes``, columns shown alike but not chosen (logistic regression's iterations)."""
+    outcomes = outcomes or {}
     winner = summary["heads"][summary["winner"]]
     selected = winner["val/acc1_best"] is not None
     how = f"{chosen} chosen on held-out" if selected else f"one {chosen}: nothing chosen"
     table = Table(title=f"mim_agg {protocol} (test accuracy; {how})")
-    for column in ("head", "test acc1", "test acc5", "held-out acc1", *settings):
+    for column in ("head", "test acc1", "test acc5", "held-out acc1", *settings, *outcomes):
         table.add_column(column, justify="left" if column == "head" else "right")
     for name, result in summary["heads"].items():
         table.add_row(
@@ -104,14 +108,15 @@ def show_selection(summary: dict, protocol: str, chosen: str, settings: dict) ->
             _pct(result["test/acc1"]),
             _pct(result["test/acc5"]),
             _pct(result["val/acc1_best"]),
-            *(text(result) for text in settings.values()),
+            *(text(result) for text in [*settings.values(), *outcomes.values()]),
         )
     log_table(table)
     log.info(
-        "%s %s: test acc1 %.2f%% (%s%s)",
+        "%s %s: test acc1 %.2f%% (%s%s%s)",
         "Winner" if selected else "Result of",
         summary["winner"],
         100 * winner["test/acc1"],
         ", ".join(f"{column}={text(winner)}" for column, text in settings.items()),
         " chosen on held-out" if selected else "",
+        "".join(f"; {column}={text(winner)}" for column, text in outcomes.items()),
     )

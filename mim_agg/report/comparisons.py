@@ -15,6 +15,7 @@ single seed, the t-interval of the mean over several (``significance``).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,11 +97,16 @@ class RunPredictions:
 def compare(table: dict[tuple, Cell], keys: list[str], predictions: RunPredictions) -> Comparisons:
     """Every cell's interval and, where its runs wrote ``predictions``, its paired tests."""
     result = Comparisons({}, [])
-    for column in dict.fromkeys(key[:-1] for key in table):
-        cells = {key[-1]: table[key] for key in table if key[:-1] == column}
+    for column, cells in columns(table):
         compare_column(dict(zip(keys, column, strict=True)), cells, predictions, result)
     result.missing = predictions.missing
     return result
+
+
+def columns(table: dict[tuple, Cell]) -> Iterator[tuple[tuple, dict[str, Cell]]]:
+    """Each column of the table (its config values) with its cells by head, in table order."""
+    for column in dict.fromkeys(key[:-1] for key in table):
+        yield column, {key[-1]: table[key] for key in table if key[:-1] == column}
 
 
 def by_replicate(cell: Cell) -> dict[tuple, dict]:

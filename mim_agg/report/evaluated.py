@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mim_agg.errors import UserError
-from mim_agg.report.comparisons import Comparisons, RunPredictions, column_winner, compare
+from mim_agg.report.comparisons import (
+    Comparisons,
+    RunPredictions,
+    column_winner,
+    columns,
+    compare,
+)
 from mim_agg.report.runs import Job
 from mim_agg.report.table import SAME_MARK, WINNER_MARK, Cell, column_label, natural
 from mim_agg.utils.files import read_json, sha256_of
@@ -161,8 +167,7 @@ def set_table(table: dict[tuple, Cell], found: Evaluations, name: str) -> dict[t
     would choose its winner again, on fewer heads."""
     scored = {key: set_cell(cell, found, name) for key, cell in table.items()}
     kept = {}
-    for column in dict.fromkeys(key[:-1] for key in table):
-        cells = {key[-1]: table[key] for key in table if key[:-1] == column}
+    for column, cells in columns(table):
         if scored[(*column, column_winner(cells))] is not None:
             kept |= {(*column, h): scored[(*column, h)] for h in cells if scored[(*column, h)]}
     return kept

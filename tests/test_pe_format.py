@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -27,8 +25,8 @@ from mim_agg.backbones.formats import recognise
 from mim_agg.backbones.loading import load_checkpoint_into
 from mim_agg.builders import build_backbone
 from mim_agg.errors import ConfigError
-from tests.helpers import PROJECT_ROOT, cli_environment, compose_config
-from tests.test_download import HubServer
+from tests.helpers import compose_config
+from tests.test_download import fetch_from_hub
 
 DIM, HEADS, DEPTH, POOL_HEADS, OUT = 32, 2, 2, 8, 24
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
@@ -299,24 +297,14 @@ def test_the_script_fetches_the_authors_file_from_its_hugging_face_repository(tm
     arch, name = "vit_pe_core_base_patch16_224", "PE-Core-B16-224.pt"
     state, buffer = authors_state(arch), io.BytesIO()
     torch.save(state, buffer)
-    hub = HubServer(name, buffer.getvalue())
     overrides = [
         "backbone=pe_core_vitb16",
         "backbone.weights=${paths.weights_dir}/" + name,
         *[f"+backbone.arch_kwargs.{key}={value}" for key, value in TINY.items()],
         f"paths.root_dir={tmp_path}",
     ]
-    script = [sys.executable, str(PROJECT_ROOT / "scripts" / "download_weights.py"), *overrides]
-    try:
-        fetched = subprocess.run(
-            [*script, f"backbone.url={hub.url}/facebook/PE-Core-B16-224/resolve/main/{name}"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**cli_environment(tmp_path), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
-        )
-    finally:
-        hub.close()
+    url = f"https://huggingface.co/facebook/PE-Core-B16-224/resolve/main/{name}"
+    fetched = fetch_from_hub(url, buffer.getvalue(), overrides, tmp_path)
     assert fetched.returncode == 0, fetched.stderr[-2000:]
     assert "is ready (pe format" in fetched.stdout
     assert (tmp_path / "weights" / name).read_bytes() == buffer.getvalue()

@@ -76,10 +76,13 @@ def extraction_memory(
 
     Hiera's blocks differ per stage: each is counted with the tokens that enter it and those
     that leave it. ``reads_attention`` makes the tapped block's mixing hold an explicit map,
-    ``[heads, T, T]`` logits in bfloat16 and their float32 softmax, and the ``attention`` this
-    returns is what the peak grows by (nothing where the MLP's set stays larger); Hiera exposes
-    no map and is refused, as its extraction would be. ``tests/test_memory.py`` measures the
-    allocations of CPU forwards of small models of each family against this count."""
+    ``[heads, T, T]`` logits in bfloat16 and, while autocast's float32 softmax runs, its
+    float32 copy of them and its output (measured on an H200: without the copy the count fell
+    up to 31% short where the map dominates), and the ``attention`` this returns is what the
+    peak grows by (nothing where the MLP's set stays larger); Hiera exposes no map and is
+    refused, as its extraction would be. ``tests/test_memory.py`` measures the allocations of
+    CPU forwards of small models of each family against this count, ``scripts/gpu_check.py``
+    (its ``extraction_memory``) the README's rows on a GPU."""
     backbone = skeleton(**backbone_arguments(backbone_cfg))
     if not isinstance(backbone.reader, ViTReader | HieraReader):
         raise ConfigError(
@@ -101,7 +104,9 @@ def extraction_memory(
     if reads_attention:
         backbone.reader.attention(backbone.block)  # refuses a family without maps
         layout = backbone.layout
-        explicit = layout.num_heads * layout.num_tokens**2 * (sizes.compute + sizes.normed)
+        upcast = sizes.normed if sizes.normed != sizes.compute else 0  # softmax's float32 input
+        per_entry = sizes.compute + upcast + sizes.normed
+        explicit = layout.num_heads * layout.num_tokens**2 * per_entry
         attention = max(peak, block_bytes(backbone, backbone.block, sizes, explicit)) - peak
     pixels = 3 * backbone.img_size**2  # float32 from the loader, and a copy in bfloat16 weights'
     images = pixels * (4 + (sizes.stored if weight != torch.float32 else 0))

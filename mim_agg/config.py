@@ -112,7 +112,8 @@ BackboneConfig = make_dataclass(
     # backbone, which never receives them (mim_agg.validation.backbone_arguments):
     # - linear_input: what its LP and k-NN read: cls, or mean (the patch mean) where the model
     #   has no [cls] (I-JEPA, CAPI, AIMv2, Hiera) or only the output of its own learned
-    #   pooling (SigLIP, PE);
+    #   pooling (SigLIP, PE), or summary (RADIO's summary tokens, one per teacher,
+    #   concatenated: backbone.summary_tokens);
     # - ep_tokens: what EP reads: patch, or all ([cls] beside the patches, their `ep_all`
     #   rows) where the pre-training objective is defined on [cls] (DINO, iBOT, MoCo v3, ...).
     [("linear_input", str, field(default="cls")), ("ep_tokens", str, field(default="patch"))],

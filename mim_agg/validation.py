@@ -21,7 +21,7 @@ from mim_agg.errors import ConfigError
 # efficient-probing's leaderboard families (MIM, JEA, Hybrid = MIM + JEA, VLM, GEN), and none:
 # random weights. Figures and reports group by them.
 FAMILIES = ("mim", "jea", "hybrid", "vlm", "generative", "none")
-LINEAR_INPUTS = ("cls", "mean")  # backbone.linear_input: aggregators of those names read it
+LINEAR_INPUTS = ("cls", "mean", "summary")  # backbone.linear_input: aggregators of those names
 EP_TOKENS = ("patch", "all")  # backbone.ep_tokens: the `tokens` option of the learned poolers
 REPRESENTATION_KEYS = ("linear_input", "ep_tokens")  # config for the runs, not for the model
 
@@ -81,7 +81,8 @@ RULES = {
     "backbone.family": (lambda v, c: v in FAMILIES, "one of " + ", ".join(FAMILIES)),
     "backbone.linear_input": (
         lambda v, c: v in LINEAR_INPUTS,
-        "cls or mean (the patch mean), the representation the leaderboard's LP and k-NN read",
+        "cls, mean (the patch mean) or summary (backbone.summary_tokens concatenated), the "
+        "representation the leaderboard's LP and k-NN read",
     ),
     "backbone.ep_tokens": (
         lambda v, c: v in EP_TOKENS,
@@ -228,15 +229,15 @@ def backbone_arguments(backbone) -> dict:
 
 
 def check_representation(backbone, has_cls: bool, arch: str | None = None) -> None:
-    """Refuse ``backbone.linear_input=cls`` or ``backbone.ep_tokens=all`` for a backbone
-    without a ``[cls]`` token (I-JEPA, CAPI, SigLIP), before anything is loaded."""
+    """Refuse ``backbone.linear_input=cls`` (or ``summary``) or ``backbone.ep_tokens=all`` for a
+    backbone without a ``[cls]`` token (I-JEPA, CAPI, SigLIP), before anything is loaded."""
     if has_cls:
         return
     arch = arch or backbone.get("arch")
-    fixes = {"linear_input": ("cls", "mean"), "ep_tokens": ("all", "patch")}
-    for key, (needs_cls, instead) in fixes.items():
-        if backbone.get(key, instead) == needs_cls:
+    fixes = {"linear_input": (("cls", "summary"), "mean"), "ep_tokens": (("all",), "patch")}
+    for key, (need_cls, instead) in fixes.items():
+        if (value := backbone.get(key, instead)) in need_cls:
             raise ConfigError(
-                f"backbone.{key}={needs_cls} reads the [cls] token, but {arch} has none; use "
+                f"backbone.{key}={value} reads the [cls] token, but {arch} has none; use "
                 f"backbone.{key}={instead} (set it in its conf/backbone/ file)."
             )

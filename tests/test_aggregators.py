@@ -75,6 +75,18 @@ def test_cls_mean_and_concat_equal_direct_indexing():
     assert both.out_dim == 2 * DIM
 
 
+def test_summary_concatenates_the_first_summary_tokens_image_by_image():
+    """RADIO's summary: 3 of 8 prefix tokens (one per trained teacher, then SAM's and 4
+    registers), each image's concatenated in order; the [cls] alone by default."""
+    tokens, _ = tokens_and_attn(prefix=8)
+    radio = dataclasses.replace(layout(prefix=8), num_summary_tokens=3)
+    summary = build_aggregator("summary", radio)
+    expected = torch.stack([torch.cat([image[0], image[1], image[2]]) for image in tokens])
+    torch.testing.assert_close(summary(Tokens(radio, tokens)), expected)
+    assert summary.out_dim == 3 * DIM and summary.parameter_free
+    torch.testing.assert_close(build("summary", prefix=8)(wrap(tokens, prefix=8)), tokens[:, 0])
+
+
 def test_abmilp_depth_one_is_softmax_of_linear_scores():
     torch.manual_seed(0)
     aggregator = build("abmilp")
@@ -343,7 +355,7 @@ def test_every_aggregator_owns_its_key_however_built_or_copied(name):
 def test_parameter_free_aggregators_are_those_a_cache_can_store_pooled():
     free = {name for name in AGGREGATORS if build(name).parameter_free}
     assert free == {
-        "cls", "mean", "cls_mean", "center_crop", "max", "last_n_cls",
+        "cls", "mean", "cls_mean", "summary", "center_crop", "max", "last_n_cls",
         "attn_mean", "topk_attn", "attn_min_entropy", "oracle_attn", "center_attn",
     }  # fmt: skip
 

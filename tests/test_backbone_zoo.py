@@ -157,3 +157,17 @@ def test_a_hiera_config_refuses_center_attn_before_fetching_anything(tmp_path):
     cfg = compose_config(["backbone=hiera_vitb_mae", "aggregator=center_attn"], tmp_path)
     with pytest.raises(ConfigError, match="hiera_base_224 \\(Hiera\\) does not expose attention"):
         build_probe(cfg, num_classes=10)
+
+
+def test_summary_tokens_must_be_leading_prefix_tokens_of_a_model_with_a_cls():
+    """backbone.summary_tokens counts prefix tokens from the [cls]: beyond the prefix, or on a
+    model without a [cls], it is refused by name before anything loads."""
+    from mim_agg.backbones.frozen import skeleton
+
+    radio = {"arch": "vit_base_patch16_224", "arch_kwargs": {"reg_tokens": 7, "depth": 1}}
+    assert skeleton(**radio, summary_tokens=3).layout.num_summary_tokens == 3
+    assert skeleton(**radio).layout.num_summary_tokens == 1  # the [cls] alone
+    with pytest.raises(ConfigError, match=r"summary_tokens=9 must lie in \[1, 8\]"):
+        skeleton(**radio, summary_tokens=9)
+    with pytest.raises(ConfigError, match="without a \\[cls\\] has none"):
+        skeleton(arch="vit_base_patch16_siglip_224", arch_kwargs={"depth": 1}, summary_tokens=1)

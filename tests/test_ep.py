@@ -30,7 +30,8 @@ def test_heads_ep_trains_the_linear_probe_and_all_fourteen_poolers_in_one_pass(t
 
 # efficient-probing's results.csv (billpsomas/efficient-probing), the rows whose method and
 # architecture have a config here: (family, method, arch, our config, lp_variant, ep_variant).
-# Their lp_variant `pos` is the patch mean, ep_variant `ep_all` reads [cls] beside the patches.
+# Their lp_variant `pos` is the patch mean, ep_variant `ep_all` reads [cls] beside the patches;
+# their RADIO `cls` is RADIO's summary, three teachers' tokens concatenated (their notes).
 LEADERBOARD = [
     ("MIM", "MAE", "ViT-B/16", "mae_vitb", "cls", "ep"),
     ("MIM", "MAE", "ViT-L/16", "mae_vitl", "cls", "ep"),
@@ -49,8 +50,8 @@ LEADERBOARD = [
     ("Hybrid", "DINOv2", "ViT-B/14", "dinov2_vitb", "cls", "ep"),
     ("Hybrid", "DINOv2", "ViT-L/14", "dinov2_vitl", "cls", "ep_all"),
     ("Hybrid", "Franca", "ViT-L/14", "franca_vitl14", "cls", "ep_all"),
-    ("Hybrid", "RADIO", "ViT-B/16", "radiov25_vitb16", "cls", "ep"),  # [cls]: their first summary
-    ("Hybrid", "RADIO", "ViT-L/16", "radiov25_vitl16", "cls", "ep"),
+    ("Hybrid", "RADIO", "ViT-B/16", "radiov25_vitb16", "summary", "ep"),
+    ("Hybrid", "RADIO", "ViT-L/16", "radiov25_vitl16", "summary", "ep"),
     ("VLM", "CLIP", "ViT-B/16", "clip_vitb16", "cls", "ep_all"),
     ("VLM", "CLIP", "ViT-L/14", "clip_vitl14", "cls", "ep"),
     ("VLM", "SigLIP", "ViT-L/16", "siglip_vitl16_256", "pos", "ep"),
@@ -63,7 +64,7 @@ LEADERBOARD = [
     ("VLM", "MetaCLIP2", "ViT-bigG/14-378", "metaclip2_vitbigg14_378", "cls", "ep"),
     ("GEN", "AIMv2", "ViT-L/14", "aimv2_vitl14", "pos", "ep"),
 ]
-LINEAR_INPUT = {"cls": "cls", "pos": "mean"}
+LINEAR_INPUT = {"cls": "cls", "pos": "mean", "summary": "summary"}
 EP_TOKENS = {"ep": "patch", "ep_all": "all"}
 FAMILY = {"MIM": "mim", "JEA": "jea", "Hybrid": "hybrid", "VLM": "vlm", "GEN": "generative"}
 # Where ours must differ, and why: their CAPI `cls` is CAPI's own pooled output (global_repr),
@@ -106,7 +107,8 @@ def test_a_representation_that_reads_a_missing_cls_is_refused_by_name(tmp_path):
 
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)
 def test_ep_row_reads_the_backbones_representation_per_task(tmp_path):
-    for name, linear, tokens in (("dino_vitb", "cls", "all"), ("ijepa_vith", "mean", "patch")):
+    rows = (("dino_vitb", "cls", "all"), ("ijepa_vith", "mean", "patch"))
+    for name, linear, tokens in (*rows, ("radiov25_vitb16", "summary", "patch")):
         probe = compose_config(["experiment=ep_row", f"backbone={name}", "task=probe"], tmp_path)
         assert probe.aggregator.name == linear
         assert dict(probe.heads.efficient_probe) == {
@@ -122,9 +124,13 @@ def test_ep_row_reads_the_backbones_representation_per_task(tmp_path):
 
 @pytest.mark.slow  # two jobs of a sweep, a tiny ViT on digits (~40 s)
 def test_experiment_ep_row_runs_end_to_end_and_writes_the_row(tmp_path):
+    """A RADIO-shaped tiny ViT (a [cls] and 3 more prefix tokens, the first 2 its summary):
+    LP and k-NN read the summary from the one cache both jobs share."""
     from tests.helpers import run_cli
 
-    result = run_cli("experiment=ep_row", "debug=fast", "dataset=digits", root=tmp_path)
+    radio = ["+backbone.arch_kwargs.reg_tokens=3", "backbone.summary_tokens=2"]
+    radio.append("backbone.linear_input=summary")
+    result = run_cli("experiment=ep_row", "debug=fast", "dataset=digits", *radio, root=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
     with open(sweep / "results_row.csv") as handle:
@@ -133,6 +139,9 @@ def test_experiment_ep_row_runs_end_to_end_and_writes_the_row(tmp_path):
     assert all(0 <= float(row[c]) <= 100 for c in ("k-NN", "LP", "EP"))
     for probe in ("LP", "EP"):  # the test split's best epoch is at least the held-out choice's
         assert float(row[f"{probe} (best epoch on test)"]) >= float(row[probe])
-    assert row["linear_input"] == "cls"
+    assert row["linear_input"] == "summary"
+    (knn,) = (tmp_path / "outputs" / "runs").glob("knn-*/heads.csv")
+    with open(knn) as handle:
+        assert {line["head"] for line in csv.DictReader(handle)} >= {"summary"}
     assert "| backbone | family | dataset | k-NN | LP | EP |" in result.stdout
     assert len(list((tmp_path / "cache").iterdir())) == 1  # one extraction served both jobs

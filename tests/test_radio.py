@@ -155,9 +155,8 @@ def test_the_hugging_face_file_gives_radios_tokens_prefix_tokens_never_patches(t
 
     state = authors_state()
     save_file(hf_file(state), tmp_path / "model.safetensors")
-    backbone = build_backbone(
-        compose_config(config_overrides(tmp_path / "model.safetensors", 48), tmp_path)
-    )
+    cfg = compose_config(config_overrides(tmp_path / "model.safetensors", 48), tmp_path)
+    backbone, backbone_config = build_backbone(cfg), cfg.backbone
     assert (backbone.mean, backbone.std) == (list(CLIP_MEAN), list(CLIP_STD))
     assert (backbone.layout.num_prefix_tokens, backbone.layout.grid) == (PREFIX, (3, 3))
     images = pixels(48)
@@ -168,6 +167,20 @@ def test_the_hugging_face_file_gives_radios_tokens_prefix_tokens_never_patches(t
     torch.testing.assert_close(tokens.patches, expected[:, PREFIX:], **TOLERANCE)
     mean = build_aggregator("mean", backbone.layout)(tokens)
     torch.testing.assert_close(mean, expected[:, PREFIX:].mean(1), **TOLERANCE)
+    # LP and k-NN read RADIO's summary: the three trained teachers' tokens, concatenated
+    summary = build_aggregator(backbone_config.linear_input, backbone.layout)(tokens)
+    torch.testing.assert_close(summary, expected[:, :3].flatten(1), **TOLERANCE)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_summary_tokens_other_than_the_files_summary_are_refused(tmp_path, count):
+    """The file names prefix slots 0, 1, 2 (``summary_idxs``): reading 2 would leave SigLIP's
+    out silently, 4 would take in SAM's untrained token."""
+    save_file(hf_file(authors_state()), tmp_path / "model.safetensors")
+    overrides = [*config_overrides(tmp_path / "model.safetensors", 48)]
+    cfg = compose_config([*overrides, f"backbone.summary_tokens={count}"], tmp_path)
+    with pytest.raises(ConfigError, match="names prefix slots \\[0, 1, 2\\].*summary_tokens=3"):
+        build_backbone(cfg)
 
 
 def test_the_torch_hub_file_loads_its_ema_weights_beside_pickled_arguments(tmp_path):

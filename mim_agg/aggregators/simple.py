@@ -1,4 +1,4 @@
-"""Parameter-free aggregators: the ``[cls]`` token, the patch mean, and both."""
+"""Parameter-free aggregators: the ``[cls]`` token, the patch mean, both, and the summary."""
 
 from __future__ import annotations
 
@@ -42,3 +42,19 @@ class ClsAndMean(Aggregator):
 
     def forward(self, tokens):
         return torch.cat([tokens.cls, tokens.patches.mean(dim=1)], dim=-1)
+
+
+@register("summary")
+class SummaryTokens(Aggregator):
+    """The summary tokens concatenated (``backbone.summary_tokens``): RADIO's one per teacher,
+    what its authors' k-NN and linear probe read (and efficient-probing's); the ``[cls]``
+    alone where a backbone names no more."""
+
+    needs_cls = True
+
+    def __init__(self, layout):
+        super().__init__(layout)
+        self.out_dim = layout.num_summary_tokens * layout.dim
+
+    def forward(self, tokens):
+        return tokens.summary.flatten(1)

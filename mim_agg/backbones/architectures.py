@@ -50,13 +50,15 @@ class ViTReader(Reader):
     def layout(self, block: int) -> TokenLayout:
         """Read from the model: its prefix tokens (``[cls]`` first when it has one), grid,
         width and the block's heads."""
+        has_cls = getattr(self.model, "cls_token", None) is not None
         return TokenLayout(
             dim=self.model.embed_dim,
             num_prefix_tokens=self.model.num_prefix_tokens,
-            has_cls=getattr(self.model, "cls_token", None) is not None,
+            has_cls=has_cls,
             grid=tuple(self.model.patch_embed.grid_size),
             num_heads=self.model.blocks[block].attn.num_heads,
             depth=block + 1,
+            num_summary_tokens=int(has_cls),
         )
 
     def prune(self, block: int, final_norm: bool) -> None:
@@ -101,6 +103,7 @@ class HieraReader(Reader):
             dim=self.model.blocks[block].dim_out,
             num_prefix_tokens=0,
             has_cls=False,
+            num_summary_tokens=0,
             grid=(rows, columns),
             num_heads=self.model.blocks[block].attn.heads,
             depth=block + 1,
@@ -165,6 +168,7 @@ class ConvNeXtReader(Reader):
             dim=stage["num_chs"],
             num_prefix_tokens=0,
             has_cls=False,
+            num_summary_tokens=0,
             grid=(side, side),
             num_heads=1,  # no attention: aggregators that follow the backbone's heads use one
             depth=block + 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class FrozenBackbone(nn.Module):
         url: str | None = None,
         sha256: str | None = None,
         dtype: str = DEFAULT_DTYPE,
+        summary_tokens: int | None = None,
     ) -> None:
         """The keys of ``conf/backbone/*.yaml``, whose defaults are these (a config says only
         what differs):
@@ -71,12 +73,19 @@ class FrozenBackbone(nn.Module):
             models that need it (ViT-7B: 28 GB in float32, EVA-02 CLIP E-14: 17 GB) and
             computes in it, images included; a GPU's bf16 autocast computes in it anyway, but
             its normalisations then see bfloat16 inputs: other numbers, another run and cache.
+        summary_tokens: how many prefix tokens, from the first, summarise the image (None: the
+            ``[cls]`` alone): RADIO's one per teacher, which ``backbone.linear_input=summary``
+            reads concatenated, as their k-NN and linear probe do. A file that names its
+            summary tokens (RADIO's) must name these.
         """
         super().__init__()
         self.family = family
         self.weight_dtype = weight_dtype(dtype)
-        self.model = create_model(arch, weights, img_size, self.weight_dtype, **(arch_kwargs or {}))
+        self.model = create_model(
+            arch, weights, img_size, self.weight_dtype, summary_tokens, **(arch_kwargs or {})
+        )
         self.reader = reader_for(self.model, arch, img_size)
+        self.summary_tokens = summary_tokens
         unit = self.reader.size_multiple
         if img_size % unit:
             raise UserError(
@@ -103,8 +112,18 @@ class FrozenBackbone(nn.Module):
 
     def layout_at(self, block: int) -> TokenLayout:
         """The layout of block ``block``'s tokens (any block up to the deepest kept one), read
-        from the model (``mim_agg/backbones/architectures.py``)."""
-        return self.reader.layout(block)
+        from the model (``mim_agg/backbones/architectures.py``), its summary tokens from
+        ``summary_tokens`` where set."""
+        layout = self.reader.layout(block)
+        if self.summary_tokens is None:
+            return layout
+        if not layout.has_cls or not 1 <= self.summary_tokens <= layout.num_prefix_tokens:
+            raise ConfigError(
+                f"backbone.summary_tokens={self.summary_tokens} must lie in [1, "
+                f"{layout.num_prefix_tokens}], this model's prefix tokens, of which the [cls] is "
+                "the first; a model without a [cls] has none: leave it null."
+            )
+        return dataclasses.replace(layout, num_summary_tokens=self.summary_tokens)
 
     @property
     def request(self) -> TokenRequest:
@@ -227,10 +246,16 @@ def weight_dtype(name: str) -> torch.dtype:
 
 
 def create_model(
-    arch: str, weights: str | None, img_size: int, dtype: torch.dtype, **arch_kwargs
+    arch: str,
+    weights: str | None,
+    img_size: int,
+    dtype: torch.dtype,
+    summary_tokens: int | None = None,
+    **arch_kwargs,
 ) -> nn.Module:
     """Build ``arch`` (with ``arch_kwargs``, e.g. ``num_heads``) in ``dtype`` with random,
-    timm-pretrained (tag) or file weights."""
+    timm-pretrained (tag) or file weights (whose summary tokens, where it names them, must be
+    the first ``summary_tokens``)."""
     if arch not in timm.list_models():
         raise ConfigError(
             f"backbone.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*')."
@@ -258,7 +283,7 @@ def create_model(
                 f"timm.create_model('{weights}', pretrained=True)\""
             ) from None
     model = timm_model(arch, False, dtype, **kwargs)
-    load_checkpoint_into(model, weights)
+    load_checkpoint_into(model, weights, summary_tokens)
     return model
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mim_agg.backbones.formats import FORMATS, recognise
+from mim_agg.backbones.formats import FORMATS, SUMMARY_SLOTS, recognise
 from mim_agg.backbones.tokens import require_finite
 from mim_agg.errors import ConfigError, MissingFile, UserError
 
@@ -215,12 +215,16 @@ def normalize_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {key: value for key, value in stripped.items() if not key.startswith(UNUSED_KEY_STARTS)}
 
 
-def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
+def load_checkpoint_into(
+    model: nn.Module, path: str | Path, summary_tokens: int | None = None
+) -> None:
     """Load a checkpoint file into ``model`` (strictly, apart from its classifier head): its
-    tokens before the patches must be the architecture's; biases of zeros the architecture
-    has no place for are left out, others refused; buffers its format fixes are copied in."""
+    tokens before the patches must be the architecture's, and the first ``summary_tokens`` of
+    them its summary where its format names one; biases of zeros the architecture has no place
+    for are left out, others refused; buffers its format fixes are copied in."""
     stored, source_format = read_state_dict(path)
     state = normalize_keys(stored)
+    check_summary_tokens(state.pop(SUMMARY_SLOTS, None), summary_tokens, path)
     carried = carried_buffers(state, source_format)  # before timm's filter, which drops them
     state_dict = timm_filtered(model, fitted(model, state, source_format))
     check_prefix_tokens(model, state_dict, f"{str(path)!r} ({source_format} format)")
@@ -265,6 +269,25 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
         _arch(model),
         len(expected),
         _abbrev(sorted({key.split(".")[0] for key in unused_keys(stored)}), limit=6),
+    )
+
+
+def check_summary_tokens(slots: torch.Tensor | None, summary_tokens: int | None, path) -> None:
+    """Refuse ``backbone.summary_tokens`` where the file names other prefix slots as its
+    summary (``SUMMARY_SLOTS``, RADIO's ``summary_idxs``): a concatenation that took in an
+    untrained token or a register, or left a teacher out, would load without an error."""
+    if slots is None or summary_tokens is None or slots.tolist() == list(range(summary_tokens)):
+        return
+    named = slots.tolist()
+    fix = (
+        f"set backbone.summary_tokens={len(named)}"
+        if named == list(range(len(named)))
+        else "leave backbone.summary_tokens null and read the [cls] alone "
+        "(backbone.linear_input=cls)"
+    )
+    raise ConfigError(
+        f"backbone.summary_tokens={summary_tokens} reads the first {summary_tokens} prefix tokens "
+        f"as the summary, but {str(path)!r} names prefix slots {named} as its summary: {fix}."
     )
 
 

@@ -37,7 +37,9 @@ def require_finite(what: str, tensors: Iterable[torch.Tensor], check: str = TOKE
 class TokenLayout:
     """``P`` prefix tokens (``[cls]`` first when the model has one, then registers) followed
     by ``N = grid[0] * grid[1]`` patch tokens in row-major order, each of width ``dim``;
-    ``num_heads`` attention heads in the probed block, which is block ``depth - 1``."""
+    ``num_heads`` attention heads in the probed block, which is block ``depth - 1``. The first
+    ``num_summary_tokens`` prefix tokens summarise the image: the ``[cls]`` alone, RADIO's one
+    per teacher (``backbone.summary_tokens``), none without a ``[cls]``."""
 
     dim: int
     num_prefix_tokens: int
@@ -45,6 +47,7 @@ class TokenLayout:
     grid: tuple[int, int]
     num_heads: int = 1
     depth: int = 1
+    num_summary_tokens: int = 1
 
     @property
     def num_patches(self) -> int:
@@ -137,6 +140,11 @@ class Tokens:
     @property
     def cls(self) -> torch.Tensor:
         return self.require("all")[:, 0]
+
+    @property
+    def summary(self) -> torch.Tensor:
+        """The summary tokens, ``[B, S, D]`` (``TokenLayout.num_summary_tokens``)."""
+        return self.require("all")[:, : self.layout.num_summary_tokens]
 
     def require(self, name: str) -> torch.Tensor:
         """A field an aggregator reads; missing means its ``request()`` did not ask for it."""

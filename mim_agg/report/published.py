@@ -14,9 +14,8 @@ low-shot subset, another block or a few batches is listed with what it changed i
 
 Sources: efficient-probing's ``results.csv`` (billpsomas/efficient-probing; a row's notes give
 some figures of other variants), and "Beyond [cls]"'s headline (``../shared/PAPER.md``). Their
-rows without a config here are left out: MAE ViT-S, MaskFeat, DiT (no config), CAPI ViT-L
-(their IN-1k weights, not capi_vitl's LVD file) and RADIO v2.5 (their k-NN and LP read three
-summary tokens concatenated, radiov25_*'s one). The backbone configs' comments quote the
+rows without a config here are left out: MAE ViT-S, MaskFeat, DiT (no config) and CAPI ViT-L
+(their IN-1k weights, not capi_vitl's LVD file). The backbone configs' comments quote the
 leaderboard's figures to one decimal for whoever picks a backbone; this file is where the
 numbers live (tests/test_published.py holds the comments to it).
 """

@@ -43,6 +43,7 @@ NAMED_WHEN_SET = {
     "probe.wds": None,
     "probe.test_each_epoch": False,  # adds a figure (best epoch on test), changes no other
     "dataset.decode": DEFAULT_DECODE,
+    "backbone.summary_tokens": None,
 }
 
 

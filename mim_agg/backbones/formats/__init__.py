@@ -27,6 +27,10 @@ import torch
 from torch import nn
 
 State = dict[str, torch.Tensor]
+# A converter may name the prefix slots its authors read as the image's summary (RADIO's one
+# per teacher) under this key of the state it returns: the load checks them against
+# backbone.summary_tokens and takes the entry out.
+SUMMARY_SLOTS = "summary_slots"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,13 @@ from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from mim_agg.backbones.formats import State, checkpoint_format, nested, prefixed
+from mim_agg.backbones.formats import (
+    SUMMARY_SLOTS,
+    State,
+    checkpoint_format,
+    nested,
+    prefixed,
+)
 from mim_agg.errors import ConfigError
 
 _EMBEDDER = "patch_generator.embedder.weight"
@@ -111,10 +117,12 @@ def convert_radio(checkpoint: dict) -> State:
     left out. A key not placed keeps its name (within its model), so the strict load names it."""
     encoder, rest = split_layout(checkpoint)
     check_conditioner(rest)
-    check_first_token_is_a_summary(summary_slots(checkpoint))
+    slots = summary_slots(checkpoint)
+    check_first_token_is_a_summary(slots)
     refuse_feature_normalizer(rest)
     kept = {k: v for k, v in rest.items() if not k.startswith((*_LEFT_OUT, *_CONDITIONER))}
-    return convert_encoder(encoder) | kept
+    named = {} if slots is None else {SUMMARY_SLOTS: torch.tensor(slots)}
+    return convert_encoder(encoder) | kept | named
 
 
 def split_layout(checkpoint: dict) -> tuple[State, State]:

@@ -509,3 +509,32 @@ def test_a_column_whose_winner_was_not_scored_on_a_set_gets_no_marks_there():
         ("mean",): [0.4],
         ("abmilp",): [0.3],
     }
+
+
+def test_a_cell_whose_columns_winner_was_not_scored_still_gets_its_interval(tmp_path):
+    """The loser's run alone was scored on the set, with per-image predictions: its cell gets
+    the bootstrap interval of its accuracy there (which needs no winner), but no mark."""
+    from mim_agg.report.evaluated import Evaluations, set_comparisons
+    from mim_agg.report.runs import Job
+    from mim_agg.report.table import Cell
+    from mim_agg.utils.predictions import HeadPredictions, write_predictions
+
+    targets = np.arange(200) % 10
+    correct = np.random.default_rng(7).random(200) < 0.3
+    predicted = np.where(correct, targets, (targets + 1) % 10)
+    folder = tmp_path / "b" / "evaluate" / "imagenet_r"
+    folder.mkdir(parents=True)
+    set_images = HeadPredictions.in_image_order(np.arange(200), targets, {"abmilp": predicted}, 10)
+    write_predictions(folder / PREDICTIONS, set_images)
+
+    def cell(run, head, heldout, test):
+        row = {"run": run, "head": head, "seed": 0, "val/acc1_best": heldout, "test/acc1": test}
+        return Cell([test], [row])
+
+    table = {("mean",): cell("a", "mean", 0.9, 0.8), ("abmilp",): cell("b", "abmilp", 0.7, 0.6)}
+    scored = {"b": {"imagenet_r": {"abmilp": {"acc1": correct.mean(), "acc5": 0.5}}}}
+    jobs = [Job("b", "done", tmp_path / "b")]
+    stats = set_comparisons(table, [], Evaluations(scored, jobs), "imagenet_r").cells
+    assert stats[("abmilp",)].interval == bootstrap_interval(correct)
+    assert not stats[("abmilp",)].winner and stats[("abmilp",)].significant is None
+    assert ("mean",) not in stats  # not scored on the set

@@ -119,6 +119,29 @@ def test_bootstrap_interval_is_scipys_percentile_bootstrap_without_its_noise():
     assert (low, high) == pytest.approx((accuracy - half, accuracy + half), abs=0.002)
 
 
+def test_the_seed_means_bootstrap_is_scipys_over_the_shared_images():
+    """Three seeds on the same 300 images: resampling images (each with its seeds' answers)
+    and averaging over seeds is scipy's percentile bootstrap of the per-image seed mean; two
+    seeds that agree get one seed's interval, never the zero width of their t-interval."""
+    rng = np.random.default_rng(5)
+    correct = rng.random((3, 300)) < np.array([[0.7], [0.75], [0.8]])
+    low, high = bootstrap_interval(correct)
+    scipy_result = stats.bootstrap(
+        (correct.mean(0),),
+        np.mean,
+        method="percentile",
+        n_resamples=50_000,
+        random_state=np.random.default_rng(6),
+    )
+    interval = scipy_result.confidence_interval
+    assert low == pytest.approx(interval.low, abs=0.004)  # Monte Carlo error: ~0.001
+    assert high == pytest.approx(interval.high, abs=0.004)
+    assert low < correct.mean() < high
+    agreeing = np.stack([correct[0], correct[0]])
+    assert bootstrap_interval(agreeing) == bootstrap_interval(correct[0])
+    assert mean_interval([correct[0].mean()] * 2) == (correct[0].mean(),) * 2
+
+
 def test_bootstrap_interval_at_the_edges():
     assert bootstrap_interval(np.ones(50, bool)) == (1.0, 1.0)
     assert bootstrap_interval(np.zeros(50, bool)) == (0.0, 0.0)
@@ -293,10 +316,15 @@ def test_over_seeds_a_head_differs_only_when_it_does_in_every_seed(tmp_path):
         job_with_predictions(sweep_dir, seed, [f"seed={seed}"], heads, targets, heldout)
     run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))
     text = (sweep_dir / "results.md").read_text()
-    assert "| best | 60.00 ± 0.00 [60.00, 60.00] (2) ★ |" in text
-    assert "| worse | 54.00 ± 0.00 [54.00, 54.00] (2) |" in text  # behind in both seeds
-    half = 12.706204736174698 * (100 * np.std([0.54, 0.6], ddof=1)) / 2**0.5
+
+    def interval(accuracy):  # two seeds that agree: one seed's bootstrap, not a zero width
+        return ", ".join(f"{stats.binom.ppf(q, 1000, accuracy) / 10:.2f}" for q in (0.025, 0.975))
+
+    assert f"| best | 60.00 ± 0.00 [{interval(0.6)}] (2) ★ |" in text
+    assert f"| worse | 54.00 ± 0.00 [{interval(0.54)}] (2) |" in text  # behind in both seeds
+    half = 12.706204736174698 * (100 * np.std([0.54, 0.6], ddof=1)) / 2**0.5  # the wider
     assert f"| sometimes | 57.00 ± 4.24 [{57 - half:.2f}, {57 + half:.2f}] (2) ≈ |" in text
+    assert "the hull of its t-interval over the seeds and its percentile bootstrap" in text
     with open(sweep_dir / "significance.csv") as handle:
         tests = list(csv.DictReader(handle))
     assert len(tests) == 4  # two heads, two seeds

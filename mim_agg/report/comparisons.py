@@ -9,7 +9,8 @@ across the column's heads. A head differs significantly from the winner when the
 p-value is below 0.05 in every seed, in the same direction: requiring each of several level-0.05
 tests to reject keeps the whole claim at level 0.05 (an intersection-union test), so seeds
 need no further correction. Intervals: a percentile bootstrap over the test images for a
-single seed, the t-interval of the mean over several (``significance``).
+single seed; for several, the hull of the t-interval of their mean and the bootstrap of that
+mean over their shared test images (``significance``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from mim_agg.errors import UserError
 from mim_agg.report.runs import Job
@@ -35,7 +38,7 @@ from mim_agg.utils.predictions import FILE, HeadPredictions, read_predictions, r
 @dataclass
 class CellStats:
     interval: tuple[float, float] | None = None  # 95%, of the accuracy (a fraction)
-    interval_kind: str | None = None  # "bootstrap" (one seed) or "t" (the mean of several)
+    interval_kind: str | None = None  # one of significance.INTERVAL_KINDS
     winner: bool = False  # the column's winner, compared with at least one other head
     significant: bool | None = None  # differs from the winner; None: not tested
 
@@ -184,16 +187,26 @@ def differs(tests: list) -> bool:
 
 
 def interval(cell: Cell, predictions: RunPredictions) -> tuple:
-    """``(interval, kind)`` of the cell's accuracy: over seeds when it has several, else over
-    the test images of its one run (None without its predictions)."""
-    if len(cell.values) > 1:
-        low, high = mean_interval(cell.values)
-        return (max(low, 0.0), min(high, 1.0)), "t"  # an accuracy lies in [0, 1]
-    (row,) = cell.chosen
-    found = predictions.of(row)
-    if found is None:
-        return None, None
-    return bootstrap_interval(found.correct(row["head"])), "bootstrap"
+    """``(interval, kind)`` of the cell's accuracy (``significance.INTERVAL_KINDS``): over the
+    test images of its one run (None without its predictions); over several seeds the
+    t-interval of their mean, widened to hold the bootstrap of that mean over the test images
+    where every seed's predictions are at hand: seeds that agree say nothing of how finite the
+    test set is."""
+    found = [predictions.of(row) for row in cell.chosen]
+    images = None
+    if None not in found:
+        first, path = found[0], predictions.path(cell.chosen[0])
+        for other, row in zip(found[1:], cell.chosen[1:], strict=True):
+            same_images(first, other, path, predictions.path(row))
+        correct = [seed.correct(row["head"]) for seed, row in zip(found, cell.chosen, strict=True)]
+        images = bootstrap_interval(np.stack(correct))
+    if len(cell.values) == 1:
+        return images, "bootstrap" if images else None
+    low, high = mean_interval(cell.values)
+    low, high = max(low, 0.0), min(high, 1.0)  # an accuracy lies in [0, 1]
+    if images is None:
+        return (low, high), "t"
+    return (min(low, images[0]), max(high, images[1])), "t+bootstrap"
 
 
 def same_images(first: HeadPredictions, second: HeadPredictions, a: Path, b: Path) -> None:

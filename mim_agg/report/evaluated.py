@@ -23,11 +23,13 @@ from pathlib import Path
 
 from mim_agg.errors import UserError
 from mim_agg.report.comparisons import (
+    CellStats,
     Comparisons,
     RunPredictions,
     column_winner,
     columns,
     compare,
+    interval,
 )
 from mim_agg.report.runs import Job
 from mim_agg.report.table import SAME_MARK, WINNER_MARK, Cell, column_label, natural
@@ -177,9 +179,15 @@ def set_comparisons(
     table: dict[tuple, Cell], keys: list[str], found: Evaluations, name: str
 ) -> Comparisons:
     """Set ``name``'s cells, intervals and marks, computed as the main table's (``compare``) on
-    the per-image predictions evaluate wrote for the set; cells outside ``set_table`` have
-    neither marks nor intervals but are still shown (``set_cell``)."""
-    return compare(set_table(table, found, name), keys, SetPredictions(found.jobs, name))
+    the per-image predictions evaluate wrote for the set. Cells outside ``set_table`` (their
+    column's winner was not scored on the set) get their interval, which needs no winner, but
+    no mark."""
+    predictions = SetPredictions(found.jobs, name)
+    result = compare(set_table(table, found, name), keys, predictions)
+    for key, cell in table.items():
+        if key not in result.cells and (scored := set_cell(cell, found, name)) is not None:
+            result.cells[key] = CellStats(*interval(scored, predictions))
+    return result
 
 
 def significance_rows(sets: dict[str, Comparisons]) -> list[dict]:
@@ -215,7 +223,7 @@ def evaluation_markdown(
         "among their 200 classes, ReaL a prediction in the image's label set. "
         f"{WINNER_MARK} and {SAME_MARK} as above, on the set's own images: the winner stays the "
         "head with the best held-out accuracy; each set's tests: significance_evaluate.csv. No "
-        "bracket or mark: one seed whose run (or set) has no predictions.safetensors, or a "
+        "bracket or mark: one seed whose run (or set) has no predictions.safetensors; no mark: a "
         "column whose winner was not scored on the set. -: not scored in every seed's run. "
         "Every head and seed: results_evaluate.csv.",
         "",

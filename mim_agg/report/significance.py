@@ -1,8 +1,9 @@
 """How much a test accuracy, and a difference between heads, can be trusted.
 
-Per head, a 95% percentile-bootstrap interval of its test accuracy over the test images;
-between two heads tested on the same images, McNemar's exact test; across the heads compared
-with one winner, Holm's step-down correction; across seeds, the t-interval of the mean.
+Per head, a 95% percentile-bootstrap interval of its test accuracy over the test images (of the
+mean over seeds, for several, on the same images); between two heads tested on the same images,
+McNemar's exact test; across the heads compared with one winner, Holm's step-down correction;
+across seeds, the t-interval of the mean.
 
 Choices, and why:
 - **Bootstrap**: the percentile bootstrap of a mean of 0/1 values (right or wrong per image)
@@ -13,6 +14,11 @@ Choices, and why:
   ImageNet's 50,000 images would draw 5 x 10^8 indices per head (tested against
   ``scipy.stats.bootstrap(method="percentile")``). BCa, scipy's default, corrects a skew that
   a binomial proportion away from 0 and 1 hardly has, at the cost of a jackknife over images.
+  Over ``S`` seeds scored on the same images, a resample draws images, each with its count of
+  seeds right (0..S), so the resampled total is the ``n``-fold convolution of those counts'
+  distribution, computed exactly by one FFT (``S = 1``: the binomial). It holds what the
+  t-interval over seeds cannot: two seeds that agree give a t-interval of width 0, while the
+  test set they share is as finite as one seed's.
 - **McNemar, exact always**: only the images on which the two heads disagree in being right
   count; under "equally accurate", each is the first head's with probability 1/2, so the
   two-sided binomial test of ``b`` of ``b + c`` at 1/2 is exact for every count
@@ -36,18 +42,35 @@ from scipy import stats
 
 ALPHA = 0.05  # a difference with Holm-adjusted p below this is called significant
 CONFIDENCE = 0.95
+# What a report cell's interval is (``comparisons.interval``), as its legend says it.
+INTERVAL_KINDS = {
+    "bootstrap": "over the test images for one seed (percentile bootstrap)",
+    "t": "of the mean over seeds, over the seeds alone (t-interval: runs without predictions)",
+    "t+bootstrap": "of the mean over seeds, the hull of its t-interval over the seeds and its "
+    "percentile bootstrap over their shared test images",
+}
 
 
 def bootstrap_interval(correct: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The percentile-bootstrap interval of the accuracy of ``correct`` (one bool per image),
-    in the limit of infinitely many resamples: binomial quantiles (see the module's note)."""
-    n = len(correct)
+    """The percentile-bootstrap interval of the accuracy of ``correct`` (one bool per image;
+    ``[S, n]``: per seed, the same ``n`` images, for the mean over seeds), in the limit of
+    infinitely many resamples of the images: binomial quantiles for one seed, the quantiles of
+    the convolved per-image counts for several (see the module's note)."""
+    seeds = np.atleast_2d(correct)
+    n = seeds.shape[1]
     if n == 0:
         raise ValueError("No test images: an accuracy needs at least one.")
-    accuracy = float(np.count_nonzero(correct)) / n
     tail = (1 - confidence) / 2
-    low, high = stats.binom.ppf([tail, 1 - tail], n, accuracy)
-    return float(low) / n, float(high) / n
+    if len(seeds) == 1:
+        low, high = stats.binom.ppf([tail, 1 - tail], n, np.count_nonzero(seeds) / n)
+        return float(low) / n, float(high) / n
+    total = len(seeds) * n  # right answers of every seed, at most
+    counts = np.bincount(np.count_nonzero(seeds, axis=0), minlength=len(seeds) + 1) / n
+    size = 1 << total.bit_length()  # > total: the circular convolution never wraps
+    resampled = np.fft.irfft(np.fft.rfft(counts, size) ** n, size)[: total + 1].clip(min=0)
+    cdf = np.cumsum(resampled) / resampled.sum()
+    low, high = np.searchsorted(cdf, [tail, 1 - tail])
+    return float(low) / total, float(high) / total
 
 
 @dataclass(frozen=True)

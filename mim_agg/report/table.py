@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mim_agg.report.runs import Job
+from mim_agg.report.significance import INTERVAL_KINDS
 
 if TYPE_CHECKING:
     from mim_agg.report.comparisons import CellStats, Comparisons
@@ -226,12 +227,10 @@ def markdown(
 def legend(comparisons: Comparisons) -> list[str]:
     """What the brackets and marks of the table mean, and which runs could not be tested."""
     lines = []
-    kinds = {stats.interval_kind for stats in comparisons.cells.values()}
-    if kinds - {None}:
-        lines.append(
-            "Brackets: 95% confidence interval of the test accuracy, over the test images for "
-            "one seed (percentile bootstrap), of the mean over seeds for several (t-interval)."
-        )
+    kinds = {stats.interval_kind for stats in comparisons.cells.values()} - {None}
+    if kinds:
+        meanings = "; ".join(INTERVAL_KINDS[kind] for kind in INTERVAL_KINDS if kind in kinds)
+        lines.append(f"Brackets: 95% confidence interval of the test accuracy, {meanings}.")
     if comparisons.marked:
         lines.append(
             f"{WINNER_MARK}: the column's winner (best mean held-out accuracy); {SAME_MARK}: not "

@@ -126,6 +126,9 @@ def test_several_sweeps_make_one_table(tmp_path):
     run_task(cfg)
     text = (out / "results.md").read_text()
     assert "| cls | 40.00 (1) |" in text and "| mean | 45.00 (1) |" in text
+    twice = f"report.sweep_dir=[{first},{second},{first}]"  # a folder named twice is read once
+    summary = run_task(compose_config(["task=report", twice, f"report.out_dir={out}"]))
+    assert summary["jobs"] == {"done": 2}
 
 
 @pytest.mark.parametrize("key", ["sweep_dir", "out_dir"])

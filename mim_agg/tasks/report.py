@@ -63,7 +63,8 @@ class Settings:  # values and their meaning: conf/report/default.yaml
 
 
 def sweep_dirs(cfg: DictConfig) -> list[Path]:
-    """The sweep folders, relative ones taken from ``paths.root_dir`` as the sweeps wrote them."""
+    """The sweep folders, relative ones taken from ``paths.root_dir`` as the sweeps wrote them;
+    a folder named twice (``[S,S]``, or once relative and once absolute) is read once."""
     value = cfg.report.sweep_dir
     if value is None:
         raise UserError("task=report needs report.sweep_dir=<an outputs/multirun/<time> folder>.")
@@ -73,7 +74,8 @@ def sweep_dirs(cfg: DictConfig) -> list[Path]:
             "report.sweep_dir=[] names no sweep: give one folder or a list of them, "
             "report.sweep_dir=outputs/multirun/<time> or '[<a sweep>,<another>]'."
         )
-    return [under_root(cfg.paths.root_dir, v) for v in values]
+    folders = [under_root(cfg.paths.root_dir, v) for v in values]
+    return list(dict.fromkeys(folders))
 
 
 def output_dir(cfg: DictConfig) -> Path:

@@ -298,3 +298,20 @@ def test_a_head_that_diverged_at_every_learning_rate_has_no_cell(tmp_path):
         compose_config(["task=report", f"report.sweep_dir={sweep_dir}", f"report.out_dir={out}"])
     )
     assert "| abmilp |" in (out / "results.md").read_text()
+
+
+def test_a_run_table_without_held_out_data_says_it_reads_the_last_epoch(caplog):
+    """dataset.heldout_fraction=0: nothing chose an epoch, so the table says the last one
+    (it said "held-out-selected" beside an epoch of None)."""
+    import logging
+
+    from mim_agg.utils.results import print_table
+
+    result = {"test/acc1": 0.5, "test/acc5": 0.9, "test/acc1_last": 0.5, "diverged_at_step": None}
+    with caplog.at_level(logging.INFO):
+        print_table({"cls": {**result, "val/acc1_best": None, "best_epoch": None}}, "cls")
+    assert "at the last epoch (nothing held out)" in caplog.text and "None" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        print_table({"cls": {**result, "val/acc1_best": 0.6, "best_epoch": 3}}, "cls")
+    assert "at the held-out-selected epoch" in caplog.text and "│     3 │" in caplog.text

@@ -315,3 +315,14 @@ def test_a_run_table_without_held_out_data_says_it_reads_the_last_epoch(caplog):
     with caplog.at_level(logging.INFO):
         print_table({"cls": {**result, "val/acc1_best": 0.6, "best_epoch": 3}}, "cls")
     assert "at the held-out-selected epoch" in caplog.text and "│     3 │" in caplog.text
+
+
+def test_the_figures_head_axis_names_what_held_out_chose():
+    """A learning-rate grid (``builders.head_name``'s ``_blr`` suffix) is named on the axis; a
+    head that trained once chose nothing there."""
+    from mim_agg.report.figure import head_axis_label
+    from mim_agg.report.table import Cell
+
+    grid = {("digits", "cls"): Cell([0.5], [{"head": "cls_blr0p1"}])}
+    assert head_axis_label(grid) == "head (held-out-selected learning rate)"
+    assert head_axis_label({("digits", "cls"): Cell([0.5], [{"head": "cls"}])}) == "head"

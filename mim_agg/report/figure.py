@@ -11,7 +11,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mim_agg.report.comparisons import Comparisons
-from mim_agg.report.table import SAME_MARK, WINNER_MARK, Cell, column_label, natural
+from mim_agg.report.table import (
+    HEAD_GRID_SUFFIX,
+    SAME_MARK,
+    WINNER_MARK,
+    Cell,
+    column_label,
+    natural,
+)
 
 HATCH = "///"
 
@@ -58,7 +65,7 @@ def results_figure(
                 ax.plot(position + offset, top, marker="*", color="black", markersize=9)
     ax.set_xticks(range(len(heads)), [legend_label(h, 30) for h in heads], rotation=30, ha="right")
     ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_xlabel("head (held-out-selected learning rate)")
+    ax.set_xlabel(head_axis_label(table))
     wrapped = "\n".join(textwrap.fill(line, 80) for line in title.split("\n"))
     ax.set_title(wrapped, fontsize=9)
     ax.set_ylim(0, 110)
@@ -71,6 +78,18 @@ def results_figure(
     if entries:
         outside_legend(fig, ax, entries)
     return fig
+
+
+def head_axis_label(table: dict[tuple, Cell]) -> str:
+    """``head``, and what was chosen on held-out among its grid (``builders.head_name``'s
+    suffixes of the chosen rows): nothing where every head trained once."""
+    suffixes = {HEAD_GRID_SUFFIX.search(r["head"]) for c in table.values() for r in c.chosen}
+    chosen = [
+        name
+        for name, mark in (("learning rate", "_blr"), ("weight decay", "_wd"))
+        if any(mark in match.group(0) for match in suffixes)
+    ]
+    return f"head (held-out-selected {' and '.join(chosen)})" if chosen else "head"
 
 
 def error_bar(cell: Cell, marks) -> float | list[list[float]]:

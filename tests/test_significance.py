@@ -245,7 +245,7 @@ def test_the_figure_hatches_heads_not_significantly_different_and_stars_the_winn
     (legend,) = fig.legends
     texts = " | ".join(t.get_text().replace("\n", " ") for t in legend.get_texts())
     assert "★ the winner of its column" in texts and "≈ not significantly different" in texts
-    assert "error bars: 95% bootstrap interval over the test images (one seed)" in texts
+    assert "error bars: 95% interval, over the test images for one seed" in texts
 
 
 def test_predictions_of_other_test_images_in_one_column_are_refused(tmp_path):

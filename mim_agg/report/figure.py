@@ -11,6 +11,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mim_agg.report.comparisons import Comparisons
+from mim_agg.report.significance import INTERVAL_KINDS
 from mim_agg.report.table import (
     HEAD_GRID_SUFFIX,
     SAME_MARK,
@@ -74,7 +75,7 @@ def results_figure(
         for column in columns
         if len(columns) > 1
     ]
-    entries += mark_legend(comparisons, table)
+    entries += mark_legend(comparisons)
     if entries:
         outside_legend(fig, ax, entries)
     return fig
@@ -93,18 +94,16 @@ def head_axis_label(table: dict[tuple, Cell]) -> str:
 
 
 def error_bar(cell: Cell, marks) -> float | list[list[float]]:
-    """The standard deviation over seeds, or one seed's bootstrap interval as distances
-    below and above the bar (none without predictions)."""
-    mean = 100 * statistics.fmean(cell.values)
-    if len(cell.values) > 1:
-        return 100 * statistics.stdev(cell.values)
+    """The cell's 95% interval, results.md's bracket, as distances below and above the bar
+    (none without one: a seed without predictions)."""
     if marks is None or marks.interval is None:
         return 0
+    mean = 100 * statistics.fmean(cell.values)
     low, high = marks.interval
     return [[mean - 100 * low], [100 * high - mean]]
 
 
-def mark_legend(comparisons: Comparisons | None, table: dict[tuple, Cell]) -> list:
+def mark_legend(comparisons: Comparisons | None) -> list:
     """Legend entries saying what the error bars, the hatching and the star mean."""
     if comparisons is None:
         return []
@@ -132,18 +131,10 @@ def mark_legend(comparisons: Comparisons | None, table: dict[tuple, Cell]) -> li
                 ),
             )
         )
-    bootstrap = any(stats.interval_kind == "bootstrap" for stats in comparisons.cells.values())
-    several = any(len(cell.values) > 1 for cell in table.values())
-    shown = [
-        text
-        for text, present in (
-            ("95% bootstrap interval over the test images (one seed)", bootstrap),
-            ("standard deviation over seeds (several)", several),
-        )
-        if present
-    ]
-    if bootstrap or (entries and shown):
-        label = legend_label("error bars: " + "; ".join(shown))
+    kinds = {stats.interval_kind for stats in comparisons.cells.values()} - {None}
+    if kinds:
+        meanings = "; ".join(INTERVAL_KINDS[kind] for kind in INTERVAL_KINDS if kind in kinds)
+        label = legend_label(f"error bars: 95% interval, {meanings}")
         entries.append(
             Line2D([], [], marker="|", color="black", linestyle="None", markersize=10, label=label)
         )

@@ -316,6 +316,8 @@ def test_a_class_left_without_training_images_by_subsampling_is_refused(monkeypa
 def test_a_train_size_below_the_class_count_names_the_key():
     with pytest.raises(DataError, match=r"Cannot draw dataset.train_size=3 of 200 images .*4"):
         datamodule(train_size=3).setup()
+    with pytest.raises(DataError, match=r"train_size=201 asks for more than the 200 images"):
+        datamodule(train_size=201).setup()
 
 
 @pytest.mark.parametrize("batch_size", [16, 100, 10_000])

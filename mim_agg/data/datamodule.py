@@ -310,9 +310,16 @@ class ProbeDataModule(SplitLoaders):
 
     def _subsample(self, targets: np.ndarray, size: int | None, key: str) -> np.ndarray:
         """A stratified, seeded subset of ``size`` indices (all of them when ``size`` is None),
-        ``size`` being ``dataset.<key>``."""
+        ``size`` being ``dataset.<key>``; more than the split holds is refused: it would name
+        another run of the same images."""
         indices = np.arange(len(targets))
-        if size is None or size >= len(targets):
+        if size is not None and size > len(targets):
+            raise DataError(
+                f"dataset.{key}={size} asks for more than the {len(targets)} images of "
+                f"{self.name!r}'s split; use dataset.{key}={len(targets)} or less, or null for "
+                "all of them."
+            )
+        if size is None or size == len(targets):
             return indices
         try:
             kept, _ = train_test_split(

@@ -165,6 +165,12 @@ def test_a_cache_never_serves_another_request_or_other_data(tmp_path):
     _, _, fewer = cache_for(["aggregator=mean", "dataset.train_size=100"], tmp_path)
     _, _, again = cache_for(["aggregator=mean"], tmp_path)
     assert len({mean.root, cls.root, fewer.root}) == 3 and again.root == mean.root
+    radio = ["aggregator=summary", "+backbone.arch_kwargs.reg_tokens=3"]  # 4 prefix tokens
+    summaries = {
+        n: cache_for([*radio, f"backbone.summary_tokens={n}"], tmp_path)[2] for n in (2, 3)
+    }
+    assert summaries[2].root != summaries[3].root  # another summary, another cache
+    assert summaries[3].manifest["layout"]["num_summary_tokens"] == 3
 
 
 @pytest.mark.slow  # trains, extracts or runs for seconds (make test-fast skips it)

@@ -126,11 +126,14 @@ def cache_identity(
         oracle = {"arch": arch, "weights": weights_identity(weights, cfg.seed)}
     dtype = backbone.get("dtype", DEFAULT_DTYPE)  # named when set: older caches keep their keys
     decode = cfg.dataset.get("decode", DEFAULT_DECODE)  # the same
+    # the layout the cache records and the summary it stores (and the file's check of it)
+    summary = backbone.get("summary_tokens")
     return {
         "format": FORMAT,
         "arch": backbone.arch,
         **({"weights_dtype": dtype} if dtype != DEFAULT_DTYPE else {}),
         "arch_kwargs": OmegaConf.to_container(backbone.arch_kwargs or OmegaConf.create()),
+        **({"summary_tokens": summary} if summary is not None else {}),
         "weights": weights_identity(backbone.weights, cfg.seed),
         "block": backbone.block,
         "final_norm": backbone.final_norm,

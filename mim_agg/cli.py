@@ -70,6 +70,11 @@ def main() -> None:
             raise
         print(f"Error: {composition_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OmegaConfBaseException as error:  # a value Hydra met naming the run folder
+        if users_choice == "1":
+            raise
+        print(f"Error: {unresolvable_message(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def composition_message(error: CompactHydraException) -> str:
@@ -88,6 +93,17 @@ def composition_message(error: CompactHydraException) -> str:
             if keys:
                 lines.append(choices(str(cause.key), keys, cause.full_key.rpartition(".")[0], "."))
     return " ".join(sentence(line.strip()) for line in lines if line.strip())
+
+
+def unresolvable_message(error: OmegaConfBaseException) -> str:
+    """A value its key's type refuses, met where Hydra resolves the config to name the run
+    folder, before any check of ours runs (``seed=abc`` reaches ``dataset.subset_seed``
+    through ``${seed}``): OmegaConf's first line, the key, and the fix."""
+    where = f" (resolving {error.full_key})" if getattr(error, "full_key", None) else ""
+    return (
+        f"{sentence(str(error).splitlines()[0] + where)} Give that key, or the one its "
+        "interpolation names, a value of its type."
+    )
 
 
 def choices(name: str, names: list[str], group: str, joiner: str) -> str:

@@ -57,6 +57,16 @@ def test_a_misspelled_option_is_one_message_naming_the_nearest_and_exit_status_2
     assert shown.returncode == 1 and "MissingConfigException" in shown.stderr  # asked for it
 
 
+def test_a_value_hydra_meets_naming_the_run_folder_is_one_message(tmp_path):
+    """``seed=abc`` reaches a typed key (``dataset.subset_seed = ${seed}``) while Hydra names
+    the run folder, before any check of ours: one message, exit 2 (it was OmegaConf's
+    traceback, exit 1)."""
+    result = run_cli("seed=abc", root=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (message,) = result.stderr.splitlines()
+    assert "'${seed}'" in message and "(resolving dataset.subset_seed)" in message
+
+
 def test_missing_dataset_folder_fails_before_training(tmp_path):
     result = run_cli(
         *FAST,

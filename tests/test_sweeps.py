@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from tests.helpers import FAST, run_cli
+from mim_agg.runs.runner import run_task
+from tests.helpers import FAST, compose_config, run_cli
 from tests.signals import signal_once
 
 pytestmark = pytest.mark.slow
@@ -36,8 +37,7 @@ def test_local_sweep_with_a_failure_and_a_requeue_then_the_report(tmp_path):
         ["preempted", "done"],  # requeued once
     ]
     (sweep_dir,) = (tmp_path / "outputs" / "multirun").iterdir()
-    report = run_cli("task=report", f"report.sweep_dir={sweep_dir}", root=tmp_path)
-    assert report.returncode == 0, report.stderr[-3000:]
+    run_task(compose_config(["task=report", f"report.sweep_dir={sweep_dir}"]))  # in-process
     text = (sweep_dir / "results.md").read_text()
     assert " ± " in text and " (2)" in text  # two seeds averaged
     for seed in (0, 1):

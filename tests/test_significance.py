@@ -143,8 +143,12 @@ def test_the_seed_means_bootstrap_is_scipys_over_the_shared_images():
 
 
 def test_bootstrap_interval_at_the_edges():
-    assert bootstrap_interval(np.ones(50, bool)) == (1.0, 1.0)
-    assert bootstrap_interval(np.zeros(50, bool)) == (0.0, 0.0)
+    """All right (or all wrong), in one seed or every seed: no resample differs, so the exact
+    binomial interval on the images stands in, never a zero width (0.025^(1/n) at 100%)."""
+    for correct in (np.ones(50, bool), np.ones((3, 50), bool)):
+        assert bootstrap_interval(correct) == pytest.approx((0.025 ** (1 / 50), 1.0), rel=1e-9)
+    low, high = bootstrap_interval(np.zeros(50, bool))
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 50), rel=1e-9)
     with pytest.raises(ValueError, match="No test images"):
         bootstrap_interval(np.zeros(0, bool))
 

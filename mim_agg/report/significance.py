@@ -19,6 +19,10 @@ Choices, and why:
   distribution, computed exactly by one FFT (``S = 1``: the binomial). It holds what the
   t-interval over seeds cannot: two seeds that agree give a t-interval of width 0, while the
   test set they share is as finite as one seed's.
+- **Edges**: where every image is right (or every one wrong) in every seed, every resample is
+  the same and the percentile interval has width 0, as if 80 images proved 100%. There the
+  exact binomial interval on the ``n`` images (Clopper-Pearson, ``scipy.stats.binomtest``)
+  takes its place: ``[0.025^(1/n), 1]`` at 100%.
 - **McNemar, exact always**: only the images on which the two heads disagree in being right
   count; under "equally accurate", each is the first head's with probability 1/2, so the
   two-sided binomial test of ``b`` of ``b + c`` at 1/2 is exact for every count
@@ -55,11 +59,15 @@ def bootstrap_interval(correct: np.ndarray, confidence: float = CONFIDENCE) -> t
     """The percentile-bootstrap interval of the accuracy of ``correct`` (one bool per image;
     ``[S, n]``: per seed, the same ``n`` images, for the mean over seeds), in the limit of
     infinitely many resamples of the images: binomial quantiles for one seed, the quantiles of
-    the convolved per-image counts for several (see the module's note)."""
+    the convolved per-image counts for several; Clopper-Pearson's where all are right or all
+    wrong (see the module's note)."""
     seeds = np.atleast_2d(correct)
     n = seeds.shape[1]
     if n == 0:
         raise ValueError("No test images: an accuracy needs at least one.")
+    if seeds.all() or not seeds.any():  # nothing to resample: the exact interval (module note)
+        exact = stats.binomtest(n if seeds.all() else 0, n).proportion_ci(confidence, "exact")
+        return float(exact.low), float(exact.high)
     tail = (1 - confidence) / 2
     if len(seeds) == 1:
         low, high = stats.binom.ppf([tail, 1 - tail], n, np.count_nonzero(seeds) / n)

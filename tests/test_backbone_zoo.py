@@ -169,5 +169,5 @@ def test_summary_tokens_must_be_leading_prefix_tokens_of_a_model_with_a_cls():
     assert skeleton(**radio).layout.num_summary_tokens == 1  # the [cls] alone
     with pytest.raises(ConfigError, match=r"summary_tokens=9 must lie in \[1, 8\]"):
         skeleton(**radio, summary_tokens=9)
-    with pytest.raises(ConfigError, match="without a \\[cls\\] has none"):
+    with pytest.raises(ConfigError, match="this model has no \\[cls\\] token, so no summary"):
         skeleton(arch="vit_base_patch16_siglip_224", arch_kwargs={"depth": 1}, summary_tokens=1)

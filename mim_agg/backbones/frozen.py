@@ -117,11 +117,16 @@ class FrozenBackbone(nn.Module):
         layout = self.reader.layout(block)
         if self.summary_tokens is None:
             return layout
-        if not layout.has_cls or not 1 <= self.summary_tokens <= layout.num_prefix_tokens:
+        if not layout.has_cls:
+            raise ConfigError(
+                f"backbone.summary_tokens={self.summary_tokens}: this model has no [cls] token, "
+                "so no summary tokens; leave backbone.summary_tokens null."
+            )
+        if not 1 <= self.summary_tokens <= layout.num_prefix_tokens:
             raise ConfigError(
                 f"backbone.summary_tokens={self.summary_tokens} must lie in [1, "
-                f"{layout.num_prefix_tokens}], this model's prefix tokens, of which the [cls] is "
-                "the first; a model without a [cls] has none: leave it null."
+                f"{layout.num_prefix_tokens}]: this model's prefix tokens, the [cls] first; "
+                "null reads the [cls] alone."
             )
         return dataclasses.replace(layout, num_summary_tokens=self.summary_tokens)
 

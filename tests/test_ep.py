@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from mim_agg.runs.identity import run_name
 from mim_agg.runs.runner import run_task
 from tests.helpers import FAST, compose_config
 
@@ -118,6 +119,8 @@ def test_ep_row_reads_the_backbones_representation_per_task(tmp_path):
         assert probe.probe.effective_batch == 4096 and probe.probe.features == "cached"
         knn = compose_config(["experiment=ep_row", f"backbone={name}", "task=knn"], tmp_path)
         assert knn.aggregator.name == linear and not knn.heads  # k-NN trains nothing
+        choices = {"backbone": name, "aggregator": "cls", "dataset": "imagenet"}  # the default
+        assert run_name(knn, choices).startswith(f"knn-{name}-{linear}-imagenet-")
         assert list(knn.knn.k) == [5, 10, 15, 20, 50, 100, 200]
         assert list(knn.knn.temperatures) == [0.07, 0.1, 0.2]
 

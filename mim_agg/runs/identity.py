@@ -104,10 +104,12 @@ def differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def run_name(cfg: DictConfig, choices: dict) -> str:
-    """``probe-mae_vitb-abmilp-digits-<hash>``: readable, and unique per result config."""
+    """``probe-mae_vitb-abmilp-digits-<hash>``: readable, and unique per result config. The
+    aggregator is the one the run trains, also where a preset names it by interpolation
+    (``experiment=ep_row``: ``backbone.linear_input``), not the group's default."""
     parts = [cfg.task, choices.get("backbone")]
     if cfg.task in ("probe", "knn", "logreg"):
-        parts.append(choices.get("aggregator"))
+        parts.append(OmegaConf.select(cfg, "aggregator.name", default=choices.get("aggregator")))
         if choices.get("heads") not in (None, "none"):
             parts.append(f"heads_{choices['heads']}")
     parts += [choices.get("dataset"), low_shot_part(cfg), config_hash(result_config(cfg))]

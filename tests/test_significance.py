@@ -100,17 +100,21 @@ def test_holm_equals_statsmodels():
     assert holm(p_values) == pytest.approx(list(expected), rel=1e-12)
 
 
+def scipys_percentile_interval(values: np.ndarray, resamples: int, seed: int):
+    """scipy's percentile bootstrap of the mean of ``values`` (one per image), drawn."""
+    return stats.bootstrap(
+        (values.astype(float),),
+        np.mean,
+        method="percentile",
+        n_resamples=resamples,
+        random_state=np.random.default_rng(seed),
+    ).confidence_interval
+
+
 def test_bootstrap_interval_is_scipys_percentile_bootstrap_without_its_noise():
     correct = np.random.default_rng(3).random(1000) < 0.62
     low, high = bootstrap_interval(correct)
-    scipy_result = stats.bootstrap(
-        (correct.astype(float),),
-        np.mean,
-        method="percentile",
-        n_resamples=20_000,
-        random_state=np.random.default_rng(4),
-    )
-    interval = scipy_result.confidence_interval
+    interval = scipys_percentile_interval(correct, 20_000, seed=4)
     assert low == pytest.approx(interval.low, abs=0.003)  # Monte Carlo error: ~0.001
     assert high == pytest.approx(interval.high, abs=0.003)
     # and the normal approximation of a binomial proportion, at n = 1000
@@ -126,14 +130,7 @@ def test_the_seed_means_bootstrap_is_scipys_over_the_shared_images():
     rng = np.random.default_rng(5)
     correct = rng.random((3, 300)) < np.array([[0.7], [0.75], [0.8]])
     low, high = bootstrap_interval(correct)
-    scipy_result = stats.bootstrap(
-        (correct.mean(0),),
-        np.mean,
-        method="percentile",
-        n_resamples=50_000,
-        random_state=np.random.default_rng(6),
-    )
-    interval = scipy_result.confidence_interval
+    interval = scipys_percentile_interval(correct.mean(0), 50_000, seed=6)
     assert low == pytest.approx(interval.low, abs=0.004)  # Monte Carlo error: ~0.001
     assert high == pytest.approx(interval.high, abs=0.004)
     assert low < correct.mean() < high

@@ -26,6 +26,7 @@ from mim_agg.errors import UserError
 from mim_agg.report.runs import Job
 from mim_agg.report.significance import (
     ALPHA,
+    INTERVAL_KINDS,
     bootstrap_interval,
     holm,
     mcnemar_exact,
@@ -52,6 +53,14 @@ class Comparisons:
     @property
     def marked(self) -> bool:
         return any(stats.significant is not None for stats in self.cells.values())
+
+    @property
+    def interval_meanings(self) -> str | None:
+        """What the cells' intervals are, each kind present once (``INTERVAL_KINDS``): the
+        table's legend and the figure's say it alike; None where no cell has one."""
+        kinds = {stats.interval_kind for stats in self.cells.values()}
+        present = [meaning for kind, meaning in INTERVAL_KINDS.items() if kind in kinds]
+        return "; ".join(present) or None
 
 
 class RunPredictions:

@@ -11,7 +11,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mim_agg.report.comparisons import Comparisons
-from mim_agg.report.significance import INTERVAL_KINDS
 from mim_agg.report.table import (
     HEAD_GRID_SUFFIX,
     SAME_MARK,
@@ -131,9 +130,7 @@ def mark_legend(comparisons: Comparisons | None) -> list:
                 ),
             )
         )
-    kinds = {stats.interval_kind for stats in comparisons.cells.values()} - {None}
-    if kinds:
-        meanings = "; ".join(INTERVAL_KINDS[kind] for kind in INTERVAL_KINDS if kind in kinds)
+    if meanings := comparisons.interval_meanings:
         label = legend_label(f"error bars: 95% interval, {meanings}")
         entries.append(
             Line2D([], [], marker="|", color="black", linestyle="None", markersize=10, label=label)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mim_agg.report.runs import Job
-from mim_agg.report.significance import INTERVAL_KINDS
 
 if TYPE_CHECKING:
     from mim_agg.report.comparisons import CellStats, Comparisons
@@ -227,9 +226,7 @@ def markdown(
 def legend(comparisons: Comparisons) -> list[str]:
     """What the brackets and marks of the table mean, and which runs could not be tested."""
     lines = []
-    kinds = {stats.interval_kind for stats in comparisons.cells.values()} - {None}
-    if kinds:
-        meanings = "; ".join(INTERVAL_KINDS[kind] for kind in INTERVAL_KINDS if kind in kinds)
+    if meanings := comparisons.interval_meanings:
         lines.append(f"Brackets: 95% confidence interval of the test accuracy, {meanings}.")
     if comparisons.marked:
         lines.append(

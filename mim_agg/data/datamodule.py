@@ -315,9 +315,9 @@ class ProbeDataModule(SplitLoaders):
         indices = np.arange(len(targets))
         if size is not None and size > len(targets):
             raise DataError(
-                f"dataset.{key}={size} asks for more than the {len(targets)} images of "
-                f"{self.name!r}'s split; use dataset.{key}={len(targets)} or less, or null for "
-                "all of them."
+                f"dataset.{key}={size} asks for more than the {len(targets)} images of the "
+                f"split it subsamples (dataset {self.name}); use dataset.{key}={len(targets)} "
+                "or less, or null for all of them."
             )
         if size is None or size == len(targets):
             return indices
